@@ -1,0 +1,1 @@
+"""kvtide.cluster: the composition root: Ray actors, servers, state, CLI."""

@@ -1,0 +1,1 @@
+"""kvtide.kernels: Triton kernels and their pure-torch twins; imports only torch/triton."""

@@ -1,0 +1,1 @@
+"""Model definitions: plain torch that reads like single-device code."""
