@@ -1,0 +1,229 @@
+"""Turn one step's logits into one token per sequence, following vLLM's sampling semantics.
+
+Logprobs are taken from the raw model logits. The sampling distribution is built by
+logit_bias -> min_tokens -> bad words -> repetition penalty -> presence/frequency penalties,
+then greedy rows take the argmax and the others go through
+temperature -> top_k -> top_p -> min_p -> a draw from the row's generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvtide.workers.sampling_params import SamplingParams
+
+TOP_P_CANDIDATES = 1024
+"""Top-p looks for the nucleus among this many top logits before falling back to a full sort."""
+
+
+@dataclass
+class SamplingRow:
+    """One row of logits = one sequence."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None
+    """Per-request RNG (seeded when ``params.seed`` is set); None uses torch's default RNG."""
+    stop_token_ids: frozenset[int]
+    """EOS ids + ``params.stop_token_ids``; banned while fewer than ``params.min_tokens`` are output."""
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None
+    """Raw logprob of ``token_id``; set when ``params.logprobs`` is not None."""
+    top_logprobs: tuple[tuple[int, float], ...]
+    """The top ``params.logprobs`` (token_id, logprob) pairs, descending; () when not requested."""
+
+
+class Sampler:
+    """Stateless; all per-request state (RNG, tokens so far) comes in the rows."""
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+        """logits: [num_seqs, vocab_size], one row per entry of ``rows``; never mutated."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        processed = [i for i, row in enumerate(rows) if _needs_processing(row)]
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if not processed and not sampled:
+            token_ids = logits.argmax(dim=-1).tolist()
+        else:
+            token_ids = self._sample(logits, rows, processed, sampled)
+        return _with_logprobs(logits, rows, token_ids)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        processed: list[int],
+        sampled: list[int],
+    ) -> list[int]:
+        # NOTE: `work` holds copies of the rows that change, so the caller's logits stay intact.
+        work_rows = sorted(set(processed) | set(sampled))
+        work = logits[work_rows].float()  # Shape: (len(work_rows), vocab_size)
+        pos = {i: j for j, i in enumerate(work_rows)}
+        for i in processed:
+            _process_row(work[pos[i]], rows[i])
+
+        token_ids = logits.argmax(dim=-1).tolist() if len(work_rows) < len(rows) else [0] * len(rows)
+        greedy = [i for i in work_rows if rows[i].params.greedy]
+        if greedy:
+            greedy_ids = work[[pos[i] for i in greedy]].argmax(dim=-1).tolist()
+            for i, token_id in zip(greedy, greedy_ids):
+                token_ids[i] = token_id
+        if sampled:
+            x = work[[pos[i] for i in sampled]] if len(sampled) < len(work_rows) else work
+            params = [rows[i].params for i in sampled]
+            _apply_temperature(x, params)
+            x = _apply_top_k_top_p(x, params)
+            _apply_min_p(x, params)
+            sampled_ids = _draw(x, [rows[i].generator for i in sampled]).tolist()
+            for i, token_id in zip(sampled, sampled_ids):
+                token_ids[i] = token_id
+        return token_ids
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    p = row.params
+    return bool(
+        p.logit_bias
+        or p.bad_words_token_ids
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or (row.stop_token_ids and len(row.output_token_ids) < p.min_tokens)
+    )
+
+
+def _process_row(x: torch.Tensor, row: SamplingRow) -> None:
+    """Apply the logits processors to one row in place. x: [vocab_size]"""
+    p, output = row.params, row.output_token_ids
+    if p.logit_bias:
+        x[list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), dtype=x.dtype)
+    if row.stop_token_ids and len(output) < p.min_tokens:
+        x[list(row.stop_token_ids)] = -math.inf
+    if p.bad_words_token_ids:
+        banned = [words[-1] for words in p.bad_words_token_ids if _ends_with(output, words[:-1])]
+        if banned:
+            x[banned] = -math.inf
+    # NOTE: repeated ids in a non-accumulating index_put all write the same value, so a token
+    # repeated in the prompt or output is penalised once; only index_add_ counts occurrences.
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor([*row.prompt_token_ids, *output], dtype=torch.long)
+        values = x[seen]
+        x[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if output and p.presence_penalty != 0.0:
+        x[torch.tensor(output, dtype=torch.long)] -= p.presence_penalty
+    if output and p.frequency_penalty != 0.0:
+        ids = torch.tensor(output, dtype=torch.long)
+        x.index_add_(0, ids, torch.full(ids.shape, -p.frequency_penalty, dtype=x.dtype))
+
+
+def _ends_with(output: Sequence[int], prefix: tuple[int, ...]) -> bool:
+    n = len(prefix)
+    return n == 0 or (len(output) >= n and tuple(output[len(output) - n :]) == prefix)
+
+
+def _apply_temperature(x: torch.Tensor, params: list[SamplingParams]) -> None:
+    if any(p.temperature != 1.0 for p in params):
+        x.div_(torch.tensor([p.temperature for p in params], dtype=x.dtype).unsqueeze(1))
+
+
+def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask tokens outside the top-k, then outside the nucleus. x: [num_seqs, vocab_size]
+
+    Ties with the k-th largest logit are kept (as in vLLM), and likewise ties with the last token
+    of the nucleus: the smallest prefix of the sorted, top-k-renormalised distribution whose mass
+    reaches top_p. Its first token is always kept.
+    """
+    vocab_size = x.shape[1]
+    ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    top_ps = [p.top_p for p in params]
+    use_top_p = any(p < 1.0 for p in top_ps)
+    if not use_top_p and min(ks) == vocab_size:
+        return x
+    # Sorting the whole vocabulary is slow on a CPU: look for the nucleus among the top candidates
+    # first, and sort only the rows whose nucleus reaches past them.
+    num_candidates = max(k for k in ks if k < vocab_size) if min(ks) < vocab_size else 1
+    if use_top_p:
+        num_candidates = max(num_candidates, min(TOP_P_CANDIDATES, vocab_size))
+    top = x.topk(num_candidates, dim=-1).values  # Shape: (num_seqs, num_candidates), descending
+    k = torch.tensor(ks).unsqueeze(1)
+    has_top_k = k <= num_candidates
+    kth = torch.where(has_top_k, top.gather(1, (k - 1).clamp(max=num_candidates - 1)), -math.inf)
+    if not use_top_p:
+        return x.masked_fill_(x < kth, -math.inf)
+
+    top.masked_fill_(top < kth, -math.inf)
+    # A top-k row's whole distribution is among the candidates; other rows normalise over the vocabulary.
+    log_total = torch.where(has_top_k, top.logsumexp(dim=-1, keepdim=True), x.logsumexp(dim=-1, keepdim=True))
+    probs = (top - log_total).exp_()
+    cum = probs.cumsum(dim=-1)
+    p = torch.tensor(top_ps, dtype=x.dtype).unsqueeze(1)
+    num_kept = ((cum - probs) < p).sum(dim=-1, keepdim=True)
+    threshold = torch.where(p < 1.0, torch.maximum(top.gather(1, num_kept - 1), kth), kth)
+    overflow = (p < 1.0) & ~has_top_k & (cum[:, -1:] < p) & (num_candidates < vocab_size)
+    x.masked_fill_(x < threshold.masked_fill_(overflow, -math.inf), -math.inf)
+    overflow_rows = overflow.squeeze(1).nonzero().squeeze(1)
+    if len(overflow_rows):
+        x[overflow_rows] = _top_p_sorted(x[overflow_rows], p[overflow_rows])
+    return x
+
+
+def _top_p_sorted(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Exact top-p by a full sort. x: [num_seqs, vocab_size], p: [num_seqs, 1]"""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(dim=-1)
+    sorted_x.masked_fill_(probs.cumsum(dim=-1) - probs >= p, -math.inf)
+    return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def _apply_min_p(x: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Mask tokens whose probability is below min_p times the top token's."""
+    if any(p.min_p > 0.0 for p in params):
+        log_min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype).log().unsqueeze(1)
+        x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + log_min_p, -math.inf)
+
+
+def _draw(x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from softmax(x), by inverse CDF. x: [num_seqs, vocab_size], consumed.
+
+    NOTE: each row draws exactly one uniform from its own generator (or torch's default one), so
+    a seeded row's tokens do not depend on the other rows in the batch. One uniform per row
+    instead of one per token (torch.multinomial's exponential race) is what keeps this cheap.
+    """
+    cdf = x.sub_(x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+    if all(g is None for g in generators):
+        u = torch.rand(len(generators), 1)
+    else:
+        u = torch.cat([torch.rand(1, 1, generator=g) for g in generators])
+    # u in (0, 1], and the first index whose cdf reaches u * total never has zero probability.
+    target = (1.0 - u).mul_(cdf[:, -1:])
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=x.shape[1] - 1)
+
+
+def _with_logprobs(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], token_ids: list[int]
+) -> list[SampledToken]:
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return [SampledToken(t, None, ()) for t in token_ids]
+    raw = logits[wanted].float().log_softmax(dim=-1)  # Shape: (len(wanted), vocab_size)
+    chosen = raw.gather(1, torch.tensor([[token_ids[i]] for i in wanted])).squeeze(1).tolist()
+    max_k = max(rows[i].params.logprobs for i in wanted)
+    top_values, top_ids = [[]] * len(wanted), [[]] * len(wanted)
+    if max_k:
+        top = raw.topk(max_k, dim=-1)
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+
+    results = [SampledToken(t, None, ()) for t in token_ids]
+    for j, i in enumerate(wanted):
+        k = rows[i].params.logprobs
+        top = tuple(zip(top_ids[j][:k], top_values[j][:k]))
+        results[i] = SampledToken(token_ids[i], chosen[j], top)
+    return results
