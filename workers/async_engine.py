@@ -1,0 +1,126 @@
+"""asyncio front of an ``Engine``: a stream per request, cancellation, a stepping thread.
+
+The engine steps on its own thread so the event loop stays free to accept requests and
+aborts while a step runs. The loop never touches the engine's state: it validates and
+tokenizes (pure), then hands requests and aborts over a thread-safe queue; the stepping
+thread applies them between steps, so an abort frees its blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+from kvtide.workers.engine import Engine
+from kvtide.workers.outputs import CompletionDelta
+from kvtide.workers.request import Request
+from kvtide.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The stepping thread stopped; no request can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.5) -> None:
+        self.engine = engine
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stop = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvtide-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[CompletionDelta]:
+        """Stream the deltas of every choice until all have finished.
+
+        Raises ValueError for bad input before anything is queued. Cancelling the consumer
+        (or closing the generator early) aborts the request in the engine.
+        """
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request: Request = self.engine.make_request(request_id, prompt, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send("add", request)
+        remaining = request.params.n
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if remaining:
+                self._send("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    # -- the stepping thread ---------------------------------------------------------------
+
+    def _send(self, kind: str, payload: object) -> None:
+        self._commands.put((kind, payload))
+        self._wake.set()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.engine.add(payload)  # type: ignore[arg-type]
+            else:
+                self.engine.abort_request(payload)  # type: ignore[arg-type]
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(self._idle_wait_s)
+                    self._wake.clear()
+                    continue
+                for delta in self.engine.step():
+                    self._deliver(delta.request_id, delta)
+        except BaseException as exc:  # noqa: BLE001 - every stream must hear about it
+            logger.exception("engine thread died")
+            self._dead = exc
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine stopped: {exc!r}"))
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return  # the consumer left; its abort is on the way
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:
+            pass  # the consumer's loop closed

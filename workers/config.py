@@ -1,0 +1,165 @@
+"""Engine configuration: one frozen dataclass per concern, composed into ``EngineConfig``.
+
+``EngineConfig.resolve(model_config)`` settles every "auto" value (KV block count, context
+length, dtype) once; nothing is mutated afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "smollm2-135m"
+    """A known model name, a Hugging Face-format directory, or a .gguf file."""
+    dtype: str = "auto"
+    """float32 | float16 | bfloat16 | auto (float32 on CPU, bfloat16 on CUDA)."""
+    max_model_len: int | None = None
+    """Context length (prompt + output); None takes the model's own."""
+    device: str = "auto"
+    """cpu | cuda | auto."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks to allocate; None sizes the cache from ``kv_cache_memory_gib``."""
+    kv_cache_memory_gib: float = 1.0
+    """Memory budget for the KV cache when ``num_blocks`` is None."""
+    enable_prefix_caching: bool = True
+    hash_seed: str = ""
+    """Salts every block hash; routers must use the same seed."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most sequences in one step's batch."""
+    max_num_batched_tokens: int = 1024
+    """Token budget of one step (decode tokens + prefill chunks)."""
+    max_prefill_chunk: int | None = None
+    """Cap on one request's prefill chunk per step; None lets one prefill take the budget."""
+
+
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+    """Seeds the RNG of requests that give no seed of their own."""
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments (``block_size=32, max_num_seqs=8``)."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _PARTS}
+        top: dict[str, Any] = {}
+        owners = {f.name: part for part, klass in _PARTS.items() for f in dataclasses.fields(klass)}
+        for key, value in kwargs.items():
+            if key in owners:
+                parts[owners[key]][key] = value
+            elif key == "seed":
+                top[key] = value
+            else:
+                known = sorted([*owners, "seed"])
+                raise ValueError(f"unknown engine option {key!r}; known options: {', '.join(known)}")
+        return cls(
+            model=ModelConfig(**parts["model"]),
+            cache=CacheConfig(**parts["cache"]),
+            scheduler=SchedulerConfig(**parts["scheduler"]),
+            **top,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """Everything the engine needs, with no "auto" left."""
+
+    engine: EngineConfig
+    model_dir: str
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    eos_token_ids: frozenset[int]
+    """From the model's config.json (the tokenizer may add more)."""
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+
+def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> ResolvedConfig:
+    mc, cc, sc = config.model, config.cache, config.scheduler
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if mc.device == "auto" else mc.device
+    )
+    if mc.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif mc.dtype in _DTYPES:
+        dtype = _DTYPES[mc.dtype]
+    else:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {mc.dtype!r}")
+    model_len = int(hf_config.get("max_position_embeddings", 2048))
+    max_model_len = model_len if mc.max_model_len is None else mc.max_model_len
+    if not 1 <= max_model_len <= model_len:
+        raise ValueError(
+            f"max_model_len must be in [1, {model_len}] (the model's context length), "
+            f"got {max_model_len}"
+        )
+    if cc.block_size < 1 or cc.block_size & (cc.block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 1, got {cc.block_size}")
+    if sc.max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {sc.max_num_seqs}")
+    if sc.max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {sc.max_num_batched_tokens}")
+    if sc.max_prefill_chunk is not None and sc.max_prefill_chunk < 1:
+        raise ValueError(f"max_prefill_chunk must be >= 1 or None, got {sc.max_prefill_chunk}")
+
+    num_layers = hf_config["num_hidden_layers"]
+    num_kv_heads = hf_config.get("num_key_value_heads", hf_config["num_attention_heads"])
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bytes_per_block = 2 * num_layers * cc.block_size * num_kv_heads * head_dim * itemsize
+    if cc.num_blocks is not None:
+        num_blocks = cc.num_blocks
+    else:
+        if not (math.isfinite(cc.kv_cache_memory_gib) and cc.kv_cache_memory_gib > 0):
+            raise ValueError(f"kv_cache_memory_gib must be finite and > 0, got {cc.kv_cache_memory_gib}")
+        num_blocks = int(cc.kv_cache_memory_gib * 2**30 // bytes_per_block)
+    if num_blocks < 1:
+        raise ValueError(
+            f"num_blocks must be >= 1, got {num_blocks} (one block needs {bytes_per_block} bytes)"
+        )
+    return ResolvedConfig(
+        engine=config,
+        model_dir=model_dir,
+        device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        num_blocks=num_blocks,
+        block_size=cc.block_size,
+        bytes_per_block=bytes_per_block,
+        eos_token_ids=_eos_ids(hf_config.get("eos_token_id")),
+    )
+
+
+def _eos_ids(value: int | list[int] | None) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    return frozenset([value] if isinstance(value, int) else value)

@@ -1,0 +1,271 @@
+"""The engine of one replica: Scheduler + KV cache manager + ModelRunner, stepped in a loop."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve
+from kvtide.workers.detokenizer import IncrementalDetokenizer
+from kvtide.workers.kv_cache_manager import KVCacheManager
+from kvtide.workers.model_files import resolve_model
+from kvtide.workers.model_loader import load_model, read_hf_config
+from kvtide.workers.model_runner import ModelRunner
+from kvtide.workers.models.llama import LlamaForCausalLM
+from kvtide.workers.outputs import CompletionDelta
+from kvtide.workers.request import Request, RequestId, RequestStatus
+from kvtide.workers.sampler import SampledToken, SamplingRow
+from kvtide.workers.sampling_params import SamplingParams
+from kvtide.workers.scheduler import Scheduler
+from kvtide.workers.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_CHILD_SEP = "\x1f"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+
+
+class Engine:
+    """Add requests, abort them, and ``step()``: each step returns the per-choice deltas.
+
+    Not thread-safe: one thread drives it (``AsyncEngine`` wraps it for asyncio).
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: ResolvedConfig,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = config.eos_token_ids | (tokenizer.eos_token_ids if tokenizer else frozenset())
+        self.vocab_size = model.args.vocab_size
+        cc = config.engine.cache
+        self.kv = KVCacheManager(
+            config.num_blocks,
+            config.block_size,
+            cc.enable_prefix_caching,
+            hash_seed=cc.hash_seed.encode(),
+        )
+        self.scheduler = Scheduler(config.engine.scheduler, self.kv, _child_id)
+        self.runner = ModelRunner(model, config.num_blocks, config.block_size, self._sampling_row)
+        self._rng = random.Random(config.engine.seed)
+        self._rows: dict[RequestId, SamplingRow] = {}
+        self._detok: dict[RequestId, IncrementalDetokenizer] = {}
+        self._prefix_queried = 0
+        self._prefix_hits = 0
+
+    @classmethod
+    def load(cls, model: str = "smollm2-135m", config: EngineConfig | None = None, **kwargs) -> Engine:
+        """Build from a model name or path; ``kwargs`` are flat ``EngineConfig`` options."""
+        config = config or EngineConfig.from_kwargs(model=model, **kwargs)
+        model_dir = resolve_model(config.model.model)
+        resolved = resolve(config, str(model_dir), read_hf_config(model_dir))
+        net = load_model(model_dir, resolved.dtype, resolved.device)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
+            resolved.num_blocks, resolved.block_size, resolved.num_blocks * resolved.block_size,
+            resolved.kv_cache_bytes / 2**20,
+        )
+        return cls(net, resolved, tokenizer)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def make_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> Request:
+        """Validate and tokenize; raises ValueError naming the field, value and limit.
+
+        Pure with respect to the engine's state, so it may run on another thread than step().
+        """
+        params = params or SamplingParams()
+        if not isinstance(request_id, str) or not request_id or _CHILD_SEP in request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but this engine has no tokenizer; pass token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt must contain at least 1 token, got 0")
+        for i, t in enumerate(token_ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ValueError(
+                    f"prompt token {i} is {t!r}; token ids must be integers in [0, {self.vocab_size})"
+                )
+        params.check_vocab(self.vocab_size)
+        max_len = self.config.max_model_len
+        if len(token_ids) + params.max_tokens > max_len:
+            raise ValueError(
+                f"max_tokens is too large: {params.max_tokens}. This model's maximum context length "
+                f"is {max_len} tokens and your request has {len(token_ids)} input tokens"
+            )
+        need = self.kv.num_blocks_needed(len(token_ids) + params.max_tokens)
+        if need > self.config.num_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks ({len(token_ids)} prompt + {params.max_tokens} "
+                f"max_tokens) but the whole cache has {self.config.num_blocks}; it can never fit"
+            )
+        return Request(RequestId(request_id), token_ids, params)
+
+    def add(self, request: Request) -> None:
+        """Queue a request built by ``make_request``."""
+        self.scheduler.add(request)
+        seed = request.params.seed
+        self._rows[request.request_id] = self._new_row(request, seed if seed is not None else self._rng.randrange(2**63))
+        if self.tokenizer is not None:
+            self._detok[request.request_id] = self._new_detok(request)
+
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> None:
+        self.add(self.make_request(request_id, prompt, params))
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a request and all its choices; their blocks are free when this returns."""
+        ids = [rid for rid in self.scheduler.requests if _parent_of(rid) == request_id]
+        for request in self.scheduler.abort(ids):
+            self._forget(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queried_tokens=self._prefix_queried,
+            prefix_cache_hit_tokens=self._prefix_hits,
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[CompletionDelta]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        for chunk in plan.chunks:
+            r = chunk.request
+            if chunk.start == r.num_cached_prompt_tokens and r.num_preemptions == 0 and r.num_output_tokens == 0:
+                self._prefix_queried += r.num_prompt_tokens
+                self._prefix_hits += r.num_cached_prompt_tokens
+        try:
+            sampled = self.runner.execute(plan)
+        except Exception as exc:  # one bad batch must not take the engine down
+            logger.exception("step failed; failing its %d requests", len(plan.chunks))
+            return [self._finish(c.request, RequestStatus.FINISHED_ERROR, (), "", detail=str(exc))
+                    for c in plan.chunks]
+        return [self._on_token(request, token) for request, token in sampled]
+
+    def _on_token(self, request: Request, token: SampledToken) -> CompletionDelta:
+        t = token.token_id
+        request.append_output_token(t)
+        p = request.params
+        logprobs = (token,) if p.logprobs is not None else ()
+        text, stop_string = "", None
+        detok = self._detok.get(request.request_id)
+        if detok is not None:
+            d = detok.push((t,))
+            text, stop_string = d.text, d.stop_string
+        status, stop_reason = None, None
+        if stop_string is not None:
+            status, stop_reason = RequestStatus.FINISHED_STOPPED, stop_string
+        elif request.num_output_tokens >= p.min_tokens and (
+            (t in self.eos_token_ids and not p.ignore_eos) or t in p.stop_token_ids
+        ):
+            status = RequestStatus.FINISHED_STOPPED
+            stop_reason = t if t in p.stop_token_ids else None
+        elif request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.config.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is None:
+            return self._delta(request, (t,), text, logprobs)
+        return self._finish(request, status, (t,), text, logprobs, stop_reason)
+
+    def _finish(self, request, status, token_ids, text, logprobs=(), stop_reason=None, detail=None):
+        detok = self._detok.get(request.request_id)
+        if detok is not None and not isinstance(stop_reason, str):
+            text += detok.flush()  # a stop string already cut the text where it belongs
+        request.finish_reason_detail = detail
+        self.scheduler.finish(request, status)
+        self._forget(request)
+        return self._delta(request, token_ids, text, logprobs, status.value, stop_reason)
+
+    def _delta(self, request, token_ids, text, logprobs, finish_reason=None, stop_reason=None):
+        return CompletionDelta(
+            request_id=request.parent_id or request.request_id,
+            index=request.index,
+            token_ids=token_ids,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_prompt_tokens,
+        )
+
+    def _forget(self, request: Request) -> None:
+        self._detok.pop(request.request_id, None)
+        self._rows.pop(request.request_id, None)
+
+    def _new_row(self, request: Request, seed: int) -> _Row:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        stop_ids = frozenset(request.params.stop_token_ids) | (
+            frozenset() if request.params.ignore_eos else self.eos_token_ids
+        )
+        return _Row(request.params, request.prompt_token_ids, request.output_token_ids, gen, stop_ids, seed)
+
+    def _new_detok(self, request: Request) -> IncrementalDetokenizer:
+        p = request.params
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            request.prompt_token_ids,
+            skip_special_tokens=p.skip_special_tokens,
+            stop=p.stop,
+            include_stop_str_in_output=p.include_stop_str_in_output,
+        )
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        row = self._rows.get(request.request_id)
+        if row is None:
+            # A child forked this step, sampled in the same step as its parent (still alive);
+            # choice i of a seeded request is seeded with seed + i.
+            parent = self._rows[request.parent_id]
+            row = self._rows[request.request_id] = self._new_row(request, parent.seed + request.index)
+            if self.tokenizer is not None:
+                self._detok[request.request_id] = self._new_detok(request)
+        return row
+
+
+@dataclass
+class _Row(SamplingRow):
+    seed: int = 0
+
+
+def _child_id(parent: Request, index: int) -> RequestId:
+    return RequestId(f"{parent.request_id}{_CHILD_SEP}{index}")
+
+
+def _parent_of(rid: str) -> str:
+    return rid.split(_CHILD_SEP, 1)[0]

@@ -1,0 +1,52 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of the vocab."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvtide.workers.parallel import SINGLE, TensorParallel
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        tp: TensorParallel = SINGLE,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.local_vocab = -(-vocab_size // tp.size)
+        self.vocab_start = tp.rank * self.local_vocab
+        self.weight = nn.Parameter(
+            torch.zeros(self.local_vocab, hidden_size, dtype=dtype), requires_grad=False
+        )
+
+    def load(self, shard: int, weight: Any, is_bias: bool = False) -> None:
+        end = min(self.vocab_start + self.local_vocab, self.vocab_size)
+        self.weight[: end - self.vocab_start].copy_(weight[self.vocab_start : end])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [num_tokens] -> [num_tokens, hidden]."""
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.local_vocab)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0.0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over this rank's vocab slice, gathered to the full vocabulary."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [num_seqs, hidden] -> logits [num_seqs, vocab_size] (float32)."""
+        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
+        return logits[:, : self.vocab_size].float()

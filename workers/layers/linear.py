@@ -1,0 +1,83 @@
+"""Linear layers that know their tensor-parallel slice.
+
+Each layer's ``load(shard, weight)`` takes the *full* checkpoint tensor (or a lazy
+safetensors slice, which supports the same indexing) and copies only its own rows or
+columns, so a rank never materialises another rank's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvtide.workers.parallel import SINGLE, TensorParallel
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T, W split by output rows across ranks; several logical outputs may be merged
+    (q/k/v, gate/up) so one matmul serves them all. No communication."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: Sequence[int],
+        bias: bool = False,
+        tp: TensorParallel = SINGLE,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.full_sizes = list(out_features)
+        self.local_sizes = [tp.shard(n, "output features") for n in out_features]
+        self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.local_sizes))]
+        total = sum(self.local_sizes)
+        self.weight = nn.Parameter(torch.empty(total, in_features, dtype=dtype), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(total, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    def load(self, shard: int, weight: Any, is_bias: bool = False) -> None:
+        n = self.local_sizes[shard]
+        start = self.tp.rank * n
+        dst = (self.bias if is_bias else self.weight)[self.offsets[shard] : self.offsets[shard] + n]
+        dst.copy_(weight[start : start + n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T, W split by input columns; partial sums are all-reduced across ranks."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        tp: TensorParallel = SINGLE,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.local_in = tp.shard(in_features, "input features")
+        self.weight = nn.Parameter(
+            torch.empty(out_features, self.local_in, dtype=dtype), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    def load(self, shard: int, weight: Any, is_bias: bool = False) -> None:
+        if is_bias:
+            self.bias.copy_(weight[:])
+            return
+        start = self.tp.rank * self.local_in
+        self.weight.copy_(weight[:, start : start + self.local_in])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,60 @@
+"""Build a model from a Hugging Face-format directory, each shard reading only its slice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM
+from kvtide.workers.parallel import SINGLE, TensorParallel
+
+
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
+    return json.loads(path.read_text())
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    tp: TensorParallel = SINGLE,
+    layer_start: int = 0,
+    layer_end: int | None = None,
+) -> LlamaForCausalLM:
+    args = LlamaArgs.from_hf_config(read_hf_config(model_dir))
+    model = LlamaForCausalLM(args, tp, dtype, layer_start, layer_end)
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {str(model_dir)!r} has no *.safetensors files")
+    loaded: dict[int, set[int]] = {}  # parameter id -> checkpoint shards copied into it
+    expected: dict[int, int] = {}
+    with torch.no_grad():
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    target = model.checkpoint_target(name)
+                    if target is None:
+                        continue
+                    module, shard, is_bias = target
+                    weight = f.get_slice(name)
+                    if hasattr(module, "load"):
+                        module.load(shard, weight, is_bias)
+                    else:
+                        module.weight.copy_(weight[:])
+                    param = module.bias if is_bias else module.weight
+                    loaded.setdefault(id(param), set()).add(shard)
+                    expected[id(param)] = len(getattr(module, "full_sizes", (0,)))
+    missing = [
+        n for n, p in model.named_parameters()
+        if id(p) not in loaded or len(loaded[id(p)]) != expected[id(p)]
+    ]
+    if missing:
+        raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights for: {', '.join(missing[:8])}")
+    return model.to(device).eval()

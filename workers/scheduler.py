@@ -1,0 +1,192 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each ``schedule()`` fills one step under a token budget: first the running requests (one
+decode token each, or the next chunk of an unfinished prefill), then waiting requests in
+arrival order, whose prompts may be split into chunks across steps. When the KV cache runs
+out, the most recently arrived running request is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed (its prefix-cached blocks usually
+survive, so recompute is cheap). The oldest running request always makes progress, and a
+request that could never fit is rejected at ``add``, so the loop cannot deadlock.
+
+Pure Python: the scheduler touches requests and block tables, never tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvtide.workers.config import SchedulerConfig
+from kvtide.workers.kv_cache_manager import KVCacheManager
+from kvtide.workers.request import Request, RequestId, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """``num_new_tokens`` tokens of ``request`` computed this step, from position ``start``."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+    sample: bool
+    """True when this chunk reaches the request's last known token, so a token is sampled."""
+    forks: tuple[Request, ...] = ()
+    """Children forked from ``request`` this step (n > 1); each samples from the same logits."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    chunks: tuple[ScheduledChunk, ...]
+    """Decode chunks (one token) first, then prefill chunks."""
+    num_batched_tokens: int
+    block_copies: tuple[tuple[int, int], ...]
+    """(src, dst) KV blocks to copy before the step (copy-on-write of shared partial blocks)."""
+    preempted: tuple[Request, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, fork_child_id) -> None:
+        """``fork_child_id(parent, index) -> RequestId`` names the children of an n > 1 request."""
+        self.config = config
+        self.kv = kv
+        self._fork_child_id = fork_child_id
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[RequestId, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue changes -------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a validated request (the engine checks it can ever fit)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stopped, length, aborted, error) and free its blocks now."""
+        assert status.finished
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif not request.is_finished:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+
+    def abort(self, request_ids: Iterable[RequestId]) -> list[Request]:
+        """Abort requests by id; unknown ids are ignored. Their blocks are free on return."""
+        aborted = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is not None:
+                self.finish(request, RequestStatus.FINISHED_ABORTED)
+                aborted.append(request)
+        return aborted
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        decodes: list[ScheduledChunk] = []
+        prefills: list[ScheduledChunk] = []
+        copies: list[tuple[int, int]] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk_size(request.num_tokens - request.num_computed_tokens, budget)
+            while True:
+                pairs = self.kv.allocate_slots(request, num_new)
+                if pairs is not None:
+                    break
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if pairs is None:  # the request preempted itself; nothing after it runs either
+                break
+            copies.extend(pairs)
+            (decodes if num_new == 1 else prefills).append(self._advance(request, num_new))
+            budget -= num_new
+            i += 1
+
+        while self.waiting and budget > 0 and not preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[0]
+            computed = self.kv.get_computed_blocks(request)
+            remaining = request.num_tokens - computed.num_computed_tokens
+            num_new = self._chunk_size(remaining, budget)
+            pairs = self.kv.allocate_slots(request, num_new, computed)
+            if pairs is None:
+                break
+            copies.extend(pairs)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunk = self._advance(request, num_new)
+            (decodes if num_new == 1 else prefills).append(chunk)
+            budget -= num_new
+
+        chunks = tuple(decodes + prefills)
+        return StepPlan(
+            chunks=chunks,
+            num_batched_tokens=sum(c.num_new_tokens for c in chunks),
+            block_copies=tuple(copies),
+            preempted=tuple(preempted),
+        )
+
+    def _chunk_size(self, remaining: int, budget: int) -> int:
+        cap = self.config.max_prefill_chunk
+        return min(remaining, budget, cap if cap is not None and remaining > 1 else remaining)
+
+    def _advance(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_new
+        sample = request.num_computed_tokens == request.num_tokens
+        forks: tuple[Request, ...] = ()
+        if sample and request.params.n > 1 and request.parent_id is None and not request.output_token_ids:
+            forks = self._fork(request)
+        return ScheduledChunk(request, start, num_new, sample, forks)
+
+    def _fork(self, parent: Request) -> tuple[Request, ...]:
+        """Children share every block of the parent's prompt (copy-on-write later)."""
+        children = []
+        for index in range(1, parent.params.n):
+            child = Request(
+                request_id=self._fork_child_id(parent, index),
+                prompt_token_ids=parent.prompt_token_ids,
+                params=parent.params,
+                arrival_time=parent.arrival_time,
+                parent_id=parent.request_id,
+                index=index,
+                status=RequestStatus.RUNNING,
+                num_cached_prompt_tokens=parent.num_cached_prompt_tokens,
+            )
+            self.kv.fork(parent, child)
+            self.requests[child.request_id] = child
+            self.running.append(child)
+            children.append(child)
+        return tuple(children)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
