@@ -95,7 +95,10 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                self.engine.add(payload)  # type: ignore[arg-type]
+                try:
+                    self.engine.add(payload)  # type: ignore[arg-type]
+                except ValueError as exc:  # e.g. a request id already in the engine
+                    self._deliver(payload.request_id, exc)  # type: ignore[attr-defined]
             else:
                 self.engine.abort_request(payload)  # type: ignore[arg-type]
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtide.proto.kv_events import KvEvent
 from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve
 from kvtide.workers.detokenizer import IncrementalDetokenizer
 from kvtide.workers.kv_cache_manager import KVCacheManager
@@ -112,6 +113,12 @@ class Engine:
                     f"prompt token {i} is {t!r}; token ids must be integers in [0, {self.vocab_size})"
                 )
         params.check_vocab(self.vocab_size)
+        max_seqs = self.config.engine.scheduler.max_num_seqs
+        if params.n > max_seqs:
+            raise ValueError(
+                f"n is too large: {params.n}. This engine runs at most {max_seqs} sequences "
+                "at once (max_num_seqs)"
+            )
         max_len = self.config.max_model_len
         if len(token_ids) + params.max_tokens > max_len:
             raise ValueError(
@@ -147,6 +154,10 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def take_kv_events(self) -> list[KvEvent]:
+        """KV events (stored / removed / cleared) since the last call, for the router."""
+        return self.kv.take_events()
 
     def stats(self) -> EngineStats:
         return EngineStats(

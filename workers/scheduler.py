@@ -102,6 +102,7 @@ class Scheduler:
         prefills: list[ScheduledChunk] = []
         copies: list[tuple[int, int]] = []
         preempted: list[Request] = []
+        forked: list[Request] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -119,14 +120,16 @@ class Scheduler:
             if pairs is None:  # the request preempted itself; nothing after it runs either
                 break
             copies.extend(pairs)
-            (decodes if num_new == 1 else prefills).append(self._advance(request, num_new))
+            chunk = self._advance(request, num_new)
+            forked.extend(chunk.forks)
+            (decodes if num_new == 1 else prefills).append(chunk)
             budget -= num_new
             i += 1
 
         while self.waiting and budget > 0 and not preempted:
-            if len(self.running) >= self.config.max_num_seqs:
-                break
             request = self.waiting[0]
+            if len(self.running) + len(forked) + _seats(request) > self.config.max_num_seqs:
+                break
             computed = self.kv.get_computed_blocks(request)
             remaining = request.num_tokens - computed.num_computed_tokens
             num_new = self._chunk_size(remaining, budget)
@@ -138,9 +141,12 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             chunk = self._advance(request, num_new)
+            forked.extend(chunk.forks)
             (decodes if num_new == 1 else prefills).append(chunk)
             budget -= num_new
 
+        # Children join the running list only now, so none is scheduled in the step that forks it.
+        self.running.extend(forked)
         chunks = tuple(decodes + prefills)
         return StepPlan(
             chunks=chunks,
@@ -158,12 +164,13 @@ class Scheduler:
         request.num_computed_tokens += num_new
         sample = request.num_computed_tokens == request.num_tokens
         forks: tuple[Request, ...] = ()
-        if sample and request.params.n > 1 and request.parent_id is None and not request.output_token_ids:
+        if sample and _seats(request) > 1:
             forks = self._fork(request)
         return ScheduledChunk(request, start, num_new, sample, forks)
 
     def _fork(self, parent: Request) -> tuple[Request, ...]:
-        """Children share every block of the parent's prompt (copy-on-write later)."""
+        """Children share every block of the parent's prompt (copy-on-write later); the
+        caller adds them to the running list after this step's scheduling."""
         children = []
         for index in range(1, parent.params.n):
             child = Request(
@@ -178,7 +185,6 @@ class Scheduler:
             )
             self.kv.fork(parent, child)
             self.requests[child.request_id] = child
-            self.running.append(child)
             children.append(child)
         return tuple(children)
 
@@ -190,3 +196,9 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+
+def _seats(request: Request) -> int:
+    """Batch slots a request will take: all n choices for one not yet forked."""
+    unforked = request.parent_id is None and not request.output_token_ids
+    return request.params.n if unforked else 1

@@ -17,7 +17,7 @@ from kvtide.workers.attention import AttentionMetadata, TorchAttentionBackend
 from kvtide.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvtide.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kvtide.workers.layers.norm import RMSNorm
-from kvtide.workers.layers.rotary import RotaryEmbedding
+from kvtide.workers.layers.rotary import RotaryEmbedding, apply_rotary
 from kvtide.workers.parallel import SINGLE, TensorParallel
 
 
@@ -85,8 +85,7 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: TorchAttentionBackend,
@@ -96,7 +95,7 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(n, q_size))
@@ -123,9 +122,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, x, residual, positions, rotary, kv_cache, meta, backend):
+    def forward(self, x, residual, rope, kv_cache, meta, backend):
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, kv_cache, meta, backend)
+        h = self.self_attn(h, rope, kv_cache, meta, backend)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -175,8 +174,9 @@ class LlamaForCausalLM(nn.Module):
         ``hidden`` is final-normed and ``residual`` is None."""
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, positions, self.rotary, kv_cache, meta, backend)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta, backend)
         if self.norm is None:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
