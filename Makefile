@@ -22,24 +22,23 @@ $(VENV)/.stamp: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.stamp
 
-# Strict editable installs do not see new modules until re-installed.
-install: $(BIN)/python
-	$(BIN)/pip install -q -e ".[test]" --config-settings editable_mode=strict
-	touch $(VENV)/.stamp
+# Strict editable installs do not see new modules until re-installed (seconds: no deps).
+install: setup
+	$(BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
 
-test: setup install
+test: install
 	$(BIN)/pytest
 
-test-fast: setup install
+test-fast: install
 	$(BIN)/pytest -m "not slow"
 
-run: setup install
+run: install
 	$(BIN)/kvtide generate --model smollm2-135m "$(PROMPT)"
 
-chat: setup install
+chat: install
 	$(BIN)/kvtide chat --model smollm2-135m
 
-bench: setup install
+bench: install
 	$(BIN)/python bench/engine_throughput.py
 
 clean:

@@ -128,7 +128,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted:
             request = self.waiting[0]
-            if len(self.running) + len(forked) + _seats(request) > self.config.max_num_seqs:
+            seats = sum(_seats(r) for r in self.running) + len(forked)
+            if seats + _seats(request) > self.config.max_num_seqs:
                 break
             computed = self.kv.get_computed_blocks(request)
             remaining = request.num_tokens - computed.num_computed_tokens
@@ -171,6 +172,7 @@ class Scheduler:
     def _fork(self, parent: Request) -> tuple[Request, ...]:
         """Children share every block of the parent's prompt (copy-on-write later); the
         caller adds them to the running list after this step's scheduling."""
+        parent.forked = True
         children = []
         for index in range(1, parent.params.n):
             child = Request(
@@ -199,6 +201,5 @@ class Scheduler:
 
 
 def _seats(request: Request) -> int:
-    """Batch slots a request will take: all n choices for one not yet forked."""
-    unforked = request.parent_id is None and not request.output_token_ids
-    return request.params.n if unforked else 1
+    """Batch slots a request takes: all n choices for one not yet forked."""
+    return 1 if request.forked or request.parent_id is not None else request.params.n
