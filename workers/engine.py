@@ -185,8 +185,11 @@ class Engine:
             sampled = self.runner.execute(plan)
         except Exception as exc:  # one bad batch must not take the engine down
             logger.exception("step failed; failing its %d requests", len(plan.chunks))
-            return [self._finish(c.request, RequestStatus.FINISHED_ERROR, (), "", detail=str(exc))
-                    for c in plan.chunks]
+            return [
+                self._finish(r, RequestStatus.FINISHED_ERROR, (), "", detail=str(exc))
+                for c in plan.chunks
+                for r in (c.request, *c.forks)
+            ]
         return [self._on_token(request, token) for request, token in sampled]
 
     def _on_token(self, request: Request, token: SampledToken) -> CompletionDelta:

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from kvtide.workers.attention import AttentionMetadata, get_attention_backend
+from kvtide.workers.attention import AttentionMetadata
 from kvtide.workers.models.llama import LlamaForCausalLM
 from kvtide.workers.request import Request
 from kvtide.workers.sampler import SampledToken, Sampler, SamplingRow
 from kvtide.workers.scheduler import StepPlan
-
-
-@dataclass(frozen=True)
-class StepInputs:
-    """Everything a model shard needs for one step, built once by the driver."""
-
-    input_ids: torch.Tensor
-    """Shape (num_tokens,), int64."""
-    positions: torch.Tensor
-    """Shape (num_tokens,), int64."""
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor
-    """Shape (num_sampled_seqs,): the rows of the batch whose logits are needed."""
-    block_copies: tuple[tuple[int, int], ...]
+from kvtide.workers.shard import ShardRunner
+from kvtide.workers.step_inputs import StepInputs
 
 
 class ModelRunner:
-    """Holds the model and its paged KV cache (one K and one V tensor per layer).
-
-    Cache shape per layer: [num_blocks, block_size, num_kv_heads, head_dim].
-    """
+    """Driver side of a single-shard replica: packs the batch, runs the shard, samples."""
 
     def __init__(
         self,
@@ -43,20 +27,14 @@ class ModelRunner:
         kv_dtype: torch.dtype | None = None,
         attention_backend: str = "torch",
     ) -> None:
-        self.model = model
         self.block_size = block_size
-        self.device = next(model.parameters()).device
         self._sampling_row = sampling_row
         self.sampler = Sampler()
-        self.backend = get_attention_backend(attention_backend)
-        attn = model.layers[0].self_attn
-        dtype = kv_dtype or next(model.parameters()).dtype
-        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device),
-             torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in model.layers
-        ]
+        self.shard = ShardRunner(
+            model, num_blocks, block_size, kv_dtype=kv_dtype, attention_backend=attention_backend
+        )
+        self.model = model
+        self.device = self.shard.device
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[tuple[Request, SampledToken]]:
@@ -74,15 +52,9 @@ class ModelRunner:
         sampled = self.sampler(logits, [self._sampling_row(r) for r in requests])
         return list(zip(requests, sampled, strict=True))
 
-    @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Copy-on-write copies, then the model; returns logits [num_sampled_seqs, vocab]."""
-        for src, dst in inputs.block_copies:
-            for k_cache, v_cache in self.kv_caches:
-                k_cache[dst].copy_(k_cache[src])
-                v_cache[dst].copy_(v_cache[src])
-        hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        """Logits [num_sampled_seqs, vocab] of a single-shard replica."""
+        return self.shard.forward(inputs)
 
 
 def prepare_inputs(plan: StepPlan, block_size: int, device: torch.device) -> StepInputs:

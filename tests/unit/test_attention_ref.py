@@ -29,7 +29,7 @@ def _paged_setup(seq_lens, block_size, num_kv_heads, head_dim, seed=0):
     g_perm = torch.Generator().manual_seed(seed + 1000)
     blocks_per_seq = [(n + block_size - 1) // block_size for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
+    k_cache = torch.full((num_blocks, num_kv_heads, block_size, head_dim), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))
     perm = torch.randperm(num_blocks, generator=g_perm).tolist()
     tables, ks, vs = [], [], []
