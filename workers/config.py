@@ -98,6 +98,7 @@ class ResolvedConfig:
     bytes_per_block: int
     eos_token_ids: frozenset[int]
     """From the model's config.json (the tokenizer may add more)."""
+    vocab_size: int
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -156,6 +157,7 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
         block_size=cc.block_size,
         bytes_per_block=bytes_per_block,
         eos_token_ids=_eos_ids(hf_config.get("eos_token_id")),
+        vocab_size=hf_config["vocab_size"],
     )
 
 

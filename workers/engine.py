@@ -15,13 +15,14 @@ from kvtide.workers.detokenizer import IncrementalDetokenizer
 from kvtide.workers.kv_cache_manager import KVCacheManager
 from kvtide.workers.model_files import resolve_model
 from kvtide.workers.model_loader import load_model, read_hf_config
-from kvtide.workers.model_runner import ModelRunner
+from kvtide.workers.model_runner import Executor, ModelRunner
 from kvtide.workers.models.llama import LlamaForCausalLM
 from kvtide.workers.outputs import CompletionDelta
 from kvtide.workers.request import Request, RequestId, RequestStatus
 from kvtide.workers.sampler import SampledToken, SamplingRow
 from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.scheduler import Scheduler
+from kvtide.workers.shard import ShardRunner
 from kvtide.workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,15 +49,14 @@ class Engine:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
         config: ResolvedConfig,
+        executor: Executor,
         tokenizer: Tokenizer | None = None,
     ) -> None:
-        self.model = model
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = config.eos_token_ids | (tokenizer.eos_token_ids if tokenizer else frozenset())
-        self.vocab_size = model.args.vocab_size
+        self.vocab_size = config.vocab_size
         cc = config.engine.cache
         self.kv = KVCacheManager(
             config.num_blocks,
@@ -65,7 +65,7 @@ class Engine:
             hash_seed=cc.hash_seed.encode(),
         )
         self.scheduler = Scheduler(config.engine.scheduler, self.kv, _child_id)
-        self.runner = ModelRunner(model, config.num_blocks, config.block_size, self._sampling_row)
+        self.runner = ModelRunner(executor, config.block_size, self._sampling_row)
         self._rng = random.Random(config.engine.seed)
         self._rows: dict[RequestId, SamplingRow] = {}
         self._detok: dict[RequestId, IncrementalDetokenizer] = {}
@@ -85,7 +85,14 @@ class Engine:
             resolved.num_blocks, resolved.block_size, resolved.num_blocks * resolved.block_size,
             resolved.kv_cache_bytes / 2**20,
         )
-        return cls(net, resolved, tokenizer)
+        return cls.from_model(net, resolved, tokenizer)
+
+    @classmethod
+    def from_model(
+        cls, model: LlamaForCausalLM, config: ResolvedConfig, tokenizer: Tokenizer | None = None
+    ) -> Engine:
+        """A single-shard engine around an already-built model."""
+        return cls(config, ShardRunner(model, config.num_blocks, config.block_size), tokenizer)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -184,13 +191,22 @@ class Engine:
         try:
             sampled = self.runner.execute(plan)
         except Exception as exc:  # one bad batch must not take the engine down
-            logger.exception("step failed; failing its %d requests", len(plan.chunks))
-            return [
-                self._finish(r, RequestStatus.FINISHED_ERROR, (), "", detail=str(exc))
-                for c in plan.chunks
-                for r in (c.request, *c.forks)
-            ]
+            logger.exception("step failed; failing the %d running requests", len(self.scheduler.running))
+            return self._fail_running(str(exc))
         return [self._on_token(request, token) for request, token in sampled]
+
+    def _fail_running(self, detail: str) -> list[CompletionDelta]:
+        """After a failed step the KV cache is suspect: blocks registered for this step's
+        tokens hold garbage, and a lost shard loses every block. So every running request
+        fails and the prefix cache is dropped; waiting requests hold no blocks and are
+        computed from scratch later."""
+        deltas = [
+            self._finish(r, RequestStatus.FINISHED_ERROR, (), "", detail=detail)
+            for r in list(self.scheduler.running)
+        ]
+        cleared = self.kv.reset_prefix_cache()
+        assert cleared, "no block may be in use once every running request has finished"
+        return deltas
 
     def _on_token(self, request: Request, token: SampledToken) -> CompletionDelta:
         t = token.token_id

@@ -1,46 +1,49 @@
-"""Turns a ``StepPlan`` into one flat, unpadded batch, runs the model, and samples."""
+"""Turns a ``StepPlan`` into one flat, unpadded batch, runs it on an executor, and samples."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from kvtide.workers.attention import AttentionMetadata
-from kvtide.workers.models.llama import LlamaForCausalLM
 from kvtide.workers.request import Request
 from kvtide.workers.sampler import SampledToken, Sampler, SamplingRow
 from kvtide.workers.scheduler import StepPlan
-from kvtide.workers.shard import ShardRunner
 from kvtide.workers.step_inputs import StepInputs
 
 
+class Executor(Protocol):
+    """Runs a step on every shard of a replica: a local ``ShardRunner``, or Ray workers."""
+
+    device: torch.device
+    """Where the step's input tensors are built."""
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [num_sampled_seqs, vocab_size] for the rows in ``inputs.logits_indices``."""
+        ...
+
+
 class ModelRunner:
-    """Driver side of a single-shard replica: packs the batch, runs the shard, samples."""
+    """Driver side of a replica: packs the batch, runs it on the executor, samples."""
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
-        num_blocks: int,
+        executor: Executor,
         block_size: int,
         sampling_row: Callable[[Request], SamplingRow],
-        kv_dtype: torch.dtype | None = None,
-        attention_backend: str = "torch",
     ) -> None:
+        self.executor = executor
         self.block_size = block_size
         self._sampling_row = sampling_row
         self.sampler = Sampler()
-        self.shard = ShardRunner(
-            model, num_blocks, block_size, kv_dtype=kv_dtype, attention_backend=attention_backend
-        )
-        self.model = model
-        self.device = self.shard.device
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[tuple[Request, SampledToken]]:
         """Run one step; returns the sampled token of every sampling request (forks included)."""
-        inputs = prepare_inputs(plan, self.block_size, self.device)
-        logits = self.forward(inputs)
+        inputs = prepare_inputs(plan, self.block_size, self.executor.device)
+        logits = self.executor.forward(inputs)
         sampling = [c for c in plan.chunks if c.sample]
         if not sampling:
             return []
@@ -51,11 +54,6 @@ class ModelRunner:
         requests = [r for c in sampling for r in (c.request, *c.forks)]
         sampled = self.sampler(logits, [self._sampling_row(r) for r in requests])
         return list(zip(requests, sampled, strict=True))
-
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [num_sampled_seqs, vocab] of a single-shard replica."""
-        return self.shard.forward(inputs)
-
 
 def prepare_inputs(plan: StepPlan, block_size: int, device: torch.device) -> StepInputs:
     """Pack a plan's chunks into one flat batch (decodes first, then prefill chunks)."""

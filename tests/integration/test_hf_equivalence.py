@@ -74,7 +74,7 @@ def model(model_dir):
 
 def _engine(model, model_dir, **kwargs) -> Engine:
     config = EngineConfig.from_kwargs(model=str(model_dir), **kwargs)
-    return Engine(model, resolve(config, str(model_dir), read_hf_config(model_dir)))
+    return Engine.from_model(model, resolve(config, str(model_dir), read_hf_config(model_dir)))
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)

@@ -38,7 +38,7 @@ def make_engine(tiny) -> Engine:
     config = EngineConfig.from_kwargs(
         model=model_dir, num_blocks=128, block_size=4, max_num_seqs=8, max_num_batched_tokens=64
     )
-    return Engine(model, resolve(config, model_dir, read_hf_config(model_dir)))
+    return Engine.from_model(model, resolve(config, model_dir, read_hf_config(model_dir)))
 
 
 class Recorder:

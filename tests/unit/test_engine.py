@@ -52,7 +52,7 @@ def make_engine(tiny: Tiny, **kwargs) -> Engine:
     options = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
     options.update(kwargs)
     config = EngineConfig.from_kwargs(model=tiny.model_dir, **options)
-    return Engine(tiny.model, resolve(config, tiny.model_dir, read_hf_config(tiny.model_dir)))
+    return Engine.from_model(tiny.model, resolve(config, tiny.model_dir, read_hf_config(tiny.model_dir)))
 
 
 def collect(engine: Engine, deltas, into: dict[tuple[str, int], Choice]) -> None:
@@ -338,7 +338,7 @@ def test_forward_exception_fails_that_steps_requests_and_engine_recovers(tiny, r
     engine.add_request("b", PROMPTS["p9"], GREEDY)
     engine.step()
     engine.step()
-    fail_next_forward(monkeypatch, engine.runner.model)
+    fail_next_forward(monkeypatch, engine.runner.executor.model)
     deltas = engine.step()
     assert sorted((d.request_id, d.finish_reason, d.token_ids) for d in deltas) == [
         ("a", "error", ()),
@@ -354,7 +354,21 @@ def test_forward_exception_fails_that_steps_requests_and_engine_recovers(tiny, r
 def test_forward_exception_in_the_fork_step_fails_every_choice(tiny, monkeypatch):
     engine = make_engine(tiny)
     engine.add_request("s", PROMPTS["p9"], SamplingParams(n=3, seed=1, max_tokens=5))
-    fail_next_forward(monkeypatch, engine.runner.model)
+    fail_next_forward(monkeypatch, engine.runner.executor.model)
     deltas = engine.step()
     assert sorted((d.index, d.finish_reason) for d in deltas) == [(i, "error") for i in range(3)]
     assert_all_blocks_free(engine)
+
+
+def test_failed_step_drops_the_prefix_cache_so_garbage_blocks_are_never_hit(tiny, reference, monkeypatch):
+    # The first step registers the prompt's full blocks as cached before the forward pass
+    # runs; when that pass fails the blocks hold garbage and must not be hit later.
+    engine = make_engine(tiny)
+    engine.add_request("a", PROMPTS["p13"], GREEDY)
+    fail_next_forward(monkeypatch, engine.runner.executor.model)
+    assert [d.finish_reason for d in engine.step()] == ["error"]
+    assert len(engine.kv.pool.cached_blocks) == 0
+    assert_all_blocks_free(engine)
+
+    result = generate(engine, {"again": PROMPTS["p13"]})
+    assert result[("again", 0)].token_ids == reference["p13"]
