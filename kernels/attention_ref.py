@@ -78,9 +78,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     qg = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     qg = qg.reshape(num_kv_heads, group * q_len, head_dim)
     scores = torch.matmul(qg, k.to(q.dtype).transpose(1, 2)) * scale  # [Hkv, G*q_len, L]
-    # Query row r sits at position seq_len - q_len + r and sees keys 0..that position.
-    future = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).triu_(seq_len - q_len + 1)
-    scores.view(num_kv_heads, group, q_len, seq_len).masked_fill_(future, float("-inf"))
+    if q_len > 1:
+        # Query row r sits at position seq_len - q_len + r and sees keys 0..that position.
+        future = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).triu_(
+            seq_len - q_len + 1
+        )
+        scores.view(num_kv_heads, group, q_len, seq_len).masked_fill_(future, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v.to(q.dtype))  # [Hkv, G*q_len, D]
     return out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(

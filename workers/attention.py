@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtide.kernels import cpu_attention
 from kvtide.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -37,9 +38,12 @@ class AttentionMetadata:
 
 
 class TorchAttentionBackend:
-    """The pure-torch path (CPU default); the twin every Triton kernel is checked against."""
+    """The pure-torch path; the twin every compiled kernel is checked against."""
 
     name = "torch"
+
+    def decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
     def forward(
         self,
@@ -55,12 +59,10 @@ class TorchAttentionBackend:
         write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if nd == q.shape[0]:
-            return paged_decode_attention_ref(
-                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
-            )
+            return self.decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = paged_decode_attention_ref(
+            out[:nd] = self.decode(
                 q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
             )
         out[nd:] = paged_prefill_attention_ref(
@@ -75,8 +77,20 @@ class TorchAttentionBackend:
         return out
 
 
+class CpuAttentionBackend(TorchAttentionBackend):
+    """Decode through the compiled CPU kernel (fp32); prefill through the torch path."""
+
+    name = "cpu"
+
+    def decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+        return cpu_attention.paged_decode_attention_cpu(
+            q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale
+        )
+
+
 ATTENTION_BACKENDS: dict[str, Callable[[], TorchAttentionBackend]] = {
     "torch": TorchAttentionBackend,
+    "cpu": CpuAttentionBackend,
 }
 
 
@@ -86,3 +100,10 @@ def get_attention_backend(name: str) -> TorchAttentionBackend:
     except KeyError:
         known = ", ".join(sorted(ATTENTION_BACKENDS))
         raise ValueError(f"unknown attention backend {name!r}; known: {known}") from None
+
+
+def default_attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``cpu`` for fp32 on a CPU whose compiler built the kernel, else ``torch``."""
+    if device.type == "cpu" and dtype == torch.float32 and cpu_attention.available():
+        return "cpu"
+    return "torch"

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from kvtide.workers.attention import default_attention_backend, get_attention_backend
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -26,6 +28,8 @@ class ModelConfig:
     """Context length (prompt + output); None takes the model's own."""
     device: str = "auto"
     """cpu | cuda | auto."""
+    attention_backend: str = "auto"
+    """torch | cpu | auto (the compiled CPU kernel for fp32 on CPU when it builds, else torch)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class ResolvedConfig:
     eos_token_ids: frozenset[int]
     """From the model's config.json (the tokenizer may add more)."""
     vocab_size: int
+    attention_backend: str
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -158,6 +163,11 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
         bytes_per_block=bytes_per_block,
         eos_token_ids=_eos_ids(hf_config.get("eos_token_id")),
         vocab_size=hf_config["vocab_size"],
+        attention_backend=(
+            default_attention_backend(device, dtype)
+            if mc.attention_backend == "auto"
+            else get_attention_backend(mc.attention_backend).name
+        ),
     )
 
 

@@ -92,7 +92,10 @@ class Engine:
         cls, model: LlamaForCausalLM, config: ResolvedConfig, tokenizer: Tokenizer | None = None
     ) -> Engine:
         """A single-shard engine around an already-built model."""
-        return cls(config, ShardRunner(model, config.num_blocks, config.block_size), tokenizer)
+        shard = ShardRunner(
+            model, config.num_blocks, config.block_size, attention_backend=config.attention_backend
+        )
+        return cls(config, shard, tokenizer)
 
     # -- requests ------------------------------------------------------------------------
 

@@ -372,3 +372,12 @@ def test_failed_step_drops_the_prefix_cache_so_garbage_blocks_are_never_hit(tiny
 
     result = generate(engine, {"again": PROMPTS["p13"]})
     assert result[("again", 0)].token_ids == reference["p13"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_every_attention_backend_gives_the_reference_tokens(tiny, reference, backend):
+    engine = make_engine(tiny, attention_backend=backend)
+    assert engine.config.attention_backend == backend
+    result = generate(engine, {name: PROMPTS[name] for name in ("p5", "p9", "p13")})
+    for name in ("p5", "p9", "p13"):
+        assert result[(name, 0)].token_ids == reference[name]
