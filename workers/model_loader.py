@@ -48,7 +48,7 @@ def load_model(
                         module.load(shard, weight, is_bias)
                     else:
                         module.weight.copy_(weight[:])
-                    param = module.bias if is_bias else module.weight
+                    param = _param(module, is_bias)
                     loaded.setdefault(id(param), set()).add(shard)
                     expected[id(param)] = len(getattr(module, "full_sizes", (0,)))
     missing = [
@@ -58,3 +58,9 @@ def load_model(
     if missing:
         raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights for: {', '.join(missing[:8])}")
     return model.to(device).eval()
+
+
+def _param(module: torch.nn.Module, is_bias: bool) -> torch.nn.Parameter:
+    if is_bias:
+        return module.bias
+    return module.weight_t if hasattr(module, "weight_t") else module.weight

@@ -1,0 +1,181 @@
+"""One shard of a replica in its own process: one tensor-parallel rank of one pipeline stage.
+
+``WorkerActor`` is a plain class; the executor runs it as ``ray.remote(WorkerActor)``. Its
+lifecycle: construct (cheap), ``rendezvous_address()`` on global rank 0, ``init(address)`` on
+every shard at once (the torch.distributed rendezvous needs them all), then ``execute`` once
+per step on every shard, then ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+import torch
+import torch.distributed as dist
+
+from kvtide.workers.model_loader import load_model, read_hf_config
+from kvtide.workers.models.llama import LlamaArgs
+from kvtide.workers.parallel import TensorParallel
+from kvtide.workers.shard import PipelineLinks, ShardRunner, stage_layers
+from kvtide.workers.step_inputs import StepInputs
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """What a shard reports once it has joined its groups and loaded its weights."""
+
+    rank: int
+    stage: int
+    tp_rank: int
+    node_id: str
+    pid: int
+    layer_start: int
+    layer_end: int
+
+
+class WorkerActor:
+    def __init__(
+        self,
+        model_dir: str,
+        tp_size: int,
+        pp_size: int,
+        stage: int,
+        tp_rank: int,
+        num_blocks: int,
+        block_size: int,
+        host: str,
+        use_gpu: bool = False,
+        dtype: torch.dtype = torch.float32,
+        attention_backend: str = "torch",
+    ) -> None:
+        """``host`` is the IP of this shard's node on the network Ray uses; collectives bind to it."""
+        assert 0 <= stage < pp_size and 0 <= tp_rank < tp_size
+        self.model_dir = model_dir
+        self.tp_size, self.pp_size = tp_size, pp_size
+        self.stage, self.tp_rank = stage, tp_rank
+        self.rank = stage * tp_size + tp_rank
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.host = host
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        self.dtype = dtype
+        self.attention_backend = attention_backend
+        self.runner: ShardRunner | None = None
+        self._listener: socket.socket | None = None
+        # NOTE: only the last stage's TP rank 0 returns logits; its peers hold identical copies.
+        self.returns_logits = stage == pp_size - 1 and tp_rank == 0
+
+    def rendezvous_address(self) -> str:
+        """A ``tcp://`` address on this node for the process group's store (call on global rank 0).
+
+        The listening socket is bound to ``host`` here and handed to the store in ``init()``:
+        torch's own store server would listen on every interface, and no other process can
+        take the port in between."""
+        self._listener = socket.create_server((self.host, 0))
+        return f"tcp://{self.host}:{self._listener.getsockname()[1]}"
+
+    def init(self, init_method: str, timeout_s: float) -> WorkerReady:
+        """Join the process group and every stage's TP group, then load this shard's weights."""
+        interface = _interface_of(self.host)
+        if interface is not None:  # else gloo/NCCL pick an interface from the hostname
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        assert self.rank > 0 or self._listener is not None, "call rendezvous_address() on rank 0 first"
+        address = urlsplit(init_method)
+        world_size, timeout = self.tp_size * self.pp_size, timedelta(seconds=timeout_s)
+        store = dist.TCPStore(
+            address.hostname, address.port, world_size, is_master=self.rank == 0, timeout=timeout,
+            master_listen_fd=self._listener.detach() if self.rank == 0 else None,
+        )
+        dist.init_process_group(
+            "nccl" if self.device.type == "cuda" else "gloo",
+            store=store,
+            world_size=world_size,
+            rank=self.rank,
+            timeout=timeout,
+            device_id=self.device if self.device.type == "cuda" else None,
+        )
+        tp = TensorParallel(self.tp_rank, self.tp_size, self._tp_group())
+        args = LlamaArgs.from_hf_config(read_hf_config(self.model_dir))
+        start, end = stage_layers(args, self.pp_size)[self.stage]
+        model = load_model(self.model_dir, self.dtype, self.device, tp, start, end)
+        links = PipelineLinks(
+            prev_rank=self.rank - self.tp_size if self.stage > 0 else None,
+            next_rank=self.rank + self.tp_size if self.stage < self.pp_size - 1 else None,
+        )
+        self.runner = ShardRunner(
+            model, self.num_blocks, self.block_size, links, attention_backend=self.attention_backend
+        )
+        return WorkerReady(self.rank, self.stage, self.tp_rank, self.node_id(), os.getpid(), start, end)
+
+    def _tp_group(self):
+        """This stage's TP group. NOTE: ``new_group`` is collective over the whole world, so every
+        rank creates every stage's group, in the same order."""
+        if self.tp_size == 1:
+            return None
+        groups = [
+            dist.new_group(list(range(s * self.tp_size, (s + 1) * self.tp_size)))
+            for s in range(self.pp_size)
+        ]
+        return groups[self.stage]
+
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Run this shard's part of one step: logits [num_sampled_seqs, vocab] (on CPU) from the
+        last stage's TP rank 0, None from every other shard."""
+        if self.runner is None:
+            raise RuntimeError(f"shard rank {self.rank} was not initialized; call init() first")
+        logits = self.runner.forward(_to_device(inputs, self.device))
+        return logits.cpu() if self.returns_logits else None
+
+    def health(self) -> bool:
+        return self.runner is not None and dist.is_initialized()
+
+    def node_id(self) -> str:
+        import ray  # only meaningful inside a Ray worker
+
+        return ray.get_runtime_context().get_node_id()
+
+    def shutdown(self) -> None:
+        self.runner = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _to_device(inputs: StepInputs, device: torch.device) -> StepInputs:
+    if device.type == "cpu":
+        return inputs
+
+    def move(obj):
+        changes = {
+            f.name: getattr(obj, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(obj)
+            if isinstance(getattr(obj, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(obj, **changes)
+
+    return dataclasses.replace(move(inputs), meta=move(inputs.meta))
+
+
+def _interface_of(ip: str) -> str | None:
+    """The network interface that holds IPv4 address ``ip`` (Linux), or None."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # interface without an IPv4 address
+                continue
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    return None
