@@ -272,7 +272,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"  memory bandwidth: read (sum of 1 GiB) {read_gbs:.1f} GB/s, copy 1 GiB {copy_gbs:.1f} GB/s (read+write)")
     print(f"  fp32 matmul 2048x2048x2048: {matmul_gflops(2048, 2048, 2048, reps + 2, 1):.1f} GFLOP/s")
     print(f"  fp32 matmul decode shape 1x576 @ 576x1536: {matmul_gflops(1, 576, 1536, reps + 2, 200):.1f} GFLOP/s")
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.executor.model.parameters())
     floor_ms = 1e3 * weight_bytes / (read_gbs * 1e9)
     step_ms = statistics.median(kv_steps_ms)
     print(f"  batch-1 decode floor: {weight_bytes / 1e6:.0f} MB weights / {read_gbs:.1f} GB/s = {floor_ms:.1f} ms; "
