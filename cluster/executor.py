@@ -105,6 +105,18 @@ class RayExecutor:
     def worker_pids(self) -> dict[tuple[int, int], int]:
         return {(r.stage, r.tp_rank): r.pid for r in self.reports}
 
+    def inject_failure(self, stage: int, tp_rank: int, after_num_steps: int = 0) -> ray.ObjectRef:
+        """Test-only: make one shard raise in a coming step (``WorkerActor.inject_failure``).
+        Returns the call's ref; the failure is armed once it resolves."""
+        if not (0 <= stage < self.shape.pp and 0 <= tp_rank < self.shape.tp):
+            raise ValueError(
+                f"no shard (stage {stage}, tp_rank {tp_rank}) in a "
+                f"tp={self.shape.tp} x pp={self.shape.pp} replica"
+            )
+        if not self._workers:
+            raise RuntimeError("the executor is shut down")
+        return self._workers[stage * self.shape.tp + tp_rank].inject_failure.remote(after_num_steps)
+
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step on every shard; logits [num_sampled_seqs, vocab]. Raises the first
         shard failure (after which the replica must be shut down: its peers may be stuck)."""

@@ -5,18 +5,22 @@ streams per-request deltas through Ray streaming generators and never blocks its
 the engine steps on its own thread (``AsyncEngine``), and only the stepping thread waits on
 the workers.
 
-Failure: if any shard raises or dies during a step, the engine fails every running request
-with a clear error, the executor tears down all of the replica's shards (survivors may be
-stuck in a collective with the lost one) and starts fresh ones, and the replica goes on
-serving; the next request succeeds.
+Failure: if any shard raises or dies during a step, the executor kills all of the replica's
+shards (survivors may be stuck in a collective with the lost one), the engine ends every
+running request's stream with a ``finish_reason="error"`` delta, fresh shards start in the
+background, and the replica goes on serving: the next request waits for them and succeeds.
+Waiting requests hold no KV blocks and are kept; they run on the fresh shards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -47,24 +51,96 @@ class ReplicaInfo:
 
 
 class _RestartingExecutor:
-    """The engine's executor: the replica's Ray workers, restarted whole after a failure."""
+    """The engine's executor: the replica's Ray workers, replaced whole after a failure.
+
+    A failed step kills every shard at once (survivors may be stuck in a collective with the
+    lost one) and raises, so the engine fails its running requests without waiting; fresh
+    shards start on a background thread, and the next step waits for them. If they cannot
+    start, that step fails too and another start begins.
+
+    NOTE: ``forward`` runs on the engine's stepping thread only; ``current`` and ``shutdown``
+    may run on another thread, so the swap of workers is under ``_lock``.
+    """
 
     device = torch.device("cpu")
 
-    def __init__(self, start) -> None:
+    def __init__(self, start: Callable[[], RayExecutor]) -> None:
         self._start = start
-        self.workers: RayExecutor = start()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._workers: RayExecutor | None = start()
+        self._starting: Future[RayExecutor] | None = None
         self.num_restarts = 0
+        """Completed restarts."""
+
+    def current(self) -> RayExecutor:
+        """The running shards; raises ``RuntimeError`` while they restart or after shutdown."""
+        with self._lock:
+            if self._workers is None:
+                raise RuntimeError(
+                    "the replica is shut down" if self._closed else "the replica's shards are restarting"
+                )
+            return self._workers
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
+        workers = self._ready_workers()
         try:
-            return self.workers.execute(inputs)
+            return workers.execute(inputs)
         except Exception:
             logger.exception("a shard failed; restarting every shard of the replica")
-            self.workers.shutdown()
-            self.workers = self._start()
-            self.num_restarts += 1
+            workers.shutdown()
+            self._restart()
             raise
+
+    def shutdown(self) -> None:
+        """Kill the shards and free their placement (idempotent). A restart under way cleans
+        up after itself when it finishes."""
+        with self._lock:
+            self._closed = True
+            workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.shutdown()
+
+    def _ready_workers(self) -> RayExecutor:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the replica is shut down")
+            workers, starting = self._workers, self._starting
+        if workers is not None:
+            return workers
+        assert starting is not None, "no workers and no restart under way"
+        try:
+            return starting.result()  # RayExecutor bounds its own start by start_timeout_s
+        except Exception as exc:
+            self._restart()
+            raise RuntimeError(f"the replica's shards could not be restarted: {exc}") from exc
+
+    def _restart(self) -> None:
+        starting: Future[RayExecutor] = Future()
+        with self._lock:
+            if self._closed:
+                return
+            self._workers, self._starting = None, starting
+        threading.Thread(
+            target=self._start_into, args=(starting,), name="kvtide-replica-restart", daemon=True
+        ).start()
+
+    def _start_into(self, starting: Future[RayExecutor]) -> None:
+        try:
+            workers = self._start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the stepping thread
+            starting.set_exception(exc)
+            return
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._workers, self._starting = workers, None
+                self.num_restarts += 1
+        if closed:
+            workers.shutdown()
+            starting.set_exception(RuntimeError("the replica was shut down while its shards restarted"))
+        else:
+            starting.set_result(workers)
 
 
 class Replica:
@@ -92,14 +168,17 @@ class Replica:
                 attention_backend=resolved.attention_backend,
             )
         )
-        self.engine = Engine(resolved, self.executor, Tokenizer.from_dir(model_dir))
-        self._async = AsyncEngine(self.engine)
+        try:
+            self.engine = Engine(resolved, self.executor, _tokenizer(model_dir))
+            self._async = AsyncEngine(self.engine)
+        except BaseException:
+            self.executor.shutdown()
+            raise
 
     def info(self) -> ReplicaInfo:
         cfg = self.engine.config
-        return ReplicaInfo(
-            self.shape.tp, self.shape.pp, cfg.num_blocks, cfg.block_size, self.executor.workers.worker_nodes()
-        )
+        nodes = self.executor.current().worker_nodes()
+        return ReplicaInfo(self.shape.tp, self.shape.pp, cfg.num_blocks, cfg.block_size, nodes)
 
     async def generate(
         self,
@@ -127,9 +206,23 @@ class Replica:
     def num_restarts(self) -> int:
         return self.executor.num_restarts
 
+    def shard_pids(self) -> dict[tuple[int, int], int]:
+        """(stage, tp_rank) -> process id of each running shard."""
+        return self.executor.current().worker_pids()
+
+    async def inject_shard_failure(self, stage: int, tp_rank: int, after_num_steps: int = 0) -> None:
+        """Test-only: one shard raises in a coming step (``WorkerActor.inject_failure``)."""
+        await self.executor.current().inject_failure(stage, tp_rank, after_num_steps)
+
     def shutdown(self) -> None:
+        """Stop stepping, kill every shard and free their placement (idempotent)."""
         self._async.shutdown()
-        self.executor.workers.shutdown()
+        self.executor.shutdown()
+
+
+def _tokenizer(model_dir: Path) -> Tokenizer | None:
+    """None for a model without ``tokenizer.json``: it then serves token-id prompts only."""
+    return Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
 
 
 ReplicaActor = ray.remote(Replica)

@@ -39,6 +39,10 @@ class WorkerReady:
     layer_end: int
 
 
+class InjectedFailure(RuntimeError):
+    """Raised by a shard told to fail by ``WorkerActor.inject_failure`` (tests only)."""
+
+
 class WorkerActor:
     def __init__(
         self,
@@ -66,6 +70,7 @@ class WorkerActor:
         self.dtype = dtype
         self.attention_backend = attention_backend
         self.runner: ShardRunner | None = None
+        self._fail_after: int | None = None  # see inject_failure()
         self._listener: socket.socket | None = None
         # NOTE: only the last stage's TP rank 0 returns logits; its peers hold identical copies.
         self.returns_logits = stage == pp_size - 1 and tp_rank == 0
@@ -131,8 +136,20 @@ class WorkerActor:
         last stage's TP rank 0, None from every other shard."""
         if self.runner is None:
             raise RuntimeError(f"shard rank {self.rank} was not initialized; call init() first")
+        if self._fail_after is not None:
+            self._fail_after -= 1
+            if self._fail_after < 0:
+                self._fail_after = None
+                raise InjectedFailure(f"shard rank {self.rank}: failure injected for a test")
         logits = self.runner.forward(_to_device(inputs, self.device))
         return logits.cpu() if self.returns_logits else None
+
+    def inject_failure(self, after_num_steps: int = 0) -> None:
+        """Test-only: the ``execute`` after the next ``after_num_steps`` ones raises
+        ``InjectedFailure`` before touching the model (once; its peers then wait on it)."""
+        if after_num_steps < 0:
+            raise ValueError(f"after_num_steps must be >= 0, got {after_num_steps}")
+        self._fail_after = after_num_steps
 
     def health(self) -> bool:
         return self.runner is not None and dist.is_initialized()

@@ -78,9 +78,13 @@ class AsyncEngine:
         self._send("abort", request_id)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop stepping; every open stream ends with ``EngineDeadError``."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout_s)
+        self._dead = self._dead or EngineDeadError("engine shut down")
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError("engine shut down"))
 
     # -- the stepping thread ---------------------------------------------------------------
 

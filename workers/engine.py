@@ -239,12 +239,11 @@ class Engine:
         detok = self._detok.get(request.request_id)
         if detok is not None and not isinstance(stop_reason, str):
             text += detok.flush()  # a stop string already cut the text where it belongs
-        request.finish_reason_detail = detail
         self.scheduler.finish(request, status)
         self._forget(request)
-        return self._delta(request, token_ids, text, logprobs, status.value, stop_reason)
+        return self._delta(request, token_ids, text, logprobs, status.value, stop_reason, detail)
 
-    def _delta(self, request, token_ids, text, logprobs, finish_reason=None, stop_reason=None):
+    def _delta(self, request, token_ids, text, logprobs, finish_reason=None, stop_reason=None, error=None):
         return CompletionDelta(
             request_id=request.parent_id or request.request_id,
             index=request.index,
@@ -253,6 +252,7 @@ class Engine:
             logprobs=logprobs,
             finish_reason=finish_reason,
             stop_reason=stop_reason,
+            error=error,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_prompt_tokens,
         )

@@ -24,6 +24,8 @@ class CompletionDelta:
     """None while running; then "stop", "length", "abort" or "error"."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended it (None for EOS or other reasons)."""
+    error: str | None = None
+    """What went wrong, when finish_reason is "error"."""
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""

@@ -56,7 +56,6 @@ class Request:
     num_preemptions: int = 0
     forked: bool = False
     """True once an n > 1 request has forked its n - 1 children."""
-    finish_reason_detail: str | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

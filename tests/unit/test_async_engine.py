@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kvtide.workers.async_engine import AsyncEngine
+from kvtide.workers.async_engine import AsyncEngine, EngineDeadError
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
 from kvtide.workers.model_loader import load_model, read_hf_config
@@ -198,3 +198,20 @@ def test_duplicate_live_request_id_is_rejected(async_engine, engine):
         await wait_until_idle(engine)
 
     asyncio.run(main())
+
+
+def test_shutdown_ends_open_streams_with_a_clear_error(tiny):
+    async def main():
+        engine = AsyncEngine(make_engine(tiny))
+        stream = engine.generate([5, 9, 17], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        first = await stream.__anext__()
+        assert first.token_ids
+        engine.shutdown()
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.generate([1, 2], SamplingParams(max_tokens=1)):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 30))

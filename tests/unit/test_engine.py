@@ -345,6 +345,7 @@ def test_forward_exception_fails_that_steps_requests_and_engine_recovers(tiny, r
         ("b", "error", ()),
     ]
     assert_all_blocks_free(engine)
+    assert {d.error for d in deltas} == {"injected forward failure"}
 
     result = generate(engine, {"c": PROMPTS["p13"]})
     assert result[("c", 0)].token_ids == reference["p13"]
