@@ -1,0 +1,85 @@
+"""The replica's restart logic, with fake shard sets instead of Ray (no processes started)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from kvtide.cluster.replica import _RestartingExecutor
+
+
+class FakeShards:
+    """Stands in for a RayExecutor: returns fixed logits or raises, records shutdown."""
+
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name, self.fail, self.closed = name, fail, False
+
+    def execute(self, inputs) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError(f"shard of {self.name} died")
+        return torch.full((1, 2), float(len(self.name)))
+
+    def shutdown(self) -> None:
+        self.closed = True
+
+
+def starter(*outcomes):
+    """A start function that returns (or raises) the given outcomes in order."""
+    made, queue = [], list(outcomes)
+
+    def start():
+        outcome = queue.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        made.append(outcome)
+        return outcome
+
+    return start, made
+
+
+def test_a_failed_step_raises_kills_the_shards_and_the_next_step_runs_on_fresh_ones():
+    start, made = starter(FakeShards("a", fail=True), FakeShards("bb"))
+    ex = _RestartingExecutor(start)
+    with pytest.raises(RuntimeError, match="shard of a died"):
+        ex.forward(None)
+    assert made[0].closed
+    assert ex.forward(None).tolist() == [[2.0, 2.0]]
+    assert ex.num_restarts == 1
+    assert ex.current() is made[1]
+
+
+def test_a_failed_restart_fails_the_next_step_and_starts_again():
+    start, made = starter(FakeShards("a", fail=True), OSError("no node has room"), FakeShards("ccc"))
+    ex = _RestartingExecutor(start)
+    with pytest.raises(RuntimeError, match="died"):
+        ex.forward(None)
+    with pytest.raises(RuntimeError, match="could not be restarted: no node has room"):
+        ex.forward(None)
+    assert ex.forward(None).tolist() == [[3.0, 3.0]]
+    assert ex.num_restarts == 1
+
+
+def test_shutdown_during_a_restart_shuts_the_new_shards_down():
+    gate = threading.Event()
+    late = FakeShards("late")
+
+    def start_late():
+        gate.wait(10)
+        return late
+
+    shards = iter([FakeShards("a", fail=True)])
+    ex = _RestartingExecutor(lambda: next(shards, None) or start_late())
+    with pytest.raises(RuntimeError):
+        ex.forward(None)
+    ex.shutdown()
+    gate.set()
+    with pytest.raises(RuntimeError, match="shut down"):
+        ex.forward(None)
+    for _ in range(100):
+        if late.closed:
+            break
+        threading.Event().wait(0.05)
+    assert late.closed
+    ex.shutdown()  # idempotent
