@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=None, help="mixed-workload requests (default 32, quick 8)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: kvtide's choice)")
     p.add_argument("--hf-batch-sizes", default=None, help="comma list of HF static batch sizes to try; the fastest is the baseline (default 8, quick 4)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="kvtide/transformers run pairs, interleaved so load drift hits both; the median ratio is reported (default 3, quick 1)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -230,41 +232,55 @@ def main(args: argparse.Namespace) -> None:
     print(f"  ISL: {quantiles([len(p) for p in w.prompts])}   (clipped to {list(isl_range)})")
     print(f"  OSL: {quantiles(w.osls)}   (clipped to {list(osl_range)})")
     print(f"  total: {sum(map(len, w.prompts))} prompt tokens, {w.num_output_tokens} output tokens")
-    kv_s = run_kvtide(engine, w)
-    print(f"  kvtide (continuous batching, max_num_seqs 64, 1024 tokens/step): "
-          f"{kv_s:.1f} s, {w.num_output_tokens / kv_s:.1f} out tok/s, {num_requests / kv_s:.3f} req/s, "
-          f"{engine.stats().num_preemptions} preemptions")
-    runs = []
-    for bs in batch_sizes:
-        r = run_hf_static(hf, w, bs, pad_id)
-        runs.append(r)
-        print(f"  transformers static batch {bs:>2}: {r.wall_s:.1f} s, "
-              f"{w.num_output_tokens / r.wall_s:.1f} out tok/s, {num_requests / r.wall_s:.3f} req/s; "
-              f"padding waste: {r.num_prompt_pad_tokens} prompt pad + {r.num_wasted_decode_tokens} "
-              f"surplus decode tokens = {(r.num_prompt_pad_tokens + r.num_wasted_decode_tokens) / r.num_computed_tokens:.0%} "
-              f"of {r.num_computed_tokens} computed token slots")
-    best = min(runs, key=lambda r: r.wall_s)
-    ratio = best.wall_s / kv_s  # same output tokens, so tok/s and req/s ratios are equal
-    print(f"  baseline = best HF batch size {best.batch_size}; kvtide/transformers: "
-          f"{ratio:.2f}x output tok/s, {ratio:.2f}x req/s")
+    pairs = args.pairs or (1 if quick else 3)
+    ratios, kv_times, hf_times = [], [], []
+    for pair in range(pairs):
+        # NOTE: every kvtide run starts with an empty prefix cache; the prompts repeat per pair.
+        assert engine.kv.reset_prefix_cache()
+        kv_s = run_kvtide(engine, w)
+        kv_times.append(kv_s)
+        print(f"  pair {pair + 1}: kvtide (continuous batching, max_num_seqs 64, 1024 tokens/step): "
+              f"{kv_s:.1f} s, {w.num_output_tokens / kv_s:.1f} out tok/s, {num_requests / kv_s:.3f} req/s, "
+              f"{engine.stats().num_preemptions} preemptions")
+        runs = []
+        for bs in batch_sizes:
+            r = run_hf_static(hf, w, bs, pad_id)
+            runs.append(r)
+            print(f"  pair {pair + 1}: transformers static batch {bs:>2}: {r.wall_s:.1f} s, "
+                  f"{w.num_output_tokens / r.wall_s:.1f} out tok/s, {num_requests / r.wall_s:.3f} req/s; "
+                  f"padding waste: {r.num_prompt_pad_tokens} prompt pad + {r.num_wasted_decode_tokens} "
+                  f"surplus decode tokens = {(r.num_prompt_pad_tokens + r.num_wasted_decode_tokens) / r.num_computed_tokens:.0%} "
+                  f"of {r.num_computed_tokens} computed token slots")
+        best = min(runs, key=lambda r: r.wall_s)
+        batch_sizes = [best.batch_size]  # later pairs time only the best static batch size
+        hf_times.append(best.wall_s)
+        ratios.append(best.wall_s / kv_s)  # same output tokens, so tok/s and req/s ratios are equal
+    ratio = statistics.median(ratios)
+    print(f"  baseline = best HF batch size {batch_sizes[0]}; kvtide/transformers per pair: "
+          f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {ratio:.2f}x output tok/s and req/s "
+          f"(median times: kvtide {statistics.median(kv_times):.1f} s, transformers {statistics.median(hf_times):.1f} s)")
 
     print(f"\n(b) single stream: ISL {single_isl}, {single_new} new tokens, decode rate excludes prefill + first token")
-    kv_runs = [kvtide_single_stream(engine, single_prompt, single_new) for _ in range(reps)]
+    # Interleaved: each rep times kvtide, then transformers, so a load change hits both.
+    kv_runs, kv_rates, hf_rates, hf_out = [], [], [], []
+    for _ in range(reps):
+        steps, tokens = kvtide_single_stream(engine, single_prompt, single_new)
+        kv_runs.append((steps, tokens))
+        kv_rates.append((single_new - 1) / sum(steps[1:]))
+        t_n = median_time(lambda: hf_out.append(hf_generate(hf, [single_prompt], single_new, pad_id)), 1)
+        t_1 = median_time(lambda: hf_generate(hf, [single_prompt], 1, pad_id), 1)
+        hf_rates.append((single_new - 1) / (t_n - t_1))
     kv_steps_ms = [1e3 * statistics.median(steps[1:]) for steps, _ in kv_runs]
-    kv_rates = [(single_new - 1) / sum(steps[1:]) for steps, _ in kv_runs]
-    hf_out: list[torch.Tensor] = []
-    t_n = median_time(lambda: hf_out.append(hf_generate(hf, [single_prompt], single_new, pad_id)), reps)
-    t_1 = median_time(lambda: hf_generate(hf, [single_prompt], 1, pad_id), reps)
-    hf_rate = (single_new - 1) / (t_n - t_1)
-    kv_rate = statistics.median(kv_rates)
+    single_ratios = [k / h for k, h in zip(kv_rates, hf_rates, strict=True)]
     hf_tokens = hf_out[0][0].tolist()
     kv_tokens = kv_runs[0][1]
     same = next((i for i, (a, b) in enumerate(zip(kv_tokens, hf_tokens)) if a != b), None)
-    print(f"  kvtide: {kv_rate:.1f} tok/s (median of {reps}: time of steps 2..{single_new}; "
+    print(f"  kvtide: {statistics.median(kv_rates):.1f} tok/s (median of {reps}: time of steps 2..{single_new}; "
           f"median step {statistics.median(kv_steps_ms):.1f} ms)")
-    print(f"  transformers: {hf_rate:.1f} tok/s ((N-1) / (median t[generate {single_new}] - median t[generate 1]) "
-          f"= {single_new - 1} / ({t_n:.2f} - {t_1:.2f}) s)")
-    print(f"  kvtide/transformers: {kv_rate / hf_rate:.2f}x; greedy tokens "
+    print(f"  transformers: {statistics.median(hf_rates):.1f} tok/s (median of {reps}: "
+          f"(N-1) / (t[generate {single_new}] - t[generate 1]))")
+    print(f"  kvtide/transformers per pair: {', '.join(f'{r:.2f}x' for r in single_ratios)}; "
+          f"median {statistics.median(single_ratios):.2f}x; greedy tokens "
           + ("identical" if same is None else f"diverge at token {same}"))
 
     print("\n(c) machine ceilings (medians)")

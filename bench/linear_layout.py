@@ -1,7 +1,9 @@
-"""Why kvtide stores linear weights transposed: F.linear(x, W[out, in]) vs x @ W_t[in, out].
+"""How kvtide lays out its matmuls on CPU, measured.
 
-Times both on this CPU for SmolLM2's layer shapes at decode batch sizes and prints a table
-(median of repeated calls, fp32). Run: .venv/bin/python bench/linear_layout.py
+Layers: F.linear(x, W[out, in]) vs x @ W_t[in, out] (kvtide stores W_t) on SmolLM2's layer
+shapes. LM head (49152 x 576, tied to the embedding, so stored [vocab, hidden]):
+F.linear(x, W) vs (W @ x^T)^T (what kvtide computes). Median of repeated calls, fp32, at
+decode batch sizes. Run: .venv/bin/python bench/linear_layout.py
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def main() -> None:
             x = torch.randn(m, k)
             a, b = median_ms(lambda: F.linear(x, w)), median_ms(lambda: x @ wt)
             print(f"{name:24} {m:>4} {a:>12.3f} {b:>11.3f} {a / b:>7.2f}x")
+    head = torch.randn(49152, 576)
+    print(f"\n{'LM head 576 -> 49152':24} {'rows':>4} {'F.linear ms':>12} {'(W @ x^T)^T':>11} {'speedup':>8}")
+    for m in BATCHES:
+        x = torch.randn(m, 576)
+        a = median_ms(lambda: F.linear(x, head), reps=5, inner=3)
+        b = median_ms(lambda: torch.mm(head, x.t()).t().contiguous(), reps=5, inner=3)
+        print(f"{'':24} {m:>4} {a:>12.3f} {b:>11.3f} {a / b:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,15 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over this rank's vocab slice, gathered to the full vocabulary."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [num_seqs, hidden] -> logits [num_seqs, vocab_size] (float32)."""
-        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
+        """hidden: [num_seqs, hidden] -> logits [num_seqs, vocab_size] (float32).
+
+        NOTE: up to 32 rows, computed as (W @ hidden^T)^T: on this CPU's MKL that runs
+        1.3-2.2x faster than F.linear for a 49152 x 576 head, and 0.6x at 64 rows, where
+        F.linear takes over (bench/linear_layout.py). No second copy of the tied weight.
+        """
+        if hidden.shape[0] <= 32:
+            local = torch.mm(self.weight, hidden.t()).t().contiguous()
+        else:
+            local = F.linear(hidden, self.weight)
+        logits = self.tp.all_gather(local, dim=-1)
         return logits[:, : self.vocab_size].float()
