@@ -96,8 +96,13 @@ def _module():
     )
 
 
+@functools.cache
 def available() -> bool:
-    """True when the kernel compiled (or was already in the cache) on this machine."""
+    """True when the kernel compiled (or was already in the cache) on this machine.
+
+    Cached: a failed build is not retried (and not re-warned) by every engine that resolves
+    its backend in this process.
+    """
     try:
         _module()
     except Exception as exc:  # no compiler, no ninja: the torch twin serves instead

@@ -55,6 +55,7 @@ class ModelRunner:
         sampled = self.sampler(logits, [self._sampling_row(r) for r in requests])
         return list(zip(requests, sampled, strict=True))
 
+
 def prepare_inputs(plan: StepPlan, block_size: int, device: torch.device) -> StepInputs:
     """Pack a plan's chunks into one flat batch (decodes first, then prefill chunks)."""
     bs = block_size
