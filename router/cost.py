@@ -1,0 +1,148 @@
+"""The price of sending one request to one replica, and how a price becomes a choice.
+
+``cost()`` estimates the work that stands between the request and its first token on that
+replica, in *prefill-token equivalents* (the time to prefill one token is the unit):
+
+    cost = prefill_weight  * new_prefill_tokens               (ISL minus the cached prefix)
+         + decode_weight   * num_running                      (decode tokens sharing its steps)
+         + queue_weight    * num_waiting                      (prefills queued ahead of it)
+         + overflow_weight * block_size * num_missing_blocks  (tokens that wait for KV room)
+
+``num_missing_blocks`` is how many of the KV blocks the request will need over its life
+(ISL + expected OSL, less the cached blocks it reuses) the replica does not have free now:
+they must come from finishing requests (queueing) or from preempting running ones
+(recompute), and both delay this request.
+
+The defaults are measured orders of magnitude for this engine on CPU (``bench/routing_sim.py``
+measures them): a decode row costs about as much as 8 prefill tokens in a mixed step and a
+running request keeps doing so for the whole prefill; a queued request is an average prompt.
+Set ``CostWeights`` from a measurement of the target hardware to sharpen them.
+
+Pure: no clock, no I/O; every input is in ``CostInputs``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    prefill_weight: float = 1.0
+    """Per token still to prefill."""
+    decode_weight: float = 8.0
+    """Per running request (its decode row rides in every step of this request's prefill)."""
+    queue_weight: float = 256.0
+    """Per waiting request (about one average prompt's prefill)."""
+    overflow_weight: float = 4.0
+    """Per token of KV the replica lacks room for (waiting for room, or preempting, is worse
+    than prefilling the same tokens)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_weight", "decode_weight", "queue_weight", "overflow_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+_DEFAULT_WEIGHTS = CostWeights()
+
+
+@dataclass(frozen=True)
+class CostInputs:
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    """Leading prompt tokens the replica holds in its prefix cache (full blocks only)."""
+    num_expected_output_tokens: int
+    block_size: int
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+
+    @property
+    def num_new_prefill_tokens(self) -> int:
+        return self.num_prompt_tokens - self.num_cached_tokens
+
+    @property
+    def num_blocks_needed(self) -> int:
+        """New KV blocks over the request's life: ISL + expected OSL, minus the cached blocks."""
+        num_tokens = self.num_prompt_tokens + self.num_expected_output_tokens
+        return -(-num_tokens // self.block_size) - self.num_cached_tokens // self.block_size
+
+    @property
+    def num_missing_blocks(self) -> int:
+        return max(0, self.num_blocks_needed - self.num_free_blocks)
+
+
+def cost(inputs: CostInputs, weights: CostWeights | None = None) -> float:
+    """See the module docstring; lower is better."""
+    w = weights or _DEFAULT_WEIGHTS
+    return (
+        w.prefill_weight * inputs.num_new_prefill_tokens
+        + w.decode_weight * inputs.num_running
+        + w.queue_weight * inputs.num_waiting
+        + w.overflow_weight * inputs.block_size * inputs.num_missing_blocks
+    )
+
+
+def softmin_choice(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
+    """Index of the chosen cost: sampled with p_i ∝ exp(-(c_i - c_min) / (temperature * scale)).
+
+    ``scale`` is the mean cost (at least 1), so the temperature is relative: at 0.1 a replica
+    10% above the mean is e^-1 as likely as the cheapest, and one twice the mean is practically
+    never chosen. Temperature 0 is argmin. Ties (within 1e-9 relative) are broken uniformly
+    at random either way, so equal replicas share the load instead of the first one herding it.
+    """
+    if not costs:
+        raise ValueError("softmin_choice needs at least one cost")
+    lowest = min(costs)
+    if temperature <= 0:
+        tied = [i for i, c in enumerate(costs) if c - lowest <= 1e-9 * max(1.0, abs(lowest))]
+        return tied[rng.randrange(len(tied))]
+    scale = max(1.0, sum(costs) / len(costs))
+    weights = [math.exp(-(c - lowest) / (temperature * scale)) for c in costs]
+    return rng.choices(range(len(costs)), weights=weights)[0]
+
+
+class OutputLengthEstimator:
+    """Expected output tokens of a request from its ``max_tokens`` and the OSL seen lately.
+
+    Until ``min_samples`` requests have finished it trusts ``max_tokens`` (the safe bound for
+    KV room); after that it expects ``min(max_tokens, quantile of observed OSL)``. A high
+    quantile (0.9 by default) because running out of KV room costs more than reserving too much.
+    """
+
+    def __init__(self, window: int = 1000, quantile: float = 0.9, min_samples: int = 20) -> None:
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        if window < 1 or min_samples < 1:
+            raise ValueError(f"window and min_samples must be >= 1, got {window} and {min_samples}")
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self._recent: deque[int] = deque(maxlen=window)
+        self._sorted: list[int] = []
+
+    def observe(self, num_output_tokens: int) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            old = self._recent[0]
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._recent.append(num_output_tokens)
+        bisect.insort(self._sorted, num_output_tokens)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._sorted)
+
+    def observed_quantile(self) -> int | None:
+        if len(self._sorted) < self.min_samples:
+            return None
+        return self._sorted[min(len(self._sorted) - 1, int(self.quantile * len(self._sorted)))]
+
+    def expected(self, max_tokens: int) -> int:
+        observed = self.observed_quantile()
+        return max_tokens if observed is None else min(max_tokens, observed)
