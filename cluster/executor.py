@@ -6,21 +6,19 @@ the logits come back from the last stage's TP rank 0. Plain actor calls, no comp
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from pathlib import Path
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayError
-
 from kvtide.cluster.placement import ReplicaPlacement, ReplicaShape, place_replica
 from kvtide.cluster.worker_actor import WorkerActor, WorkerReady
 from kvtide.workers.model_loader import read_hf_config
 from kvtide.workers.models.llama import LlamaArgs
 from kvtide.workers.shard import stage_layers
-from kvtide.workers.step_inputs import StepInputs
+from kvtide.workers.step_inputs import StepDelta
+from ray.exceptions import GetTimeoutError, RayError
 
 RemoteWorker = ray.remote(WorkerActor)
 
@@ -59,6 +57,7 @@ class RayExecutor:
         step_timeout_s: float = 60.0,
         dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch",
+        max_in_flight: int | None = None,
     ) -> None:
         check_shape(LlamaArgs.from_hf_config(read_hf_config(model_dir)), shape)
         self.shape = shape
@@ -91,6 +90,8 @@ class RayExecutor:
             self.shutdown()
             raise
         self._last = (shape.pp - 1) * shape.tp  # rank whose execute() returns the logits
+        self.max_in_flight = shape.pp if max_in_flight is None else max_in_flight
+        """Steps in flight at once: one micro-batch per pipeline stage by default."""
 
     def __enter__(self) -> RayExecutor:
         return self
@@ -117,40 +118,18 @@ class RayExecutor:
             raise RuntimeError("the executor is shut down")
         return self._workers[stage * self.shape.tp + tp_rank].inject_failure.remote(after_num_steps)
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """Run one step on every shard; logits [num_sampled_seqs, vocab]. Raises the first
-        shard failure (after which the replica must be shut down: its peers may be stuck)."""
-        refs = self._submit(inputs)
-        results: dict = {}
-        deadline = time.monotonic() + self.step_timeout_s
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not done:
-                raise self._timeout(refs, pending)
-            try:
-                results[done[0]] = ray.get(done[0])
-            except RayError as e:
-                raise self._failure(refs.index(done[0]), e) from e
-        return results[refs[self._last]]
+    def submit(self, delta: StepDelta) -> RayStep:
+        """Start one step on every shard; several may be in flight (pipeline micro-batches:
+        each shard runs its calls in submission order, so stage 0 starts the next
+        micro-batch while stage 1 finishes this one)."""
+        if not self._workers:
+            raise RuntimeError("the executor is shut down")
+        shared = ray.put(delta)  # serialized once, read by every shard
+        return RayStep(self, [w.execute.remote(shared) for w in self._workers])
 
-    async def execute_async(self, inputs: StepInputs) -> torch.Tensor:
-        """``execute`` for an event loop: awaits the shards, never blocks the loop."""
-        refs = self._submit(inputs)
-        futures = [asyncio.wrap_future(ref.future()) for ref in refs]
-        done, pending = await asyncio.wait(
-            futures, timeout=self.step_timeout_s, return_when=asyncio.FIRST_EXCEPTION
-        )
-        for rank, future in enumerate(futures):
-            if future in done and future.exception() is not None:
-                for p in pending:
-                    p.cancel()
-                raise self._failure(rank, future.exception()) from future.exception()
-        if pending:
-            for p in pending:
-                p.cancel()
-            raise self._timeout(refs, [refs[futures.index(p)] for p in pending])
-        return futures[self._last].result()
+    def execute(self, delta: StepDelta) -> torch.Tensor:
+        """Run one step to the end: logits [num_sampled_seqs, vocab]."""
+        return self.submit(delta).result()
 
     def shutdown(self) -> None:
         """Leave the process groups, kill every shard and free the placement (idempotent)."""
@@ -162,12 +141,6 @@ class RayExecutor:
                 ray.kill(w, no_restart=True)
         self.placement.remove()
 
-    def _submit(self, inputs: StepInputs) -> list:
-        if not self._workers:
-            raise RuntimeError("the executor is shut down")
-        shared = ray.put(inputs)  # serialized once, read by every shard
-        return [w.execute.remote(shared) for w in self._workers]
-
     def _shard(self, rank: int) -> str:
         return f"stage {rank // self.shape.tp}, tp_rank {rank % self.shape.tp}"
 
@@ -177,3 +150,27 @@ class RayExecutor:
     def _timeout(self, refs: list, pending: list) -> TimeoutError:
         late = ", ".join(f"({self._shard(refs.index(r))})" for r in pending)
         return TimeoutError(f"step did not finish within {self.step_timeout_s} s on shards {late}")
+
+
+class RayStep:
+    """A step in flight on every shard of a ``RayExecutor``."""
+
+    def __init__(self, executor: RayExecutor, refs: list) -> None:
+        self._executor, self._refs = executor, refs
+
+    def result(self) -> torch.Tensor:
+        """The last stage's logits; raises the first shard failure (after which the replica
+        must be shut down: its peers may be stuck in a collective) or a timeout."""
+        ex, refs = self._executor, self._refs
+        results: dict = {}
+        deadline = time.monotonic() + ex.step_timeout_s
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise ex._timeout(refs, pending)
+            try:
+                results[done[0]] = ray.get(done[0])
+            except RayError as e:
+                raise ex._failure(refs.index(done[0]), e) from e
+        return results[refs[ex._last]]

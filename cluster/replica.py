@@ -24,7 +24,6 @@ from pathlib import Path
 
 import ray
 import torch
-
 from kvtide.cluster.executor import RayExecutor
 from kvtide.cluster.placement import ReplicaShape
 from kvtide.workers.async_engine import AsyncEngine
@@ -34,7 +33,7 @@ from kvtide.workers.model_files import resolve_model
 from kvtide.workers.model_loader import read_hf_config
 from kvtide.workers.outputs import CompletionDelta
 from kvtide.workers.sampling_params import SamplingParams
-from kvtide.workers.step_inputs import StepInputs
+from kvtide.workers.step_inputs import StepDelta
 from kvtide.workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -69,6 +68,7 @@ class _RestartingExecutor:
         self._lock = threading.Lock()
         self._closed = False
         self._workers: RayExecutor | None = start()
+        self._max_in_flight = self._workers.max_in_flight
         self._starting: Future[RayExecutor] | None = None
         self.num_restarts = 0
         """Completed restarts."""
@@ -82,15 +82,24 @@ class _RestartingExecutor:
                 )
             return self._workers
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        workers = self._ready_workers()
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
+    def submit(self, delta: StepDelta) -> _WatchedStep:
         try:
-            return workers.execute(inputs)
-        except Exception:
+            workers = self._ready_workers()
+            return _WatchedStep(self, workers, workers.submit(delta))
+        except Exception as exc:  # noqa: BLE001 - the step fails; the engine hears it from result()
+            return _WatchedStep(self, None, None, exc)
+
+    def _on_failure(self, workers: RayExecutor) -> None:
+        with self._lock:
+            current = workers is self._workers
+        if current:  # the first failed step of several in flight restarts; the rest just fail
             logger.exception("a shard failed; restarting every shard of the replica")
             workers.shutdown()
             self._restart()
-            raise
 
     def shutdown(self) -> None:
         """Kill the shards and free their placement (idempotent). A restart under way cleans
@@ -141,6 +150,22 @@ class _RestartingExecutor:
             starting.set_exception(RuntimeError("the replica was shut down while its shards restarted"))
         else:
             starting.set_result(workers)
+
+
+class _WatchedStep:
+    """A step in flight on the current shards; its failure restarts them."""
+
+    def __init__(self, owner: _RestartingExecutor, workers, step, error: BaseException | None = None) -> None:
+        self._owner, self._workers, self._step, self._error = owner, workers, step, error
+
+    def result(self) -> torch.Tensor:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._step.result()
+        except Exception:
+            self._owner._on_failure(self._workers)
+            raise
 
 
 class Replica:
@@ -218,6 +243,15 @@ class Replica:
         """Stop stepping, kill every shard and free their placement (idempotent)."""
         self._async.shutdown()
         self.executor.shutdown()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request and all its choices; the engine frees its blocks before its next step.
+
+        The frontend calls this beside ``ray.cancel`` on the request's stream: the cancel ends
+        the Ray call, but the generator it closes only aborts once it is collected, and a
+        request still waiting in the engine must never run.
+        """
+        self._async.abort(request_id)
 
 
 def _tokenizer(model_dir: Path) -> Tokenizer | None:

@@ -3,12 +3,13 @@
 ``WorkerActor`` is a plain class; the executor runs it as ``ray.remote(WorkerActor)``. Its
 lifecycle: construct (cheap), ``rendezvous_address()`` on global rank 0, ``init(address)`` on
 every shard at once (the torch.distributed rendezvous needs them all), then ``execute`` once
-per step on every shard, then ``shutdown``.
+per step on every shard, then ``shutdown``. Each step arrives as a ``StepDelta`` (only what
+changed since the last step); the shard's ``BatchState`` mirrors the block tables and packs
+the flat batch here, so the driver never ships whole block tables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import struct
@@ -18,12 +19,11 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
-
 from kvtide.workers.model_loader import load_model, read_hf_config
 from kvtide.workers.models.llama import LlamaArgs
 from kvtide.workers.parallel import TensorParallel
 from kvtide.workers.shard import PipelineLinks, ShardRunner, stage_layers
-from kvtide.workers.step_inputs import StepInputs
+from kvtide.workers.step_inputs import BatchState, StepDelta
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ class WorkerActor:
         self.runner = ShardRunner(
             model, self.num_blocks, self.block_size, links, attention_backend=self.attention_backend
         )
+        self.batch = BatchState(self.block_size, self.device)
         return WorkerReady(self.rank, self.stage, self.tp_rank, self.node_id(), os.getpid(), start, end)
 
     def _tp_group(self):
@@ -131,7 +132,7 @@ class WorkerActor:
         ]
         return groups[self.stage]
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+    def execute(self, delta: StepDelta) -> torch.Tensor | None:
         """Run this shard's part of one step: logits [num_sampled_seqs, vocab] (on CPU) from the
         last stage's TP rank 0, None from every other shard."""
         if self.runner is None:
@@ -141,7 +142,7 @@ class WorkerActor:
             if self._fail_after < 0:
                 self._fail_after = None
                 raise InjectedFailure(f"shard rank {self.rank}: failure injected for a test")
-        logits = self.runner.forward(_to_device(inputs, self.device))
+        logits = self.runner.forward(self.batch.apply(delta))
         return logits.cpu() if self.returns_logits else None
 
     def inject_failure(self, after_num_steps: int = 0) -> None:
@@ -163,21 +164,6 @@ class WorkerActor:
         self.runner = None
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _to_device(inputs: StepInputs, device: torch.device) -> StepInputs:
-    if device.type == "cpu":
-        return inputs
-
-    def move(obj):
-        changes = {
-            f.name: getattr(obj, f.name).to(device, non_blocking=True)
-            for f in dataclasses.fields(obj)
-            if isinstance(getattr(obj, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(obj, **changes)
-
-    return dataclasses.replace(move(inputs), meta=move(inputs.meta))
 
 
 def _interface_of(ip: str) -> str | None:

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
 from kvtide.proto.kv_events import KvEvent
 from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve
 from kvtide.workers.detokenizer import IncrementalDetokenizer
 from kvtide.workers.kv_cache_manager import KVCacheManager
 from kvtide.workers.model_files import resolve_model
 from kvtide.workers.model_loader import load_model, read_hf_config
-from kvtide.workers.model_runner import Executor, ModelRunner
+from kvtide.workers.model_runner import Executor, LocalExecutor, ModelRunner, StepHandle
 from kvtide.workers.models.llama import LlamaForCausalLM
 from kvtide.workers.outputs import CompletionDelta
 from kvtide.workers.request import Request, RequestId, RequestStatus
 from kvtide.workers.sampler import SampledToken, SamplingRow
 from kvtide.workers.sampling_params import SamplingParams
-from kvtide.workers.scheduler import Scheduler
+from kvtide.workers.scheduler import Scheduler, StepPlan
 from kvtide.workers.shard import ShardRunner
 from kvtide.workers.tokenizer import Tokenizer
 
@@ -66,6 +66,8 @@ class Engine:
         )
         self.scheduler = Scheduler(config.engine.scheduler, self.kv, _child_id)
         self.runner = ModelRunner(executor, config.block_size, self._sampling_row)
+        self._depth = max(1, getattr(executor, "max_in_flight", 1))
+        self._in_flight: deque[tuple[StepPlan, StepHandle]] = deque()
         self._rng = random.Random(config.engine.seed)
         self._rows: dict[RequestId, SamplingRow] = {}
         self._detok: dict[RequestId, IncrementalDetokenizer] = {}
@@ -95,7 +97,7 @@ class Engine:
         shard = ShardRunner(
             model, config.num_blocks, config.block_size, attention_backend=config.attention_backend
         )
-        return cls(config, shard, tokenizer)
+        return cls(config, LocalExecutor(shard, config.block_size), tokenizer)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -183,30 +185,50 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[CompletionDelta]:
-        plan = self.scheduler.schedule()
-        if plan.empty:
+        """Run the oldest step in flight to its end and return its deltas.
+
+        With an executor that takes several steps at once (pipeline parallel: one micro-batch
+        per stage), first fill the pipeline: each micro-batch gets its share of the
+        unfinished requests, and a request in flight is not scheduled again (nor preempted)
+        until its step is finished here.
+        """
+        depth = self._depth
+        while len(self._in_flight) < depth:
+            cap = None if depth == 1 else -(-self.scheduler.num_unfinished // depth)
+            plan = self.scheduler.schedule(max_chunks=cap)
+            if plan.empty:
+                break
+            self._count_prefix_queries(plan)
+            self._in_flight.append((plan, self.runner.submit(plan)))
+        if not self._in_flight:
             return []
+        plan, handle = self._in_flight.popleft()
+        try:
+            sampled = self.runner.finish(plan, handle)
+        except Exception as exc:  # one bad batch must not take the engine down
+            logger.exception("step failed; failing the %d running requests", len(self.scheduler.running))
+            return self._fail_running(str(exc))
+        self.scheduler.complete(plan)
+        return [self._on_token(request, token) for request, token in sampled]
+
+    def _count_prefix_queries(self, plan: StepPlan) -> None:
         for chunk in plan.chunks:
             r = chunk.request
             if chunk.start == r.num_cached_prompt_tokens and r.num_preemptions == 0 and r.num_output_tokens == 0:
                 self._prefix_queried += r.num_prompt_tokens
                 self._prefix_hits += r.num_cached_prompt_tokens
-        try:
-            sampled = self.runner.execute(plan)
-        except Exception as exc:  # one bad batch must not take the engine down
-            logger.exception("step failed; failing the %d running requests", len(self.scheduler.running))
-            return self._fail_running(str(exc))
-        return [self._on_token(request, token) for request, token in sampled]
 
     def _fail_running(self, detail: str) -> list[CompletionDelta]:
         """After a failed step the KV cache is suspect: blocks registered for this step's
         tokens hold garbage, and a lost shard loses every block. So every running request
         fails and the prefix cache is dropped; waiting requests hold no blocks and are
         computed from scratch later."""
+        self._in_flight.clear()  # the same failure ends them: their shards are gone or suspect
         deltas = [
             self._finish(r, RequestStatus.FINISHED_ERROR, (), "", detail=detail)
             for r in list(self.scheduler.running)
         ]
+        self.runner.reset()
         cleared = self.kv.reset_prefix_cache()
         assert cleared, "no block may be in use once every running request has finished"
         return deltas
@@ -258,6 +280,7 @@ class Engine:
         )
 
     def _forget(self, request: Request) -> None:
+        self.runner.forget(request.request_id)
         self._detok.pop(request.request_id, None)
         self._rows.pop(request.request_id, None)
 

@@ -56,6 +56,9 @@ class Request:
     num_preemptions: int = 0
     forked: bool = False
     """True once an n > 1 request has forked its n - 1 children."""
+    in_flight: bool = False
+    """Scheduled in a step that has not finished yet (pipeline micro-batches): it is neither
+    scheduled again nor preempted until then."""
 
     @property
     def all_token_ids(self) -> list[int]:

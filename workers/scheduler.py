@@ -96,8 +96,11 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, max_chunks: int | None = None) -> StepPlan:
+        """Plan one step. ``max_chunks`` caps the requests in it (one micro-batch's share when
+        several steps are in flight); requests still in flight are skipped."""
         budget = self.config.max_num_batched_tokens
+        room = max_chunks if max_chunks is not None else len(self.running) + len(self.waiting)
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
         copies: list[tuple[int, int]] = []
@@ -105,14 +108,17 @@ class Scheduler:
         forked: list[Request] = []
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and room > 0:
             request = self.running[i]
+            if request.in_flight:
+                i += 1
+                continue
             num_new = self._chunk_size(request.num_tokens - request.num_computed_tokens, budget)
             while True:
                 pairs = self.kv.allocate_slots(request, num_new)
                 if pairs is not None:
                     break
-                victim = self.running[-1]
+                victim = next(r for r in reversed(self.running) if not r.in_flight)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
@@ -124,9 +130,10 @@ class Scheduler:
             forked.extend(chunk.forks)
             (decodes if num_new == 1 else prefills).append(chunk)
             budget -= num_new
+            room -= 1
             i += 1
 
-        while self.waiting and budget > 0 and not preempted:
+        while self.waiting and budget > 0 and room > 0 and not preempted:
             request = self.waiting[0]
             seats = sum(_seats(r) for r in self.running) + len(forked)
             if seats + _seats(request) > self.config.max_num_seqs:
@@ -145,6 +152,7 @@ class Scheduler:
             forked.extend(chunk.forks)
             (decodes if num_new == 1 else prefills).append(chunk)
             budget -= num_new
+            room -= 1
 
         # Children join the running list only now, so none is scheduled in the step that forks it.
         self.running.extend(forked)
@@ -156,11 +164,19 @@ class Scheduler:
             preempted=tuple(preempted),
         )
 
+    def complete(self, plan: StepPlan) -> None:
+        """The plan's step has finished: its requests may be scheduled again."""
+        for chunk in plan.chunks:
+            chunk.request.in_flight = False
+            for child in chunk.forks:
+                child.in_flight = False
+
     def _chunk_size(self, remaining: int, budget: int) -> int:
         cap = self.config.max_prefill_chunk
         return min(remaining, budget, cap if cap is not None and remaining > 1 else remaining)
 
     def _advance(self, request: Request, num_new: int) -> ScheduledChunk:
+        request.in_flight = True
         start = request.num_computed_tokens
         request.num_computed_tokens += num_new
         sample = request.num_computed_tokens == request.num_tokens
@@ -183,6 +199,7 @@ class Scheduler:
                 parent_id=parent.request_id,
                 index=index,
                 status=RequestStatus.RUNNING,
+                in_flight=True,
                 num_cached_prompt_tokens=parent.num_cached_prompt_tokens,
             )
             self.kv.fork(parent, child)

@@ -1,17 +1,29 @@
-"""The per-step batch that the driver builds once and every shard consumes."""
+"""What crosses from a replica's driver to its shards each step, and how shards unpack it.
+
+The driver sends a ``StepDelta``: only what changed since the previous step. Each scheduled
+chunk carries its own token ids (one sampled token for a decode) and the change to its
+block table (how many of the entries the shards already hold stay, and which new block ids
+follow); requests that ended are named once so the shards drop their tables. Every shard
+keeps a ``BatchState`` mirror of the block tables and packs the step's flat batch
+(``StepInputs``) itself, so a long-running request does not resend its whole block table
+every step, and the pack happens on the shards in parallel instead of on the driver.
+
+Deltas must be applied in the order they were made: every shard of a replica receives the
+same deltas in the same order (one actor call per step per shard, executed in order).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from kvtide.workers.attention import AttentionMetadata
 
 
 @dataclass(frozen=True)
 class StepInputs:
-    """Everything a model shard needs for one step, built once by the driver."""
+    """Everything a model shard needs for one step, packed into tensors."""
 
     input_ids: torch.Tensor
     """Shape (num_tokens,), int64."""
@@ -21,3 +33,160 @@ class StepInputs:
     logits_indices: torch.Tensor
     """Shape (num_sampled_seqs,): the rows of the batch whose logits are needed."""
     block_copies: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkDelta:
+    """One scheduled chunk: tokens ``[start, start + len(token_ids))`` of ``request_id``."""
+
+    request_id: str
+    start: int
+    token_ids: tuple[int, ...]
+    sample: bool
+    keep_blocks: int
+    """How many entries of the shards' copy of the block table stay (a preempted request
+    restarts from 0; copy-on-write replaces a shared last block)."""
+    new_blocks: tuple[int, ...]
+    """Block ids appended after the kept entries."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepDelta:
+    chunks: tuple[ChunkDelta, ...]
+    """Decode chunks (one token) first, then prefill chunks, as the scheduler planned them."""
+    block_copies: tuple[tuple[int, int], ...]
+    freed: tuple[str, ...] = ()
+    """Requests that ended since the previous delta: drop their tables (before ``chunks``)."""
+    reset: bool = False
+    """Drop every table first (the driver lost track, e.g. after the shards restarted)."""
+
+
+class DeltaTracker:
+    """Driver side: remembers which block-table entries the shards hold, to send only changes."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, list[int]] = {}
+        self._freed: list[str] = []
+        self._reset = False
+
+    def chunk(self, request_id: str, start: int, token_ids: Sequence[int], sample: bool, table: list[int]) -> ChunkDelta:
+        sent = self._sent.get(request_id)
+        if sent is None:
+            keep = 0
+        elif len(sent) <= len(table) and table[: len(sent)] == sent:
+            keep = len(sent)
+        else:
+            keep = _common_prefix(sent, table)
+        self._sent[request_id] = list(table)
+        return ChunkDelta(request_id, start, tuple(token_ids), sample, keep, tuple(table[keep:]))
+
+    def forget(self, request_id: str) -> None:
+        """The request ended: the next delta tells the shards to drop its table."""
+        if self._sent.pop(request_id, None) is not None:
+            self._freed.append(request_id)
+
+    def reset(self) -> None:
+        """The shards start empty (restarted): the next delta resends every table whole."""
+        self._sent.clear()
+        self._freed.clear()
+        self._reset = True
+
+    def delta(self, chunks: Iterable[ChunkDelta], block_copies: tuple[tuple[int, int], ...]) -> StepDelta:
+        delta = StepDelta(tuple(chunks), block_copies, tuple(self._freed), self._reset)
+        self._freed.clear()
+        self._reset = False
+        return delta
+
+
+class BatchState:
+    """Shard side: the mirrored block tables, and the packing of each step's flat batch."""
+
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.tables: dict[str, list[int]] = {}
+
+    def apply(self, delta: StepDelta) -> StepInputs:
+        if delta.reset:
+            self.tables.clear()
+        for rid in delta.freed:
+            self.tables.pop(rid, None)
+        rows = []
+        for c in delta.chunks:
+            table = self.tables.setdefault(c.request_id, [])
+            if c.keep_blocks > len(table):
+                raise RuntimeError(
+                    f"step delta keeps {c.keep_blocks} blocks of request {c.request_id!r} but this "
+                    f"shard holds {len(table)}: deltas were applied out of order or one was lost"
+                )
+            del table[c.keep_blocks :]
+            table.extend(c.new_blocks)
+            rows.append((c.token_ids, c.start, table, c.sample))
+        return pack_batch(rows, delta.block_copies, self.block_size, self.device)
+
+
+def pack_batch(
+    rows: Iterable[tuple[Sequence[int], int, list[int], bool]],
+    block_copies: tuple[tuple[int, int], ...],
+    block_size: int,
+    device: torch.device,
+) -> StepInputs:
+    """Pack chunks ``(token_ids, start, block_table, sample)`` into one flat batch, no padding.
+
+    Chunks of one token are decodes (paged decode attention); longer ones are prefill chunks.
+    The caller orders decodes first.
+    """
+    bs = block_size
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_indices: list[int] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
+    prefill_tables: list[list[int]] = []
+    prefill_lens: list[int] = []
+    query_start = [0]
+    for token_ids, start, table, sample in rows:
+        n = len(token_ids)
+        end = start + n
+        input_ids.extend(token_ids)
+        positions.extend(range(start, end))
+        slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        if sample:
+            logits_indices.append(len(input_ids) - 1)
+        if n == 1:
+            decode_tables.append(table)
+            decode_lens.append(end)
+        else:
+            prefill_tables.append(table)
+            prefill_lens.append(end)
+            query_start.append(query_start[-1] + n)
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    meta = AttentionMetadata(
+        slot_mapping=ints(slots),
+        num_decode_tokens=len(decode_lens),
+        decode_block_tables=_pad_tables(decode_tables, device),
+        decode_seq_lens=ints(decode_lens),
+        prefill_block_tables=_pad_tables(prefill_tables, device),
+        prefill_query_start_loc=query_start,
+        prefill_seq_lens=prefill_lens,
+    )
+    return StepInputs(ints(input_ids), ints(positions), meta, ints(logits_indices), block_copies)
+
+
+def _pad_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[num_seqs, max_blocks] int64; rows padded with block 0, never read past seq_len."""
+    width = max((len(t) for t in tables), default=0)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=device)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -8,8 +8,6 @@ by greedy sampling on the single-shard reference.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -18,18 +16,18 @@ import psutil
 import pytest
 import ray
 import torch
-
 from kvtide.cluster.executor import RayExecutor
 from kvtide.cluster.placement import PlacementError, ReplicaShape
 from kvtide.workers.config import SchedulerConfig
 from kvtide.workers.kv_cache_manager import KVCacheManager
 from kvtide.workers.model_loader import load_model
-from kvtide.workers.model_runner import prepare_inputs
+from kvtide.workers.model_runner import plan_delta, prepare_inputs
 from kvtide.workers.request import Request, RequestId, RequestStatus
 from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.scheduler import Scheduler
 from kvtide.workers.shard import ShardRunner
-from kvtide.workers.step_inputs import StepInputs
+from kvtide.workers.step_inputs import ChunkDelta, DeltaTracker, StepDelta, StepInputs
+
 from tests.tiny import write_tiny_llama
 
 # About a minute on 2 cores: each shape starts its shards (torch import, gloo rendezvous).
@@ -63,6 +61,8 @@ class Replica(NamedTuple):
 
 class Step(NamedTuple):
     inputs: StepInputs
+    delta: StepDelta
+    """What the driver sends the shards for this step."""
     logits: torch.Tensor
     """The single-shard reference logits of this step."""
 
@@ -85,18 +85,21 @@ def reference_steps(model_dir: Path, max_tokens: int = 4) -> list[Step]:
     for rid, prompt in PROMPTS.items():
         scheduler.add(Request(RequestId(rid), prompt, SamplingParams(max_tokens=max_tokens)))
     runner = ShardRunner(load_model(model_dir), NUM_BLOCKS, BLOCK_SIZE)
+    tracker = DeltaTracker()
     steps = []
     while scheduler.num_unfinished:
         assert len(steps) < 20, "scheduler made no progress"
         plan = scheduler.schedule()
         inputs = prepare_inputs(plan, BLOCK_SIZE, torch.device("cpu"))
         logits = runner.forward(inputs)
-        steps.append(Step(inputs, logits))
+        steps.append(Step(inputs, plan_delta(tracker, plan), logits))
         sampling = [c.request for c in plan.chunks if c.sample]
         for request, token in zip(sampling, logits.argmax(dim=-1).tolist(), strict=True):
             request.append_output_token(token)
             if request.num_output_tokens >= max_tokens:
                 scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
+                tracker.forget(request.request_id)
+        scheduler.complete(plan)
     return steps
 
 
@@ -146,11 +149,9 @@ def test_logits_match_single_shard(replica, steps):
     reference = steps[replica.model]
     assert len(reference) >= 4
     assert any(s.inputs.meta.num_decode_tokens for s in reference)  # decodes were covered too
-    for i, step in enumerate(reference[:-1]):
-        logits = replica.executor.execute(step.inputs)
+    for i, step in enumerate(reference):
+        logits = replica.executor.execute(step.delta)
         torch.testing.assert_close(logits, step.logits, **TOLERANCE, msg=lambda m: f"step {i}: {m}")
-    last = asyncio.run(replica.executor.execute_async(reference[-1].inputs))
-    torch.testing.assert_close(last, reference[-1].logits, **TOLERANCE)
 
 
 def test_each_stage_packs_its_tp_ranks_on_one_node_and_stages_spread(replica):
@@ -173,9 +174,8 @@ def test_shards_talk_over_loopback_only(replica):
 
 
 def test_failed_shard_raises_and_shutdown_leaves_no_process(replica, steps):
-    good = steps[replica.model][0].inputs
-    bad_slots = torch.full_like(good.meta.slot_mapping, NUM_BLOCKS * BLOCK_SIZE + 5)
-    bad = dataclasses.replace(good, meta=dataclasses.replace(good.meta, slot_mapping=bad_slots))
+    bad_block = ChunkDelta("bad", 0, (1, 2, 3), True, keep_blocks=0, new_blocks=(NUM_BLOCKS + 5,))
+    bad = StepDelta((bad_block,), ())
     with pytest.raises(RuntimeError, match=r"shard \(stage 0, tp_rank \d\) failed the step"):
         replica.executor.execute(bad)
     pids = list(replica.executor.worker_pids().values())

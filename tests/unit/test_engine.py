@@ -11,6 +11,7 @@ import torch
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
 from kvtide.workers.model_loader import load_model, read_hf_config
+from kvtide.workers.model_runner import LocalExecutor
 from kvtide.workers.request import RequestStatus
 from kvtide.workers.sampling_params import SamplingParams
 from tests.tiny import write_tiny_llama
@@ -382,3 +383,90 @@ def test_every_attention_backend_gives_the_reference_tokens(tiny, reference, bac
     result = generate(engine, {name: PROMPTS[name] for name in ("p5", "p9", "p13")})
     for name in ("p5", "p9", "p13"):
         assert result[(name, 0)].token_ids == reference[name]
+
+
+# -- steps in flight (pipeline micro-batches) ----------------------------------------------
+
+
+class DeferredExecutor(LocalExecutor):
+    """Takes ``depth`` steps at once and runs each only when someone waits for it (in
+    submission order, as pipeline stages do), so the engine really overlaps its steps."""
+
+    def __init__(self, shard, block_size: int, depth: int) -> None:
+        super().__init__(shard, block_size)
+        self.max_in_flight = depth
+        self.queue: list = []  # [delta, outcome or None]
+        self.max_seen_in_flight = 0
+
+    def submit(self, delta):
+        entry = [delta, None]
+        self.queue.append(entry)
+        self.max_seen_in_flight = max(self.max_seen_in_flight, sum(e[1] is None for e in self.queue))
+        return self._Handle(self, entry)
+
+    class _Handle:
+        def __init__(self, executor, entry) -> None:
+            self.executor, self.entry = executor, entry
+
+        def result(self):
+            ex = self.executor
+            while self.entry[1] is None:
+                head = ex.queue.pop(0)
+                head[1] = LocalExecutor.submit(ex, head[0])
+            return self.entry[1].result()
+
+
+def make_pipelined_engine(tiny: Tiny, depth: int, **kwargs) -> Engine:
+    engine = make_engine(tiny, **kwargs)
+    local = engine.runner.executor
+    engine.runner.executor = DeferredExecutor(local.shard, engine.config.block_size, depth)
+    engine._depth = depth
+    return engine
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("options", [{}, {"num_blocks": 10}, {"max_prefill_chunk": 3}], ids=["batch", "preempt", "chunk3"])
+def test_steps_in_flight_give_the_same_greedy_output(tiny, reference, depth, options):
+    engine = make_pipelined_engine(tiny, depth, **options)
+    result = generate(engine, PROMPTS)
+    assert {rid: result[(rid, 0)].token_ids for rid in PROMPTS} == reference
+    assert engine.runner.executor.max_seen_in_flight >= 2  # steps really overlapped
+    if options.get("num_blocks") == 10:
+        assert engine.stats().num_preemptions > 0
+    assert_all_blocks_free(engine)
+
+
+def test_abort_of_a_request_in_flight_frees_its_blocks_and_sends_nothing_more(tiny, reference):
+    engine = make_pipelined_engine(tiny, 2)
+    for rid in ("p5", "p9", "p17"):
+        engine.add_request(rid, PROMPTS[rid], GREEDY)
+    out: dict[tuple[str, int], Choice] = {}
+    for _ in range(4):
+        collect(engine, engine.step(), out)
+    in_flight = {c.request.request_id for plan, _ in engine._in_flight for c in plan.chunks}
+    victim = next(iter(in_flight))
+    engine.abort_request(victim)
+    assert victim not in engine.scheduler.requests
+    run(engine, out)
+    assert out[(victim, 0)].finish_reason is None
+    assert out[(victim, 0)].token_ids == reference[victim][: len(out[(victim, 0)].token_ids)]
+    for rid in {"p5", "p9", "p17"} - {victim}:
+        assert out[(rid, 0)].token_ids == reference[rid]
+    assert_all_blocks_free(engine)
+
+
+def test_a_failed_step_with_another_in_flight_fails_both_and_the_engine_recovers(tiny, reference, monkeypatch):
+    engine = make_pipelined_engine(tiny, 2)
+    for rid in ("p5", "p9", "p17"):
+        engine.add_request(rid, PROMPTS[rid], GREEDY)
+    engine.step()
+    engine.step()
+    fail_next_forward(monkeypatch, engine.runner.executor.model)
+    deltas = engine.step()
+    assert sorted((d.request_id, d.finish_reason) for d in deltas) == [
+        ("p17", "error"), ("p5", "error"), ("p9", "error")
+    ]
+    assert not engine._in_flight
+    assert_all_blocks_free(engine)
+    result = generate(engine, {"c": PROMPTS["p13"]})
+    assert result[("c", 0)].token_ids == reference["p13"]

@@ -13,16 +13,30 @@ from kvtide.cluster.replica import _RestartingExecutor
 class FakeShards:
     """Stands in for a RayExecutor: returns fixed logits or raises, records shutdown."""
 
+    max_in_flight = 2
+
     def __init__(self, name: str, fail: bool = False) -> None:
         self.name, self.fail, self.closed = name, fail, False
 
-    def execute(self, inputs) -> torch.Tensor:
-        if self.fail:
-            raise RuntimeError(f"shard of {self.name} died")
-        return torch.full((1, 2), float(len(self.name)))
+    def submit(self, delta) -> FakeStep:
+        return FakeStep(self)
 
     def shutdown(self) -> None:
         self.closed = True
+
+
+class FakeStep:
+    def __init__(self, shards: FakeShards) -> None:
+        self.shards = shards
+
+    def result(self) -> torch.Tensor:
+        if self.shards.fail:
+            raise RuntimeError(f"shard of {self.shards.name} died")
+        return torch.full((1, 2), float(len(self.shards.name)))
+
+
+def run_step(ex: _RestartingExecutor) -> torch.Tensor:
+    return ex.submit(None).result()
 
 
 def starter(*outcomes):
@@ -43,9 +57,9 @@ def test_a_failed_step_raises_kills_the_shards_and_the_next_step_runs_on_fresh_o
     start, made = starter(FakeShards("a", fail=True), FakeShards("bb"))
     ex = _RestartingExecutor(start)
     with pytest.raises(RuntimeError, match="shard of a died"):
-        ex.forward(None)
+        run_step(ex)
     assert made[0].closed
-    assert ex.forward(None).tolist() == [[2.0, 2.0]]
+    assert run_step(ex).tolist() == [[2.0, 2.0]]
     assert ex.num_restarts == 1
     assert ex.current() is made[1]
 
@@ -54,10 +68,10 @@ def test_a_failed_restart_fails_the_next_step_and_starts_again():
     start, made = starter(FakeShards("a", fail=True), OSError("no node has room"), FakeShards("ccc"))
     ex = _RestartingExecutor(start)
     with pytest.raises(RuntimeError, match="died"):
-        ex.forward(None)
+        run_step(ex)
     with pytest.raises(RuntimeError, match="could not be restarted: no node has room"):
-        ex.forward(None)
-    assert ex.forward(None).tolist() == [[3.0, 3.0]]
+        run_step(ex)
+    assert run_step(ex).tolist() == [[3.0, 3.0]]
     assert ex.num_restarts == 1
 
 
@@ -72,14 +86,26 @@ def test_shutdown_during_a_restart_shuts_the_new_shards_down():
     shards = iter([FakeShards("a", fail=True)])
     ex = _RestartingExecutor(lambda: next(shards, None) or start_late())
     with pytest.raises(RuntimeError):
-        ex.forward(None)
+        run_step(ex)
     ex.shutdown()
     gate.set()
     with pytest.raises(RuntimeError, match="shut down"):
-        ex.forward(None)
+        run_step(ex)
     for _ in range(100):
         if late.closed:
             break
         threading.Event().wait(0.05)
     assert late.closed
     ex.shutdown()  # idempotent
+
+
+def test_two_failed_steps_in_flight_restart_the_shards_once():
+    start, made = starter(FakeShards("a", fail=True), FakeShards("bb"))
+    ex = _RestartingExecutor(start)
+    assert ex.max_in_flight == 2
+    first, second = ex.submit(None), ex.submit(None)
+    for step in (first, second):
+        with pytest.raises(RuntimeError, match="shard of a died"):
+            step.result()
+    assert run_step(ex).tolist() == [[2.0, 2.0]]
+    assert ex.num_restarts == 1 and len(made) == 2

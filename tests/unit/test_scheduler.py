@@ -49,6 +49,7 @@ def step(s: Scheduler) -> StepPlan:
 
 def simulate_model(s: Scheduler, plan: StepPlan) -> None:
     """Sample one token for each sampling chunk (and its forks); finish at max_tokens."""
+    s.complete(plan)
     for chunk in plan.chunks:
         if chunk.sample:
             for r in (chunk.request, *chunk.forks):
