@@ -253,6 +253,15 @@ class Replica:
         """
         self._async.abort(request_id)
 
+    def abort(self, request_id: str) -> None:
+        """Abort a request and all its choices; the engine frees its blocks before its next step.
+
+        The frontend calls this beside ``ray.cancel`` on the request's stream: the cancel ends
+        the Ray call, but the generator it closes only aborts once it is collected, and a
+        request still waiting in the engine must never run.
+        """
+        self._async.abort(request_id)
+
 
 def _tokenizer(model_dir: Path) -> Tokenizer | None:
     """None for a model without ``tokenizer.json``: it then serves token-id prompts only."""
