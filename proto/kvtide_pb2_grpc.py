@@ -28,8 +28,9 @@ if _version_not_supported:
 class KvtideStub:
     """---- public API ----------------------------------------------------------------------------
 
-    Errors use gRPC status codes: INVALID_ARGUMENT (bad sampling values, unknown model, prompt
-    over the context length; the message names the field, the value and the limit),
+    Errors use gRPC status codes: INVALID_ARGUMENT (bad sampling values, prompt over the
+    context length; the message names the field, the value and the limit), NOT_FOUND (unknown
+    model),
     UNAUTHENTICATED (missing or wrong bearer token), RESOURCE_EXHAUSTED (admission queue full;
     the trailing metadata "retry-after-ms" says when to retry), UNAVAILABLE (draining, no
     replica), DEADLINE_EXCEEDED, CANCELLED, INTERNAL (a replica failed mid-request).
@@ -71,8 +72,9 @@ class KvtideStub:
 class KvtideServicer:
     """---- public API ----------------------------------------------------------------------------
 
-    Errors use gRPC status codes: INVALID_ARGUMENT (bad sampling values, unknown model, prompt
-    over the context length; the message names the field, the value and the limit),
+    Errors use gRPC status codes: INVALID_ARGUMENT (bad sampling values, prompt over the
+    context length; the message names the field, the value and the limit), NOT_FOUND (unknown
+    model),
     UNAUTHENTICATED (missing or wrong bearer token), RESOURCE_EXHAUSTED (admission queue full;
     the trailing metadata "retry-after-ms" says when to retry), UNAVAILABLE (draining, no
     replica), DEADLINE_EXCEEDED, CANCELLED, INTERNAL (a replica failed mid-request).
@@ -149,8 +151,9 @@ def add_KvtideServicer_to_server(servicer, server):
 class Kvtide:
     """---- public API ----------------------------------------------------------------------------
 
-    Errors use gRPC status codes: INVALID_ARGUMENT (bad sampling values, unknown model, prompt
-    over the context length; the message names the field, the value and the limit),
+    Errors use gRPC status codes: INVALID_ARGUMENT (bad sampling values, prompt over the
+    context length; the message names the field, the value and the limit), NOT_FOUND (unknown
+    model),
     UNAUTHENTICATED (missing or wrong bearer token), RESOURCE_EXHAUSTED (admission queue full;
     the trailing metadata "retry-after-ms" says when to retry), UNAVAILABLE (draining, no
     replica), DEADLINE_EXCEEDED, CANCELLED, INTERNAL (a replica failed mid-request).

@@ -1,0 +1,106 @@
+"""Prometheus metrics of a frontend, with the field's names (vLLM's, under ``kvtide:``).
+
+Request latencies and token counts are observed here as requests stream; engine gauges and
+counters (KV usage, running / waiting, preemptions, prefix-cache hits) come from each
+replica's latest ``EngineStats`` at scrape time, labelled by replica. Every metric lives in
+the frontend's own ``CollectorRegistry``: two frontends in one process never collide.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+_REPLICA_METRICS = (
+    # (EngineStats field, metric family, name, help)
+    ("kv_cache_usage", GaugeMetricFamily, "kvtide:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent."),
+    ("num_running", GaugeMetricFamily, "kvtide:num_requests_running", "Requests in the engine's batch."),
+    ("num_waiting", GaugeMetricFamily, "kvtide:num_requests_waiting", "Requests in the engine's queue."),
+    ("num_preemptions", CounterMetricFamily, "kvtide:num_preemptions", "Requests preempted for KV blocks."),
+    ("prefix_cache_hit_tokens", CounterMetricFamily, "kvtide:prefix_cache_hits", "Prompt tokens found cached."),
+    ("prefix_cache_queried_tokens", CounterMetricFamily, "kvtide:prefix_cache_queries", "Prompt tokens looked up."),
+)
+
+
+class _ReplicaCollector(Collector):
+    """Engine metrics from each replica's latest stats (``ReplicaSet.stats``), at scrape time."""
+
+    def __init__(self, replicas) -> None:
+        self._replicas = replicas
+
+    def collect(self):
+        stats = sorted(dict(self._replicas.stats).items())
+        for attr, family_type, name, help_text in _REPLICA_METRICS:
+            family = family_type(name, help_text, labels=["replica"])
+            for rid, s in stats:
+                family.add_metric([rid], float(getattr(s, attr)))
+            yield family
+
+
+class RequestTimer:
+    """TTFT, inter-token latency and end-to-end latency of one request."""
+
+    def __init__(self, metrics: FrontendMetrics, arrival_s: float) -> None:
+        self._m = metrics
+        self._arrival_s = arrival_s
+        self._last_s: float | None = None
+
+    def tokens(self, num_tokens: int) -> None:
+        if not num_tokens:
+            return
+        now = time.perf_counter()
+        if self._last_s is None:
+            self._m.ttft.observe(now - self._arrival_s)
+        else:
+            self._m.itl.observe(now - self._last_s)
+        self._last_s = now
+
+    def finished(self, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        self._m.e2e.observe(time.perf_counter() - self._arrival_s)
+        self._m.prompt_tokens.observe(num_prompt_tokens)
+        self._m.generation_tokens.observe(num_output_tokens)
+
+
+class FrontendMetrics:
+    def __init__(self, replicas) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "kvtide:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.itl = Histogram(
+            "kvtide:inter_token_latency_seconds", "Time between tokens of a stream.",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "kvtide:e2e_request_latency_seconds", "Arrival to last token.", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.prompt_tokens = Histogram(
+            "kvtide:request_prompt_tokens", "Prompt tokens per request.", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.generation_tokens = Histogram(
+            "kvtide:request_generation_tokens", "Generated tokens per request.", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "kvtide:request_success", "Finished requests by finish reason.", ["finished_reason"], registry=r
+        )
+        self.rejected = Counter(
+            "kvtide:request_rejected", "Requests refused before streaming, by error code.", ["code"], registry=r
+        )
+        r.register(_ReplicaCollector(replicas))
+
+    def request_timer(self, arrival_s: float) -> RequestTimer:
+        return RequestTimer(self, arrival_s)
+
+    def finished(self, finish_reason: str) -> None:
+        self.requests.labels(finish_reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

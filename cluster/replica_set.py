@@ -1,0 +1,94 @@
+"""The replicas a frontend sends to, and the routing seam in front of them.
+
+``ReplicaSet`` holds the Ray actor handles by replica id and asks a router which one serves
+a request. The router is a ``kvtide.router.Router`` with every replica registered; without
+one (tests, a single replica) it falls back to round-robin. It also keeps each
+replica's latest ``EngineStats``, refreshed in the background (never on the per-token path),
+for metrics and ``ClusterStatus``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NewType
+
+from kvtide.router import NoReplicaError, ReplicaLoad, Router
+from kvtide.workers.engine import EngineStats
+
+logger = logging.getLogger(__name__)
+
+ReplicaId = NewType("ReplicaId", str)
+
+
+class NoReplicaAvailable(Exception):
+    """No replica can take the request (none registered, or all excluded)."""
+
+
+@dataclass(frozen=True)
+class RoutedReplica:
+    replica_id: ReplicaId
+    actor: Any
+    """The ``ReplicaActor`` handle."""
+
+
+class ReplicaSet:
+    def __init__(
+        self,
+        actors: Mapping[str, Any],
+        router: Router | None = None,
+    ) -> None:
+        self.actors = {ReplicaId(k): v for k, v in actors.items()}
+        self.router = router
+        self._next = itertools.cycle(sorted(self.actors))
+        self.stats: dict[ReplicaId, EngineStats] = {}
+
+    def choose(self, prompt_token_ids: Sequence[int], max_tokens: int) -> RoutedReplica:
+        """Raises ``NoReplicaAvailable``."""
+        if not self.actors:
+            raise NoReplicaAvailable("no replica is serving")
+        if self.router is None:
+            rid = next(self._next)
+        else:
+            try:
+                rid = ReplicaId(self.router.choose(prompt_token_ids, max_tokens).replica_id)
+            except NoReplicaError as exc:
+                raise NoReplicaAvailable(str(exc)) from exc
+        actor = self.actors.get(rid)
+        if actor is None:
+            raise NoReplicaAvailable(f"the router chose replica {rid!r}, which this frontend does not know")
+        return RoutedReplica(rid, actor)
+
+    def on_finished(self, replica_id: str, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        if self.router is not None:
+            self.router.on_request_finished(replica_id, num_prompt_tokens, num_output_tokens)
+
+    def routing_status(self) -> dict:
+        return self.router.status() if self.router is not None else {"policy": "round_robin", "replicas": {}}
+
+    async def refresh_stats(self, timeout_s: float = 5.0) -> None:
+        """Fetch every replica's ``EngineStats``; a replica that does not answer keeps its last."""
+
+        async def one(rid: ReplicaId, actor: Any) -> None:
+            try:
+                stats = self.stats[rid] = await asyncio.wait_for(actor.stats.remote(), timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a lost replica must not stop the others' stats
+                logger.warning("stats of replica %s unavailable: %s", rid, exc)
+                return
+            if self.router is not None:
+                num_blocks = self.router.registration(rid).num_blocks
+                load = ReplicaLoad(
+                    stats.num_running, stats.num_waiting, stats.num_free_blocks, num_blocks,
+                    stats.kv_cache_usage, stats.num_preemptions,
+                )  # fmt: skip
+                self.router.update_load(rid, load)
+
+        await asyncio.gather(*(one(rid, a) for rid, a in self.actors.items()))
+
+    async def refresh_forever(self, interval_s: float) -> None:
+        while True:
+            await self.refresh_stats()
+            await asyncio.sleep(interval_s)

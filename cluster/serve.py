@@ -1,0 +1,252 @@
+"""``kvtide serve``: Ray, N replicas, Redis, the router and both frontends, started and stopped
+as one.
+
+``Server.start()`` joins a Ray cluster (``--address``) or starts a private one on loopback,
+starts the replicas (each a ``ReplicaActor`` with its shard workers) and waits until each has
+run a real step, starts Redis (an embedded ``redis-server`` unless a URL is given), then
+serves gRPC and OpenAI HTTP on loopback by default. ``Server.stop()`` drains: health turns
+NOT_SERVING, new requests get UNAVAILABLE / 503, in-flight ones get ``drain_timeout_s`` to
+finish and are then aborted with a reason that says so; then it stops everything it
+started, in reverse order, and nothing it did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import uvicorn
+
+from kvtide.cluster.frontend import GrpcServer, start_grpc_server
+from kvtide.cluster.gateway import FrontendConfig, Gateway, ModelSpec
+from kvtide.cluster.http_api import create_app
+from kvtide.cluster.replica import ReplicaActor
+from kvtide.cluster.replica_set import ReplicaSet
+from kvtide.proto.block_hash import HASH_VERSION
+from kvtide.router import ReplicaRegistration, Router
+from kvtide.workers.config import EngineConfig, resolve
+from kvtide.workers.model_files import resolve_model
+from kvtide.workers.model_loader import read_hf_config
+from kvtide.workers.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "smollm2-135m"
+    num_replicas: int = 1
+    tp: int = 1
+    pp: int = 1
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    """Flat ``EngineConfig`` options for every replica (``max_model_len``, ``num_blocks``...)."""
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    """0 picks a free port."""
+    http_port: int = 8000
+    address: str | None = None
+    """An existing Ray cluster to join; None starts a private one on loopback."""
+    redis_url: str | None = None
+    """None starts an embedded redis-server on loopback; "" runs without Redis."""
+    routing_policy: str = "kv_aware"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    drain_timeout_s: float = 30.0
+    replica_start_timeout_s: float = 600.0
+    stats_interval_s: float = 2.0
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: ``kvtide serve`` owns SIGINT/SIGTERM and drains."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class Server:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.gateway: Gateway | None = None
+        self.grpc: GrpcServer | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self.redis_url: str | None = None
+        self._actors: dict[str, Any] = {}
+        self._started_ray = False
+        self._redis = None
+        self._http: _Uvicorn | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(drain_timeout_s=0)
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
+        spec, tokenizer = _model_spec(cfg)
+        self._init_ray()
+        await self._start_replicas()
+        self._start_redis()
+        replicas = ReplicaSet(self._actors, router=await self._router())
+        await replicas.refresh_stats()
+        self.gateway = Gateway(spec, tokenizer, replicas, cfg.frontend)
+        self._tasks.append(asyncio.create_task(replicas.refresh_forever(cfg.stats_interval_s)))
+        cert, key = (p.read_bytes() if p else None for p in (cfg.tls_cert, cfg.tls_key))
+        self.grpc = await start_grpc_server(self.gateway, cfg.host, cfg.grpc_port, cert, key)
+        self.grpc_port = self.grpc.port
+        await self._start_http(cert is not None)
+        scheme = "https" if cert else "http"
+        logger.info("gRPC (kvtide.v1.Kvtide, health, reflection) on %s:%d", cfg.host, self.grpc_port)
+        logger.info("OpenAI HTTP API on %s://%s:%d/v1 (metrics on /metrics)", scheme, cfg.host, self.http_port)
+
+    def _init_ray(self) -> None:
+        cfg = self.config
+        if ray.is_initialized():
+            return  # the caller's Ray (tests, notebooks): theirs to stop
+        if cfg.address is not None:
+            ray.init(address=cfg.address)
+            logger.info("joined the Ray cluster at %s", cfg.address)
+        else:
+            # Logical CPUs for placement only: each replica asks one per shard.
+            num_cpus = max(os.cpu_count() or 1, cfg.num_replicas * cfg.tp * cfg.pp)
+            # NOTE: address="local": a bare ray.init() would join any cluster already running
+            # on this machine (someone else's) instead of starting ours.
+            info = ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=cfg.host
+            )
+            logger.info("started a local Ray cluster at %s", info.address_info.get("gcs_address"))
+        self._started_ray = True
+
+    async def _start_replicas(self) -> None:
+        cfg = self.config
+        for i in range(cfg.num_replicas):
+            self._actors[f"replica-{i}"] = ReplicaActor.options(num_cpus=0).remote(
+                cfg.model, cfg.tp, cfg.pp, start_timeout_s=cfg.replica_start_timeout_s, **cfg.engine_options
+            )
+        for rid, actor in self._actors.items():
+            await asyncio.wait_for(actor.health.remote(), cfg.replica_start_timeout_s)
+            info = await actor.info.remote()
+            logger.info("%s ready: tp=%d pp=%d, %d KV blocks of %d tokens",
+                        rid, info.tp, info.pp, info.num_blocks, info.block_size)  # fmt: skip
+
+    async def _router(self) -> Router:
+        """A router with every replica registered. Fed with loads by the frontend's stats
+        refresh; without KV events it routes in approximate mode (its own decisions)."""
+        cfg = self.config
+        seed = str(cfg.engine_options.get("hash_seed", "")).encode()
+        router: Router | None = None
+        for rid, actor in self._actors.items():
+            info = await actor.info.remote()
+            router = router or Router(cfg.routing_policy, block_size=info.block_size, hash_seed=seed)
+            router.register(ReplicaRegistration(rid, info.block_size, seed, HASH_VERSION, info.num_blocks, cfg.model))
+        assert router is not None, "num_replicas >= 1"
+        return router
+
+    def _start_redis(self) -> None:
+        url = self.config.redis_url
+        if url is None:
+            from kvtide.cluster.redis_server import start_redis
+
+            self._redis = start_redis(self.config.host)
+            url = self._redis.url
+            logger.info("embedded Redis on %s", url)
+        self.redis_url = url or None
+
+    async def _start_http(self, tls: bool) -> None:
+        cfg = self.config
+        config = uvicorn.Config(
+            create_app(self.gateway), host=cfg.host, port=cfg.http_port, log_level="warning",
+            ssl_certfile=str(cfg.tls_cert) if tls else None, ssl_keyfile=str(cfg.tls_key) if tls else None,
+            timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s)), lifespan="off",
+        )  # fmt: skip
+        self._http = _Uvicorn(config)
+        task = asyncio.create_task(self._http.serve())
+        self._tasks.append(task)
+        while not self._http.started:
+            if task.done():
+                task.result()  # raises why it could not start (e.g. the port is taken)
+                raise RuntimeError("the HTTP server exited during startup")
+            await asyncio.sleep(0.05)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Drain, then stop everything this server started (idempotent)."""
+        timeout_s = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if self.grpc is not None:
+            await self.grpc.set_serving(False)
+        if self.gateway is not None:
+            aborted = await self.gateway.drain(timeout_s)
+            if aborted:
+                logger.warning("aborted %d requests still running after the %g s drain", aborted, timeout_s)
+            await asyncio.sleep(0.2)  # let the aborted streams send their error to the client
+        if self._http is not None:
+            self._http.should_exit = True
+        if self.grpc is not None:
+            await self.grpc.stop(grace_s=1.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for actor in self._actors.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(actor.shutdown.remote(), 30.0)
+            ray.kill(actor)
+        self._actors.clear()
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+        self.gateway, self.grpc, self._http = None, None, None
+
+
+def _model_spec(cfg: ServeConfig) -> tuple[ModelSpec, Tokenizer]:
+    """What the frontend validates against, resolved exactly as each replica resolves it."""
+    model_dir = resolve_model(cfg.model)
+    engine = EngineConfig.from_kwargs(model=str(model_dir), **cfg.engine_options)
+    resolved = resolve(engine, str(model_dir), read_hf_config(model_dir))
+    spec = ModelSpec(
+        name=cfg.model,
+        max_model_len=resolved.max_model_len,
+        vocab_size=resolved.vocab_size,
+        max_num_seqs=engine.scheduler.max_num_seqs,
+    )
+    return spec, Tokenizer.from_dir(model_dir)
+
+
+async def serve_forever(config: ServeConfig) -> None:
+    """Run until SIGINT or SIGTERM, then drain and stop."""
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        logger.info("serving %s with %d replica(s); Ctrl-C drains and stops", config.model, config.num_replicas)
+        await stop.wait()
+        logger.info("shutting down: draining for up to %g s", config.drain_timeout_s)
+    finally:
+        await server.stop()
+        logger.info("stopped")
