@@ -37,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="decode steps run before timing")
     p.add_argument("--steps", type=int, default=10, help="timed decode steps (the median is reported)")
     p.add_argument("--comm-iters", type=int, default=50, help="iterations per communication timing")
+    p.add_argument("--engine-seqs", type=int, default=8, help="requests per engine run in section (4)")
+    p.add_argument("--engine-tokens", type=int, default=24, help="greedy tokens per request in section (4)")
+    p.add_argument("--engine-rounds", type=int, default=3, help="rounds of section (4), taken in turns")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -47,25 +50,30 @@ ARGS = parse_args()
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 NUM_THREADS = configure_threads(ARGS.threads)
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
-
-from kvtide.cluster.executor import RayExecutor  # noqa: E402
-from kvtide.cluster.placement import ReplicaShape  # noqa: E402
-from kvtide.workers.attention import default_attention_backend  # noqa: E402
-from kvtide.workers.config import SchedulerConfig  # noqa: E402
-from kvtide.workers.kv_cache_manager import KVCacheManager  # noqa: E402
-from kvtide.workers.model_files import resolve_model  # noqa: E402
-from kvtide.workers.model_loader import load_model, read_hf_config  # noqa: E402
-from kvtide.workers.model_runner import prepare_inputs  # noqa: E402
-from kvtide.workers.models.llama import LlamaArgs  # noqa: E402
-from kvtide.workers.request import Request, RequestId  # noqa: E402
-from kvtide.workers.sampling_params import SamplingParams  # noqa: E402
-from kvtide.workers.scheduler import Scheduler  # noqa: E402
-from kvtide.workers.shard import ShardRunner, stage_layers  # noqa: E402
+import ray
+import torch
+import torch.distributed as dist
+from kvtide.cluster.executor import RayExecutor
+from kvtide.cluster.placement import ReplicaShape
+from kvtide.workers.attention import default_attention_backend
+from kvtide.workers.config import (
+    EngineConfig,
+    SchedulerConfig,
+    resolve,
+)
+from kvtide.workers.engine import Engine
+from kvtide.workers.kv_cache_manager import KVCacheManager
+from kvtide.workers.model_files import resolve_model
+from kvtide.workers.model_loader import load_model, read_hf_config
+from kvtide.workers.model_runner import plan_delta, prepare_inputs
+from kvtide.workers.models.llama import LlamaArgs
+from kvtide.workers.request import Request, RequestId
+from kvtide.workers.sampling_params import SamplingParams
+from kvtide.workers.scheduler import Scheduler
+from kvtide.workers.shard import ShardRunner, stage_layers
+from kvtide.workers.step_inputs import DeltaTracker, StepDelta, StepInputs
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 MODEL = "smollm2-135m"
 LOOPBACK = "127.0.0.1"
@@ -117,26 +125,35 @@ def make_steps(model_dir, backend: str, num_blocks: int) -> tuple[list, list[tor
         prompt = [rng.randrange(100, 40000) for _ in range(ARGS.prompt_len)]
         scheduler.add(Request(RequestId(str(i)), prompt, SamplingParams(max_tokens=1000)))
     runner = ShardRunner(load_model(model_dir), num_blocks, BLOCK_SIZE, attention_backend=backend)
+    tracker = DeltaTracker()
     steps, logits_all = [], []
     for _ in range(1 + ARGS.warmup + ARGS.steps):
         plan = scheduler.schedule()
         inputs = prepare_inputs(plan, BLOCK_SIZE, torch.device("cpu"))
         logits = runner.forward(inputs)
-        steps.append(inputs)
+        steps.append(Step(inputs, plan_delta(tracker, plan)))
+        scheduler.complete(plan)
         logits_all.append(logits)
         sampling = [c.request for c in plan.chunks if c.sample]
         for request, token in zip(sampling, logits.argmax(dim=-1).tolist(), strict=True):
             request.append_output_token(token)
-    assert steps[0].meta.num_decode_tokens == 0 and steps[1].meta.num_decode_tokens == ARGS.num_seqs
+    assert steps[0].inputs.meta.num_decode_tokens == 0 and steps[1].inputs.meta.num_decode_tokens == ARGS.num_seqs
     return steps, logits_all, runner
+
+
+class Step(NamedTuple):
+    inputs: StepInputs
+    """The packed batch, for the in-process forwards."""
+    delta: StepDelta
+    """What the driver sends the shards."""
 
 
 def replay(forward, steps, reference) -> tuple[list[float], float]:
     """Run every step through ``forward``: (step seconds, max |logits - reference|)."""
     times, max_diff = [], 0.0
-    for inputs, ref in zip(steps, reference, strict=True):
+    for step, ref in zip(steps, reference, strict=True):
         t0 = time.perf_counter()
-        logits = forward(inputs)
+        logits = forward(step.inputs)
         times.append(time.perf_counter() - t0)
         max_diff = max(max_diff, (logits - ref).abs().max().item())
     return times, max_diff
@@ -179,11 +196,12 @@ def run_group(model_dir, shapes: dict[str, ReplicaShape], backend, num_blocks, s
     """Start every replica of ``shapes``, then run the steps on them and on the in-process
     ``local`` forwards in turns (step i everywhere before step i + 1, starting one later each step)."""
     with contextlib.ExitStack() as stack:
-        forwards, startup = dict(local), dict.fromkeys(local, 0.0)
+        forwards = {label: (lambda step, f=f: f(step.inputs)) for label, f in local.items()}
+        startup = dict.fromkeys(local, 0.0)
         for label, shape in shapes.items():
             t0 = time.perf_counter()
             ex = stack.enter_context(RayExecutor(model_dir, shape, num_blocks, BLOCK_SIZE, STARTUP_TIMEOUT_S, attention_backend=backend))
-            forwards[label], startup[label] = ex.execute, time.perf_counter() - t0
+            forwards[label], startup[label] = (lambda step, ex=ex: ex.execute(step.delta)), time.perf_counter() - t0
         labels = list(forwards)
         times = {label: [] for label in labels}
         diffs = dict.fromkeys(labels, 0.0)
@@ -265,6 +283,62 @@ class CommProbe:
             dist.destroy_process_group()
 
 
+ENGINE_RUNS = [  # (label, shape, steps in flight)
+    ("PP=1, 1 shard x 2 threads", ReplicaShape(1, 1, cpus_per_shard=2), 1),
+    ("PP=2, 2 stages x 2 threads, no micro-batching", ReplicaShape(1, 2, cpus_per_shard=2), 1),
+    ("PP=2, 2 stages x 2 threads, 2 micro-batches", ReplicaShape(1, 2, cpus_per_shard=2), 2),
+]
+
+
+def engine_runs(model_dir, backend: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Decode tok/s of the real engine on each of ENGINE_RUNS (rounds taken in turns), and each
+    stage's busy fraction over the last round: (execute time - pipeline send/recv wait) / wall."""
+    rng = random.Random(ARGS.seed + 1)
+    num_blocks = ARGS.engine_seqs * -(-(ARGS.prompt_len + ARGS.engine_tokens) // BLOCK_SIZE) + 1
+    config = EngineConfig.from_kwargs(
+        model=str(model_dir), num_blocks=num_blocks, block_size=BLOCK_SIZE, attention_backend=backend,
+        max_num_seqs=ARGS.engine_seqs, max_num_batched_tokens=ARGS.engine_seqs * ARGS.prompt_len,
+        enable_prefix_caching=False,
+    )
+    resolved = resolve(config, str(model_dir), read_hf_config(model_dir))
+    params = SamplingParams(temperature=0.0, max_tokens=ARGS.engine_tokens, ignore_eos=True)
+    out = {label: ([], []) for label, _, _ in ENGINE_RUNS}
+    with contextlib.ExitStack() as stack:
+        executors = {
+            label: stack.enter_context(RayExecutor(
+                model_dir, shape, num_blocks, BLOCK_SIZE, STARTUP_TIMEOUT_S, attention_backend=backend,
+                max_in_flight=depth,
+            ))
+            for label, shape, depth in ENGINE_RUNS
+        }
+        for r in range(ARGS.engine_rounds):
+            prompts = [[rng.randrange(100, 40000) for _ in range(ARGS.prompt_len)] for _ in range(ARGS.engine_seqs)]
+            for label, ex in executors.items():
+                engine = Engine(resolved, ex)
+                for i, prompt in enumerate(prompts):
+                    engine.add_request(f"r{r}-{i}", prompt, params)
+                started, first, tokens = None, set(), 0
+                t_end = time.perf_counter()
+                while engine.has_unfinished_requests():
+                    for d in engine.step():
+                        if started is not None:
+                            tokens += len(d.token_ids)
+                        first.add(d.request_id)
+                    if started is None and len(first) == ARGS.engine_seqs:
+                        before = ex.timings()  # NOTE: a step in flight may straddle this point
+                        started = time.perf_counter()
+                t_end = time.perf_counter()
+                out[label][0].append(tokens / (t_end - started))
+                after = ex.timings()
+                wall = t_end - started
+                busy = []
+                for stage in range(ex.shape.pp):
+                    (e0, w0), (e1, w1) = before[(stage, 0)], after[(stage, 0)]
+                    busy.append(((e1 - e0) - (w1 - w0)) / wall)
+                out[label] = (out[label][0], busy)
+    return out
+
+
 def comm_times(node_ids: list[str], num_tokens: int, vocab_per_rank: int, step_inputs) -> tuple[dict[str, list[float]], tuple]:
     """Seconds per call of each communication a decode step makes, timed on 4 probe ranks:
     ranks 0-2 on node 0 form the TP group, rank 3 on node 1 is rank 0's next PP stage.
@@ -303,7 +377,7 @@ def comm_times(node_ids: list[str], num_tokens: int, vocab_per_rank: int, step_i
             t0 = time.perf_counter()
             ray.get(probes[0].echo.remote(ray.put(step_inputs)))
             calls.append(time.perf_counter() - t0)
-        out["ray: put(step inputs) + one actor call + get"] = calls
+        out["ray: put(step delta) + one actor call + get"] = calls
         two = remote.options(num_cpus=2).remote(0, 1)
         threads = (ray.get(probes[0].num_threads.remote()), ray.get(two.num_threads.remote()))
         ray.kill(two, no_restart=True)
@@ -346,11 +420,12 @@ def main() -> None:
             cluster.add_node(num_cpus=CPUS_PER_NODE, node_ip_address=LOOPBACK)
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         node_ids = sorted(nd["NodeID"] for nd in ray.nodes() if nd["Alive"])
-        comm, ((threads1, policy), (threads2, _)) = comm_times(node_ids, n, args.vocab_size // 3, steps[-1])
+        comm, ((threads1, policy), (threads2, _)) = comm_times(node_ids, n, args.vocab_size // 3, steps[-1].delta)
         groups = {
             name: run_group(model_dir, shapes, backend, num_blocks, steps, reference, local[name])
             for name, shapes in GROUPS.items()
         }
+        pipelined = engine_runs(model_dir, backend)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -384,7 +459,7 @@ def main() -> None:
     ar = comm[f"all_reduce {n} x 576 (decode step)"]
     ag = comm[f"all_gather {n} x {args.vocab_size // 3} per rank (logits)"]
     hop = comm[f"send+recv hidden+residual {n} x 576 (one way, decode step)"]
-    call = comm["ray: put(step inputs) + one actor call + get"]
+    call = comm["ray: put(step delta) + one actor call + get"]
     tp_comm = num_ar * ar + ag
     print(f"  measured, TP=3 per step: {num_ar} all_reduce (2 per layer x {args.num_layers} + 1 in the embedding) "
           f"x {ms(ar)} + 1 all_gather {ms(ag)} = {ms(tp_comm)} ({tp_comm / tp3:.0%} of the TP=3 step)")
@@ -403,6 +478,16 @@ def main() -> None:
     print(f"  stage sum {ms(sum(stages))}; the rest of the PP=2 step, {ms(pp2 - sum(stages))}, is Ray calls "
           f"(~{ms(call)} each, 2 shards), the hop and wake-ups. Overlapped micro-batches could approach the slower "
           f"stage, {ms(max(stages))}")
+    print(f"\n(4) pipeline with micro-batching, through the engine: {ARGS.engine_seqs} requests x "
+          f"{ARGS.prompt_len}-token prompts x {ARGS.engine_tokens} greedy tokens, the engine steps until all finish;"
+          f" decode tok/s from the step where every request has its first token; {ARGS.engine_rounds} rounds in "
+          f"turns, medians")
+    base = statistics.median(pipelined[ENGINE_RUNS[0][0]][0])
+    for label, _, _ in ENGINE_RUNS:
+        rates, busy = pipelined[label]
+        rate = statistics.median(rates)
+        stages_busy = ", ".join(f"stage {k} {b:.0%}" for k, b in enumerate(busy))
+        print(f"  {label:44s} {rate:6.1f} tok/s  ({rate / base:.2f}x PP=1)   busy: {stages_busy}")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f} (on {len(os.sched_getaffinity(0))} cores; other processes skew timings)")
 
     print("\nsummary:")

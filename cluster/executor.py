@@ -106,6 +106,11 @@ class RayExecutor:
     def worker_pids(self) -> dict[tuple[int, int], int]:
         return {(r.stage, r.tp_rank): r.pid for r in self.reports}
 
+    def timings(self) -> dict[tuple[int, int], tuple[float, float]]:
+        """(stage, tp_rank) -> (seconds executing steps, of which waiting on pipeline peers)."""
+        results = ray.get([w.timings.remote() for w in self._workers], timeout=self.step_timeout_s)
+        return {(r.stage, r.tp_rank): t for r, t in zip(self.reports, results, strict=True)}
+
     def inject_failure(self, stage: int, tp_rank: int, after_num_steps: int = 0) -> ray.ObjectRef:
         """Test-only: make one shard raise in a coming step (``WorkerActor.inject_failure``).
         Returns the call's ref; the failure is armed once it resolves."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -70,6 +71,7 @@ class WorkerActor:
         self.dtype = dtype
         self.attention_backend = attention_backend
         self.runner: ShardRunner | None = None
+        self.execute_s = 0.0
         self._fail_after: int | None = None  # see inject_failure()
         self._listener: socket.socket | None = None
         # NOTE: only the last stage's TP rank 0 returns logits; its peers hold identical copies.
@@ -142,8 +144,14 @@ class WorkerActor:
             if self._fail_after < 0:
                 self._fail_after = None
                 raise InjectedFailure(f"shard rank {self.rank}: failure injected for a test")
+        t0 = time.perf_counter()
         logits = self.runner.forward(self.batch.apply(delta))
+        self.execute_s += time.perf_counter() - t0
         return logits.cpu() if self.returns_logits else None
+
+    def timings(self) -> tuple[float, float]:
+        """(seconds in ``execute``, of which waiting in pipeline send/recv) since start."""
+        return self.execute_s, self.runner.pipeline_wait_s if self.runner else 0.0
 
     def inject_failure(self, after_num_steps: int = 0) -> None:
         """Test-only: the ``execute`` after the next ``after_num_steps`` ones raises

@@ -7,14 +7,16 @@ point-to-point send/recv (same tensor-parallel rank); the last stage computes lo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
+from kvtide.kernels.kv_quant import allocate_kv_cache
 from kvtide.workers.attention import get_attention_backend
-from kvtide.workers.step_inputs import StepInputs
 from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM
+from kvtide.workers.step_inputs import StepInputs
+
 
 def stage_layers(args: LlamaArgs, pp_size: int) -> list[tuple[int, int]]:
     """Contiguous layer slices, one per stage, balanced by weight bytes read per decode step.
@@ -73,12 +75,16 @@ class ShardRunner:
         self.backend = get_attention_backend(attention_backend)
         attn = model.layers[0].self_attn
         shape = (num_blocks, attn.num_kv_heads, block_size, attn.head_dim)
+        # An int8/fp8 cache holds each row's scale inside its block (kernels/kv_quant.py).
         kv_dtype = kv_dtype or self.dtype
         self.kv_caches = [
-            (torch.zeros(shape, dtype=kv_dtype, device=self.device),
-             torch.zeros(shape, dtype=kv_dtype, device=self.device))
+            (allocate_kv_cache(*shape, kv_dtype, self.device), allocate_kv_cache(*shape, kv_dtype, self.device))
             for _ in model.layers
         ]
+
+    pipeline_wait_s = 0.0
+    """Seconds spent in send/recv to neighbouring stages (waiting for a peer included): a
+    stage's busy time is its step time minus this."""
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
@@ -92,13 +98,17 @@ class ShardRunner:
             shape = (inputs.input_ids.shape[0], self.model.args.hidden_size)
             hidden = torch.empty(shape, dtype=self.dtype, device=self.device)
             residual = torch.empty_like(hidden)
+            t0 = time.perf_counter()
             dist.recv(hidden, self.links.prev_rank)
             dist.recv(residual, self.links.prev_rank)
+            self.pipeline_wait_s += time.perf_counter() - t0
         hidden, residual = self.model(
             inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend, hidden, residual
         )
         if self.links.next_rank is not None:
+            t0 = time.perf_counter()
             dist.send(hidden.contiguous(), self.links.next_rank)
             dist.send(residual.contiguous(), self.links.next_rank)
+            self.pipeline_wait_s += time.perf_counter() - t0
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
