@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ import ray
 import torch
 from kvtide.cluster.executor import RayExecutor
 from kvtide.cluster.placement import ReplicaShape
+from kvtide.cluster.publisher import ReplicaPublisher
+from kvtide.proto.block_hash import HASH_VERSION
+from kvtide.proto.kv_events import KvEvent
+from kvtide.router.types import ReplicaLoad, ReplicaRegistration
 from kvtide.workers.async_engine import AsyncEngine
+from kvtide.workers.block_pool import KvSnapshot
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine, EngineStats
 from kvtide.workers.model_files import resolve_model
@@ -253,15 +259,81 @@ class Replica:
         """
         self._async.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request and all its choices; the engine frees its blocks before its next step.
 
-        The frontend calls this beside ``ray.cancel`` on the request's stream: the cancel ends
-        the Ray call, but the generator it closes only aborts once it is collected, and a
-        request still waiting in the engine must never run.
-        """
-        self._async.abort(request_id)
+    # -- cluster state: what the router learns about this replica ---------------------------
 
+    def registration(self, replica_id: str, model: str | None = None) -> ReplicaRegistration:
+        """What this replica registers under ``replica_id``; ``model`` defaults to the model
+        directory's name. The incarnation is fixed per process, so a restarted replica under
+        the same id is told apart (its event ids start again at 0)."""
+        cfg = self.engine.config
+        if not hasattr(self, "_incarnation"):
+            self._incarnation = uuid.uuid4().hex
+        return ReplicaRegistration(
+            replica_id=replica_id,
+            block_size=cfg.block_size,
+            hash_seed=cfg.engine.cache.hash_seed.encode(),
+            hash_version=HASH_VERSION,
+            num_blocks=cfg.num_blocks,
+            model=model or Path(cfg.model_dir).name,
+            incarnation=self._incarnation,
+        )
+
+    def load(self) -> ReplicaLoad:
+        s = self.engine.stats()
+        return ReplicaLoad(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_free_blocks=s.num_free_blocks,
+            num_total_blocks=self.engine.config.num_blocks,
+            kv_cache_usage=s.kv_cache_usage,
+            num_preemptions=s.num_preemptions,
+        )
+
+    def kv_snapshot(self) -> KvSnapshot:
+        """(last_event_id, cached block hashes) for a router's resync; safe while stepping."""
+        return self.engine.kv_snapshot()
+
+    def take_kv_events(self) -> list[KvEvent]:
+        """KV events since the last call, for a caller that feeds a router directly (tests,
+        ``bench/routing.py``). Not together with ``start_publishing``: each event goes to one
+        consumer."""
+        return self.engine.drain_kv_events()
+
+    def start_publishing(
+        self,
+        url: str,
+        replica_id: str,
+        model: str | None = None,
+        interval_s: float = 0.1,
+        ttl_s: float = 3.0,
+    ) -> ReplicaRegistration:
+        """Publish KV events, load and a heartbeat to the Redis at ``url`` every ``interval_s``
+        (``kvtide.cluster.publisher``); the registry entry expires ``ttl_s`` after the last
+        heartbeat. Returns the registration. Idempotent for the same url and id."""
+        reg = self.registration(replica_id, model)
+        current = getattr(self, "_publisher", None)
+        if current is not None and current.running:
+            if (current.url, current.registration) == (url, reg):
+                return reg
+            current.stop()
+        self._publisher = ReplicaPublisher(
+            url, reg, self.engine.drain_kv_events, self.load, interval_s=interval_s, ttl_s=ttl_s
+        )
+        self._publisher.start()
+        return reg
+
+    def stop_publishing(self) -> None:
+        """Stop publishing and leave the registry (before ``shutdown`` for a clean exit)."""
+        publisher = getattr(self, "_publisher", None)
+        if publisher is not None:
+            publisher.stop()
+
+    def publisher_stats(self) -> dict[str, int]:
+        p = getattr(self, "_publisher", None)
+        if p is None:
+            return {}
+        return {"published": p.num_published, "failed": p.num_failed, "events_dropped": p.num_events_dropped}
 
 def _tokenizer(model_dir: Path) -> Tokenizer | None:
     """None for a model without ``tokenizer.json``: it then serves token-id prompts only."""

@@ -21,9 +21,22 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
+from typing import NamedTuple
 
 from kvtide.proto.block_hash import BlockHash
 from kvtide.proto.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KvEvent
+
+
+class KvSnapshot(NamedTuple):
+    """The prefix cache's hashes for a router's resync, as of event ``last_event_id`` or later.
+
+    Replaying the events after ``last_event_id`` on top of it gives the current cache, since
+    applying a store/remove/clear to a set is idempotent (see ``kvtide.router.prefix_index``).
+    """
+
+    last_event_id: int
+    """-1 when no event has been emitted yet."""
+    block_hashes: tuple[BlockHash, ...]
 
 
 class BlockPool:
@@ -182,6 +195,28 @@ class BlockPool:
     def take_events(self) -> list[KvEvent]:
         """The events since the last call, oldest first; the pool forgets them."""
         events, self._events = self._events, []
+        return events
+
+    # ---- reads and takes from another thread ------------------------------------------
+
+    def snapshot(self) -> KvSnapshot:
+        """The cached hashes, safe to call while another thread mutates the pool.
+
+        NOTE: reads the event counter *before* copying the map, so the copy is at least as
+        new as ``last_event_id`` (the counter moves after the map changes). ``tuple(dict)``
+        runs in C without releasing the GIL, so the map cannot change during the copy.
+        """
+        last_event_id = self._next_event_id - 1
+        return KvSnapshot(last_event_id, tuple(self._hash_to_block))
+
+    def drain_events(self) -> list[KvEvent]:
+        """Like ``take_events``, but safe while the stepping thread emits: the list object is
+        never swapped, only its first ``n`` entries cut (each list operation is atomic under
+        the GIL), so an event appended meanwhile stays for the next call. Use one of
+        ``take_events`` and ``drain_events`` per pool, not both."""
+        n = len(self._events)
+        events = self._events[:n]
+        del self._events[:n]
         return events
 
     def _emit(self, event: KvEvent) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from kvtide.proto.kv_events import KvEvent
+from kvtide.workers.block_pool import KvSnapshot
 from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve
 from kvtide.workers.detokenizer import IncrementalDetokenizer
 from kvtide.workers.kv_cache_manager import KVCacheManager
@@ -170,6 +171,14 @@ class Engine:
     def take_kv_events(self) -> list[KvEvent]:
         """KV events (stored / removed / cleared) since the last call, for the router."""
         return self.kv.take_events()
+
+    def kv_snapshot(self) -> KvSnapshot:
+        """The prefix cache's block hashes for a router's resync; callable from any thread."""
+        return self.kv.pool.snapshot()
+
+    def drain_kv_events(self) -> list[KvEvent]:
+        """``take_kv_events`` for a consumer on another thread than ``step()`` (a publisher)."""
+        return self.kv.pool.drain_events()
 
     def stats(self) -> EngineStats:
         return EngineStats(

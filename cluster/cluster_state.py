@@ -1,0 +1,225 @@
+"""The frontend's side of the cluster state: keeps a ``Router`` fed from Redis in the background.
+
+Every ``poll_interval_s`` it reads the registry (new replicas are registered, replicas whose
+heartbeat expired are dropped), the load snapshots and each replica's new KV events, and
+hands them to the router. A replica is resynced from its own snapshot (a callable the
+frontend supplies, e.g. a Ray call to ``ReplicaActor.kv_snapshot``) when it first appears,
+when its events show a gap, and after every Redis outage (the publishers dropped events
+meanwhile).
+
+While Redis is unreachable the router keeps routing on the last state it knew: every
+replica is marked unsynced, so it is approximate (its own decisions, with expiry, on top of
+the last exact view) until its resync. Replicas are never dropped for an outage: only a
+registry that answers and lacks a replica for ``missing_grace_s`` removes it (a restarted
+Redis is empty until the publishers' next tick).
+
+Runs on the frontend's event loop, the same one that calls ``Router.choose``; the router is
+only touched between awaits, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from kvtide.cluster.state_store import STORE_ERRORS, StateStore
+from kvtide.proto.block_hash import BlockHash
+from kvtide.router.router import Router
+
+logger = logging.getLogger(__name__)
+
+SnapshotFn = Callable[[str], Awaitable[tuple[int, Iterable[BlockHash]]]]
+"""replica id -> (last_event_id, cached block hashes), e.g. ``ReplicaActor.kv_snapshot``."""
+
+
+class ClusterState:
+    def __init__(
+        self,
+        router: Router,
+        store: StateStore | None,
+        snapshot: SnapshotFn,
+        *,
+        poll_interval_s: float = 0.1,
+        snapshot_timeout_s: float = 5.0,
+        resync_retry_s: float = 1.0,
+        missing_grace_s: float = 1.0,
+        status_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.router = router
+        self.store = store
+        self._snapshot = snapshot
+        self.poll_interval_s = poll_interval_s
+        self.snapshot_timeout_s = snapshot_timeout_s
+        self.resync_retry_s = resync_retry_s
+        self.missing_grace_s = missing_grace_s
+        self.status_interval_s = status_interval_s
+        self._clock = clock
+        self._cursors: dict[str, bytes] = {}
+        self._needs_resync: dict[str, float] = {}
+        """replica id -> earliest time of the next try."""
+        self._last_seen: dict[str, float] = {}
+        self._failed: set[tuple[str, str]] = set()
+        """(replica id, incarnation) reported dead: not re-registered from a stale entry."""
+        self._store_up: bool | None = None
+        self._last_status_at = float("-inf")
+        self._task: asyncio.Task | None = None
+        self.num_resyncs = 0
+        self.num_outages = 0
+
+    @property
+    def store_up(self) -> bool:
+        """False while the last poll could not reach Redis (or none has run)."""
+        return bool(self._store_up)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="kvtide-cluster-state")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one poll must not stop the feeding
+                logger.exception("cluster state poll failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    # ---- the frontend's notices --------------------------------------------------------
+
+    def replica_failed(self, replica_id: str) -> None:
+        """The frontend saw the replica die (e.g. its actor is gone): stop routing to it now,
+        not when its heartbeat expires. A restart under the same id (a new incarnation) is
+        registered again."""
+        try:
+            incarnation = self.router.registration(replica_id).incarnation
+        except KeyError:
+            return
+        self._failed.add((replica_id, incarnation))
+        self._forget(replica_id)
+
+    # ---- one poll ----------------------------------------------------------------------
+
+    async def poll_once(self) -> bool:
+        """One round: registry, loads, events, due resyncs. False when Redis was unreachable."""
+        if self.store is None:
+            await self._resync_due()
+            return False
+        now = self._clock()
+        try:
+            registry = await self.store.replicas()
+            self._sync_registry(registry, now)
+            ids = self.router.replica_ids()
+            loads = await self.store.loads(ids)
+            batches = await self.store.read_events({rid: self._cursors[rid] for rid in ids})
+        except STORE_ERRORS as exc:
+            self._on_store_down(exc)
+            await self._resync_due()
+            return False
+        if self._store_up is False:
+            logger.info("state store %s is back; resyncing every replica", self.store.url)
+            for rid in self.router.replica_ids():
+                self._needs_resync[rid] = now
+        self._store_up = True
+        for rid, load in loads.items():
+            self.router.update_load(rid, load)
+        for rid in ids:
+            batch = batches.get(rid)
+            if batch is not None:
+                self._cursors[rid] = batch.cursor
+            if not self.router.apply_events(rid, batch.events if batch else ()):
+                self._needs_resync.setdefault(rid, now)
+        await self._resync_due()
+        if now - self._last_status_at >= self.status_interval_s:
+            self._last_status_at = now
+            try:
+                await self.store.put_status(self.status())
+            except STORE_ERRORS as exc:
+                self._on_store_down(exc)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        status = self.router.status()
+        status["state_store"] = {
+            "url": self.store.url if self.store else None,
+            "up": self.store_up,
+            "num_outages": self.num_outages,
+            "num_resyncs": self.num_resyncs,
+        }
+        return status
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _sync_registry(self, registry: dict, now: float) -> None:
+        for rid, reg in registry.items():
+            if (rid, reg.incarnation) in self._failed:
+                continue
+            self._last_seen[rid] = now
+            known = rid in self.router.replica_ids()
+            if known and self.router.registration(rid) == reg:
+                continue
+            try:
+                self.router.register(reg)
+            except ValueError as exc:
+                logger.error("not routing to replica %s: %s", rid, exc)
+                continue
+            logger.info("replica %s %s (%d KV blocks)", rid, "re-registered" if known else "registered", reg.num_blocks)
+            self._cursors.setdefault(rid, b"0")
+            self._needs_resync[rid] = now
+        for rid in self.router.replica_ids():
+            if rid not in registry and now - self._last_seen.get(rid, now) > self.missing_grace_s:
+                logger.warning("replica %s left the registry (heartbeat expired); no longer routing to it", rid)
+                self._forget(rid)
+
+    def _forget(self, replica_id: str) -> None:
+        self.router.unregister(replica_id)
+        self._cursors.pop(replica_id, None)
+        self._needs_resync.pop(replica_id, None)
+        self._last_seen.pop(replica_id, None)
+
+    def _on_store_down(self, exc: BaseException) -> None:
+        if self._store_up is not False:
+            self.num_outages += 1
+            logger.warning(
+                "state store %s unreachable (%s); routing on last-known state, approximate mode",
+                self.store.url if self.store else None, exc,
+            )
+            for rid in self.router.replica_ids():
+                self.router.mark_unsynced(rid)
+        self._store_up = False
+
+    async def _resync_due(self) -> None:
+        now = self._clock()
+        due = [rid for rid, at in self._needs_resync.items() if at <= now and rid in self.router.replica_ids()]
+        if not due:
+            return
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self._snapshot(rid), self.snapshot_timeout_s) for rid in due),
+            return_exceptions=True,
+        )
+        for rid, result in zip(due, results):
+            if rid not in self.router.replica_ids():
+                continue  # dropped while the snapshot was on its way
+            if isinstance(result, BaseException):
+                logger.warning("snapshot of replica %s failed (%r); retrying in %.1f s", rid, result, self.resync_retry_s)
+                self._needs_resync[rid] = self._clock() + self.resync_retry_s
+                continue
+            last_event_id, hashes = result
+            self.router.resync(rid, last_event_id, hashes)
+            self._needs_resync.pop(rid, None)
+            self.num_resyncs += 1
