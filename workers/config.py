@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kvtide.workers.attention import default_attention_backend, get_attention_backend
+from kvtide.workers.quantization import QUANTIZATIONS
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -30,6 +31,10 @@ class ModelConfig:
     """cpu | cuda | auto."""
     attention_backend: str = "auto"
     """torch | cpu | auto (the compiled CPU kernel for fp32 on CPU when it builds, else torch)."""
+    quantization: str = "none"
+    """Weights of the decoder layers' linear layers: none | fp8 (e4m3) | int8 (weight-only),
+    one scale per output channel; embedding and LM head stay in ``dtype``
+    (workers/quantization.py)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,10 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
         dtype = _DTYPES[mc.dtype]
     else:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {mc.dtype!r}")
+    if mc.quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {mc.quantization!r}"
+        )
     model_len = int(hf_config.get("max_position_embeddings", 2048))
     max_model_len = model_len if mc.max_model_len is None else mc.max_model_len
     if not 1 <= max_model_len <= model_len:

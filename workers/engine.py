@@ -81,7 +81,9 @@ class Engine:
         config = config or EngineConfig.from_kwargs(model=model, **kwargs)
         model_dir = resolve_model(config.model.model)
         resolved = resolve(config, str(model_dir), read_hf_config(model_dir))
-        net = load_model(model_dir, resolved.dtype, resolved.device)
+        net = load_model(
+            model_dir, resolved.dtype, resolved.device, quantization=config.model.quantization
+        )
         tokenizer = Tokenizer.from_dir(model_dir)
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",

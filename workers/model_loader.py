@@ -1,4 +1,9 @@
-"""Build a model from a Hugging Face-format directory, each shard reading only its slice."""
+"""Build a model from a Hugging Face-format directory, each shard reading only its slice.
+
+With ``quantization`` other than "none", every linear layer switches to quantized storage
+before any weight is read, and each checkpoint slice is quantized as it is copied in
+(workers/quantization.py): peak memory is the quantized model plus one slice.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-
 from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM
 from kvtide.workers.parallel import SINGLE, TensorParallel
+from kvtide.workers.quantization import get_linear_method
+from safetensors import safe_open
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
@@ -27,9 +32,15 @@ def load_model(
     tp: TensorParallel = SINGLE,
     layer_start: int = 0,
     layer_end: int | None = None,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
     args = LlamaArgs.from_hf_config(read_hf_config(model_dir))
     model = LlamaForCausalLM(args, tp, dtype, layer_start, layer_end)
+    if quantization != "none":
+        method = get_linear_method(quantization, device)
+        for module in model.modules():
+            if hasattr(module, "set_method"):
+                module.set_method(method)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(f"model directory {str(model_dir)!r} has no *.safetensors files")

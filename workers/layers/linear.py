@@ -7,6 +7,11 @@ columns, so a rank never materialises another rank's weights.
 NOTE: weights are stored transposed, ``weight_t: [in_features, out_features]``, and applied
 as ``x @ weight_t``. On this CPU's MKL that is 2-4x faster than ``F.linear`` on an
 [out, in] weight for the 8-32 row batches of decode (bench/README.md, "linear layout").
+
+How the weight is stored and applied is the layer's ``method`` (workers/quantization.py):
+unquantized by default; ``set_method`` switches to fp8 or int8 storage before loading, and
+each ``load`` then quantizes its slice as it arrives, so the full-precision weight of a
+quantized layer never exists in memory at once.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
-
 from kvtide.workers.parallel import SINGLE, TensorParallel
+from kvtide.workers.quantization import LinearMethod, Unquantized
+from torch import nn
 
 
 class ColumnParallelLinear(nn.Module):
@@ -38,10 +43,16 @@ class ColumnParallelLinear(nn.Module):
         self.local_sizes = [tp.shard(n, "output features") for n in out_features]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.local_sizes))]
         total = sum(self.local_sizes)
-        self.weight_t = nn.Parameter(torch.empty(in_features, total, dtype=dtype), requires_grad=False)
+        self.in_features, self.out_features, self.dtype = in_features, total, dtype
+        self.set_method(Unquantized())
         self.bias = (
             nn.Parameter(torch.zeros(total, dtype=dtype), requires_grad=False) if bias else None
         )
+
+    def set_method(self, method: LinearMethod) -> None:
+        """(Re)create the weight storage for ``method``; call before ``load``."""
+        self.method = method
+        method.create(self, self.in_features, self.out_features, self.dtype)
 
     def load(self, shard: int, weight: Any, is_bias: bool = False) -> None:
         n = self.local_sizes[shard]
@@ -49,10 +60,10 @@ class ColumnParallelLinear(nn.Module):
         if is_bias:
             self.bias[offset : offset + n].copy_(weight[start : start + n])
         else:
-            self.weight_t[:, offset : offset + n].copy_(weight[start : start + n].t())
+            self.method.load_rows(self, weight[start : start + n], offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
+        y = self.method.apply(self, x)
         return y if self.bias is None else y + self.bias
 
 
@@ -70,20 +81,24 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.local_in = tp.shard(in_features, "input features")
-        self.weight_t = nn.Parameter(
-            torch.empty(self.local_in, out_features, dtype=dtype), requires_grad=False
-        )
+        self.out_features, self.dtype = out_features, dtype
+        self.set_method(Unquantized())
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
+
+    def set_method(self, method: LinearMethod) -> None:
+        """(Re)create the weight storage for ``method``; call before ``load``."""
+        self.method = method
+        method.create(self, self.local_in, self.out_features, self.dtype)
 
     def load(self, shard: int, weight: Any, is_bias: bool = False) -> None:
         if is_bias:
             self.bias.copy_(weight[:])
             return
         start = self.tp.rank * self.local_in
-        self.weight_t.copy_(weight[:, start : start + self.local_in].t())
+        self.method.load_rows(self, weight[:, start : start + self.local_in], 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(x @ self.weight_t)
+        y = self.tp.all_reduce(self.method.apply(self, x))
         return y if self.bias is None else y + self.bias
