@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from kvtide.cluster.threads import configure_threads
 
@@ -65,6 +67,8 @@ def _stream(engine, request_id: str, prompt, params) -> str:
 
 
 def cmd_generate(args) -> int:
+    if args.server:
+        return _generate_remote(args)
     engine, params = _build(args)
     prompt = args.prompt
     if not args.raw:
@@ -74,6 +78,60 @@ def cmd_generate(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _generate_remote(args) -> int:
+    """``generate --server``: the same request through a running ``kvtide serve`` over gRPC."""
+    import grpc
+
+    from kvtide.cluster.client import KvtideClient
+
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    messages = [{"role": "user", "content": args.prompt}]
+    tokens, t0 = 0, time.perf_counter()
+    with KvtideClient(args.server, api_key=args.api_key or os.environ.get("KVTIDE_API_KEY")) as client:
+        stream = client.generate(args.prompt, **params) if args.raw else client.chat(messages, **params)
+        try:
+            for delta in stream:
+                tokens += len(delta.token_ids)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    elapsed = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from kvtide.cluster.gateway import FrontendConfig
+    from kvtide.cluster.serve import ServeConfig, serve_forever
+
+    api_keys = tuple(k for k in (args.api_key or os.environ.get("KVTIDE_API_KEY", "")).split(",") if k)
+    engine_options = {"kv_cache_memory_gib": args.kv_cache_gib, "block_size": args.block_size,
+                      "enable_prefix_caching": not args.no_prefix_caching}  # fmt: skip
+    if args.max_model_len is not None:
+        engine_options["max_model_len"] = args.max_model_len
+    try:
+        config = ServeConfig(
+            model=args.model, num_replicas=args.replicas, tp=args.tp, pp=args.pp, engine_options=engine_options,
+            host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, address=args.address,
+            redis_url=args.redis_url, routing_policy=args.routing_policy,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
+            drain_timeout_s=args.drain_timeout_s,
+            frontend=FrontendConfig(api_keys=api_keys, max_in_flight=args.max_in_flight, max_queued=args.max_queued),
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve_forever(config))
     return 0
 
 
@@ -106,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate a completion for one prompt, streaming")
     g.add_argument("prompt")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    g.add_argument("--server", metavar="HOST:PORT", help="send the request to a running `kvtide serve` (gRPC)")
+    g.add_argument("--api-key", help="bearer token for --server (default: $KVTIDE_API_KEY)")
     _engine_args(g)
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -113,6 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(c)
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="serve the model over gRPC and the OpenAI HTTP API until Ctrl-C")
+    _engine_args(s)
+    s.add_argument("--replicas", type=int, default=1, help="model replicas (each TP x PP Ray workers)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per pipeline stage")
+    s.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    s.add_argument("--host", default="127.0.0.1", help="address both servers bind")
+    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    s.add_argument("--redis-url", help="cluster state store (default: an embedded redis-server on loopback)")
+    s.add_argument("--routing-policy", default="kv_aware", help="kv_aware | round_robin | least_loaded")
+    s.add_argument("--api-key", help="comma-separated bearer tokens clients must send (default: $KVTIDE_API_KEY)")
+    s.add_argument("--tls-cert", help="PEM certificate: serve gRPC and HTTP over TLS (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    s.add_argument("--drain-timeout-s", type=float, default=30.0, help="on Ctrl-C/SIGTERM, how long in-flight requests may finish")
+    s.add_argument("--max-in-flight", type=int, default=256, help="requests streaming at once")
+    s.add_argument("--max-queued", type=int, default=256, help="requests waiting for admission; more get 429")
+    s.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     configure_threads(args.threads)  # before anything imports torch
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
