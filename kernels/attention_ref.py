@@ -14,6 +14,7 @@ repeats K/V.
 from __future__ import annotations
 
 import torch
+from kvtide.kernels.kv_quant import dequantize_ref, is_quantized, quantize_ref
 
 
 def write_kv_ref(
@@ -22,13 +23,26 @@ def write_kv_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Scatter new K/V into the cache.
 
     key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64.
+    For an int8/fp8 cache, k_scale, v_scale: [num_blocks, num_kv_heads, block_size] fp32
+    receive each row's scale (``kv_quant`` describes the scheme).
     """
     block_size = k_cache.shape[2]
+    keep = slot_mapping >= 0  # a negative slot marks a padding token
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    if is_quantized(k_cache.dtype):
+        for x, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+            codes, row_scales = quantize_ref(x, cache.dtype)
+            cache[blocks, :, offsets] = codes
+            scales[blocks, :, offsets] = row_scales
+        return
     k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
     v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
 
@@ -40,11 +54,18 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to its whole cached context.
 
     query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks] int;
     seq_lens: [num_seqs] int (context length including the query token, already cached).
+    k_scale, v_scale: [num_blocks, num_kv_heads, block_size] fp32 for an int8/fp8 cache.
+    ``num_splits`` (how many programs share one sequence in the flash-decoding kernel) only
+    reorders the sums, so the twin ignores it. Writes into ``out`` when given.
     Returns [num_seqs, num_heads, head_dim].
 
     NOTE: a per-sequence loop. One batched flash-decoding pass over all (sequence, block)
@@ -52,19 +73,28 @@ def paged_decode_attention_ref(
     1 seq: 0.62 vs 0.29 ms): tiny per-block GEMMs and masking stale V rows cost what the loop
     saves. The Triton kernel is where that design belongs.
     """
-    out = torch.empty_like(query)
+    out = torch.empty_like(query) if out is None else out
     for i, seq_len in enumerate(seq_lens.tolist()):
-        k = _gather(k_cache, block_tables[i], seq_len)
-        v = _gather(v_cache, block_tables[i], seq_len)
+        k = _gather(k_cache, k_scale, block_tables[i], seq_len, query.dtype)
+        v = _gather(v_cache, v_scale, block_tables[i], seq_len, query.dtype)
         out[i] = _attend(query[i : i + 1], k, v, scale)[0]
     return out
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The first ``num_tokens`` cached rows of one sequence: [num_kv_heads, num_tokens, head_dim]."""
+def _gather(
+    cache: torch.Tensor,
+    scales: torch.Tensor | None,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The first ``num_tokens`` cached rows of one sequence, dequantized when ``scales`` is
+    given: [num_kv_heads, num_tokens, head_dim]."""
     block_size = cache.shape[2]
     used = block_table[: (num_tokens + block_size - 1) // block_size]
     blocks = cache.index_select(0, used)  # [nb, Hkv, block_size, D]
+    if scales is not None:
+        blocks = dequantize_ref(blocks, scales.index_select(0, used), dtype)
     return blocks.transpose(0, 1).flatten(1, 2)[:, :num_tokens]
 
 
@@ -96,21 +126,26 @@ def paged_prefill_attention_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    query_start_loc: list[int],
-    seq_lens: list[int],
+    query_start_loc: list[int] | torch.Tensor,
+    seq_lens: list[int] | torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Variable-length queries packed in one flat batch, causal, over a cached prefix.
 
     query: [num_tokens, num_heads, head_dim], sequence ``i`` owning rows
     ``query_start_loc[i]:query_start_loc[i+1]``, which are the last tokens of its
-    ``seq_lens[i]`` context tokens (all already written to the cache).
-    Returns [num_tokens, num_heads, head_dim].
+    ``seq_lens[i]`` context tokens (all already written to the cache). k_scale, v_scale as
+    for decode. Writes into ``out`` when given. Returns [num_tokens, num_heads, head_dim].
     """
-    out = torch.empty_like(query)
+    out = torch.empty_like(query) if out is None else out
+    if isinstance(seq_lens, torch.Tensor):
+        query_start_loc, seq_lens = query_start_loc.tolist(), seq_lens.tolist()
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
-        k = _gather(k_cache, block_tables[i], seq_len)
-        v = _gather(v_cache, block_tables[i], seq_len)
+        k = _gather(k_cache, k_scale, block_tables[i], seq_len, query.dtype)
+        v = _gather(v_cache, v_scale, block_tables[i], seq_len, query.dtype)
         out[start:end] = _attend(query[start:end], k, v, scale)
     return out

@@ -1,0 +1,68 @@
+"""Argument checks shared by the Triton kernel launchers.
+
+A Triton kernel given a wrong stride or dtype reads garbage or faults far from the cause, so
+every launcher checks its tensors first and raises a ``ValueError`` naming the argument, what
+it got and what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    *,
+    dim: int,
+    dtypes: Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+    unit_last_stride: bool = True,
+) -> None:
+    """``shape`` entries of None are free; the last dimension must be contiguous by default."""
+    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check(t.dim() == dim, f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        check(t.dtype in dtypes, f"{name} has dtype {t.dtype}; allowed: {allowed}")
+    if shape is not None:
+        want = tuple("*" if s is None else s for s in shape)
+        ok = all(s is None or s == g for s, g in zip(shape, t.shape))
+        check(ok, f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if unit_last_stride and t.numel() > 1:
+        check(t.stride(-1) == 1, f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_head_dim(head_dim: int) -> None:
+    check(
+        16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
+        f"head_dim must be a power of two in [16, 256], got {head_dim}",
+    )
+
+
+def check_device(kernel, **tensors: torch.Tensor | None) -> torch.device:
+    """All tensors on one device, and one this kernel can run on: CUDA when compiled, CPU
+    under ``TRITON_INTERPRET=1`` (read when the kernel module was imported)."""
+    given = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = set(given.values())
+    check(len(devices) == 1, f"tensors must be on one device, got {given}")
+    device = devices.pop()
+    if isinstance(kernel, InterpretedFunction):
+        check(device.type == "cpu", f"the Triton interpreter runs on CPU tensors, got {device}")
+    else:
+        check(
+            device.type == "cuda",
+            f"compiled Triton kernels need CUDA tensors, got {device} "
+            "(set TRITON_INTERPRET=1 before importing kvtide.kernels to run them on CPU)",
+        )
+    return device
