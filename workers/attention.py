@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: per-step metadata and the registered backends."""
+"""Attention over the paged KV cache: per-step metadata and the registered backends
+(``torch``, ``cpu``, ``triton``)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from kvtide.kernels import cpu_attention
 from kvtide.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     write_kv_ref,
 )
+from kvtide.kernels.kv_quant import split_kv_cache
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,22 @@ class AttentionMetadata:
 
 
 class TorchAttentionBackend:
-    """The pure-torch path; the twin every compiled kernel is checked against."""
+    """The pure-torch path; the twin every compiled kernel is checked against.
+
+    Caches come from ``kv_quant.allocate_kv_cache``: an int8/fp8 cache carries its per-row
+    scales in each block, and ``forward`` splits them out for the kernels.
+    """
 
     name = "torch"
+    write_kv = staticmethod(write_kv_ref)
+    prefill = staticmethod(paged_prefill_attention_ref)
 
-    def decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
-        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    def decode(
+        self, q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=None, v_scale=None, out=None
+    ) -> torch.Tensor:
+        return paged_decode_attention_ref(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, out=out
+        )
 
     def forward(
         self,
@@ -56,41 +67,85 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
-        write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        head_dim = q.shape[-1]
+        k_cache, k_scale = split_kv_cache(k_cache, head_dim)
+        v_cache, v_scale = split_kv_cache(v_cache, head_dim)
+        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         nd = meta.num_decode_tokens
+        caches = (k_cache, v_cache)
         if nd == q.shape[0]:
-            return self.decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+            return self.decode(q, *caches, meta.decode_block_tables, meta.decode_seq_lens, scale, k_scale, v_scale)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = self.decode(
-                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+            self.decode(
+                q[:nd], *caches, meta.decode_block_tables, meta.decode_seq_lens, scale, k_scale, v_scale,
+                out=out[:nd],
             )
-        out[nd:] = paged_prefill_attention_ref(
+        self.prefill(
             q[nd:],
-            k_cache,
-            v_cache,
+            *caches,
             meta.prefill_block_tables,
             meta.prefill_query_start_loc,
             meta.prefill_seq_lens,
             scale,
+            k_scale,
+            v_scale,
+            out=out[nd:],
         )
         return out
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """Decode through the compiled CPU kernel (fp32); prefill through the torch path."""
+    """Decode through the compiled CPU kernel (fp32); prefill through the torch path.
+
+    NOTE: the C++ kernel reads fp32 caches only; an int8/fp8 cache decodes through the torch
+    twin, which dequantizes the gathered blocks.
+    """
 
     name = "cpu"
 
-    def decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
-        return cpu_attention.paged_decode_attention_cpu(
+    def decode(
+        self, q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=None, v_scale=None, out=None
+    ) -> torch.Tensor:
+        if k_scale is not None or k_cache.dtype != torch.float32:
+            return super().decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, out)
+        result = cpu_attention.paged_decode_attention_cpu(
             q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale
         )
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+
+
+class TritonAttentionBackend(TorchAttentionBackend):
+    """The Triton kernels: KV write, flash-decoding and FlashAttention-2-style prefill.
+
+    Imported on construction, not with this module: the kernels are compiled for CUDA, or run
+    by the interpreter when ``TRITON_INTERPRET=1`` was set before they were first imported.
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kvtide.kernels.triton_decode import paged_decode_attention
+        from kvtide.kernels.triton_kv_write import write_kv
+        from kvtide.kernels.triton_prefill import paged_prefill_attention
+
+        self.write_kv = write_kv
+        self.prefill = paged_prefill_attention
+        self._decode = paged_decode_attention
+
+    def decode(
+        self, q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=None, v_scale=None, out=None
+    ) -> torch.Tensor:
+        return self._decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, out=out)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[[], TorchAttentionBackend]] = {
     "torch": TorchAttentionBackend,
     "cpu": CpuAttentionBackend,
+    "triton": TritonAttentionBackend,
 }
 
 
@@ -103,7 +158,9 @@ def get_attention_backend(name: str) -> TorchAttentionBackend:
 
 
 def default_attention_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """``cpu`` for fp32 on a CPU whose compiler built the kernel, else ``torch``."""
+    """``triton`` on CUDA; ``cpu`` for fp32 on a CPU whose compiler built the kernel; else ``torch``."""
+    if device.type == "cuda":
+        return "triton"
     if device.type == "cpu" and dtype == torch.float32 and cpu_attention.available():
         return "cpu"
     return "torch"

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvtide.kernels.kv_quant import KV_CACHE_DTYPES, is_quantized, kv_bytes_per_row
 from kvtide.workers.attention import default_attention_backend, get_attention_backend
 from kvtide.workers.quantization import QUANTIZATIONS
 
@@ -48,6 +49,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     hash_seed: str = ""
     """Salts every block hash; routers must use the same seed."""
+    kv_cache_dtype: str = "auto"
+    """auto (the model's dtype) | fp8 (e4m3) | int8: quantized caches keep one fp32 scale per
+    token and KV head (kernels/kv_quant.py) and hold about twice the blocks of fp16."""
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,23 @@ class ResolvedConfig:
     """From the model's config.json (the tokenizer may add more)."""
     vocab_size: int
     attention_backend: str
+    kv_cache_dtype: torch.dtype | None = None
+    """Storage dtype of the KV cache (None: the model's ``dtype``)."""
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
+
+    def describe_kv_cache(self) -> str:
+        """One line for logs: dtype, blocks, tokens and bytes of the KV cache."""
+        dtype = self.kv_cache_dtype or self.dtype
+        kind = str(dtype).removeprefix("torch.")
+        if is_quantized(dtype):
+            kind += " + fp32 scale per token and KV head"
+        return (
+            f"KV cache ({kind}): {self.num_blocks} blocks x {self.block_size} tokens = "
+            f"{self.num_blocks * self.block_size} tokens, {self.kv_cache_bytes / 2**20:.1f} MiB"
+        )
 
 
 def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> ResolvedConfig:
@@ -149,8 +166,16 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
     num_layers = hf_config["num_hidden_layers"]
     num_kv_heads = hf_config.get("num_key_value_heads", hf_config["num_attention_heads"])
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    bytes_per_block = 2 * num_layers * cc.block_size * num_kv_heads * head_dim * itemsize
+    if cc.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+        raise ValueError(
+            f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; got {cc.kv_cache_dtype!r}"
+        )
+    kv_dtype = KV_CACHE_DTYPES.get(cc.kv_cache_dtype)
+    if kv_dtype is not None and head_dim % 4:
+        raise ValueError(f"kv_cache_dtype {cc.kv_cache_dtype!r} needs head_dim divisible by 4, got {head_dim}")
+    # K and V rows of every layer; a quantized row also stores its scale.
+    row_bytes = kv_bytes_per_row(head_dim, kv_dtype or dtype)
+    bytes_per_block = 2 * num_layers * cc.block_size * num_kv_heads * row_bytes
     if cc.num_blocks is not None:
         num_blocks = cc.num_blocks
     else:
@@ -177,6 +202,7 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
             if mc.attention_backend == "auto"
             else get_attention_backend(mc.attention_backend).name
         ),
+        kv_cache_dtype=kv_dtype,
     )
 
 

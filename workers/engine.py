@@ -85,11 +85,7 @@ class Engine:
             model_dir, resolved.dtype, resolved.device, quantization=config.model.quantization
         )
         tokenizer = Tokenizer.from_dir(model_dir)
-        logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB",
-            resolved.num_blocks, resolved.block_size, resolved.num_blocks * resolved.block_size,
-            resolved.kv_cache_bytes / 2**20,
-        )
+        logger.info(resolved.describe_kv_cache())
         return cls.from_model(net, resolved, tokenizer)
 
     @classmethod
@@ -98,7 +94,8 @@ class Engine:
     ) -> Engine:
         """A single-shard engine around an already-built model."""
         shard = ShardRunner(
-            model, config.num_blocks, config.block_size, attention_backend=config.attention_backend
+            model, config.num_blocks, config.block_size, kv_dtype=config.kv_cache_dtype,
+            attention_backend=config.attention_backend,
         )
         return cls(config, LocalExecutor(shard, config.block_size), tokenizer)
 
