@@ -109,6 +109,10 @@ def _generate_remote(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.address is None:
+        # NOTE: before Ray is imported: otherwise Ray resolves 127.0.0.1 to the host's external
+        # address and the private cluster listens there.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import asyncio
 
     from kvtide.cluster.gateway import FrontendConfig

@@ -308,6 +308,7 @@ class Gateway:
             raise ServingError(Code.INVALID_ARGUMENT, _cause(exc)) from exc
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             done = True
+            self.replicas.replica_failed(routed.replica_id)
             raise ServingError(Code.UNAVAILABLE, f"replica {routed.replica_id} is unavailable: {_cause(exc)}") from exc
         except ray.exceptions.TaskCancelledError as exc:
             raise ServingError(Code.UNAVAILABLE, active.abort_reason or "the request was cancelled") from exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NewType
 
@@ -40,9 +40,15 @@ class ReplicaSet:
         self,
         actors: Mapping[str, Any],
         router: Router | None = None,
+        *,
+        feed_loads: bool = True,
     ) -> None:
         self.actors = {ReplicaId(k): v for k, v in actors.items()}
         self.router = router
+        self._feed_loads = feed_loads
+        """Hand each refreshed load to the router (when nothing else, e.g. Redis, feeds it)."""
+        self.on_replica_failed: Callable[[str], None] | None = None
+        """Told when a request finds its replica dead, so routing stops at once."""
         self._next = itertools.cycle(sorted(self.actors))
         self.stats: dict[ReplicaId, EngineStats] = {}
 
@@ -66,6 +72,10 @@ class ReplicaSet:
         if self.router is not None:
             self.router.on_request_finished(replica_id, num_prompt_tokens, num_output_tokens)
 
+    def replica_failed(self, replica_id: str) -> None:
+        if self.on_replica_failed is not None:
+            self.on_replica_failed(replica_id)
+
     def routing_status(self) -> dict:
         return self.router.status() if self.router is not None else {"policy": "round_robin", "replicas": {}}
 
@@ -78,7 +88,7 @@ class ReplicaSet:
             except Exception as exc:  # noqa: BLE001 - a lost replica must not stop the others' stats
                 logger.warning("stats of replica %s unavailable: %s", rid, exc)
                 return
-            if self.router is not None:
+            if self.router is not None and self._feed_loads and rid in self.router.replica_ids():
                 num_blocks = self.router.registration(rid).num_blocks
                 load = ReplicaLoad(
                     stats.num_running, stats.num_waiting, stats.num_free_blocks, num_blocks,

@@ -4,7 +4,8 @@ as one.
 ``Server.start()`` joins a Ray cluster (``--address``) or starts a private one on loopback,
 starts the replicas (each a ``ReplicaActor`` with its shard workers) and waits until each has
 run a real step, starts Redis (an embedded ``redis-server`` unless a URL is given), then
-serves gRPC and OpenAI HTTP on loopback by default. ``Server.stop()`` drains: health turns
+feeds the router from it (``ClusterState``), and serves gRPC and OpenAI HTTP on loopback by
+default. ``Server.stop()`` drains: health turns
 NOT_SERVING, new requests get UNAVAILABLE / 503, in-flight ones get ``drain_timeout_s`` to
 finish and are then aborted with a reason that says so; then it stops everything it
 started, in reverse order, and nothing it did not.
@@ -24,13 +25,14 @@ from typing import Any
 import ray
 import uvicorn
 
+from kvtide.cluster.cluster_state import ClusterState
 from kvtide.cluster.frontend import GrpcServer, start_grpc_server
 from kvtide.cluster.gateway import FrontendConfig, Gateway, ModelSpec
 from kvtide.cluster.http_api import create_app
 from kvtide.cluster.replica import ReplicaActor
 from kvtide.cluster.replica_set import ReplicaSet
-from kvtide.proto.block_hash import HASH_VERSION
-from kvtide.router import ReplicaRegistration, Router
+from kvtide.cluster.state_store import StateStore
+from kvtide.router import Router
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.model_files import resolve_model
 from kvtide.workers.model_loader import read_hf_config
@@ -93,6 +95,7 @@ class Server:
         self._redis = None
         self._http: _Uvicorn | None = None
         self._tasks: list[asyncio.Task] = []
+        self._state: ClusterState | None = None
 
     async def start(self) -> None:
         try:
@@ -107,7 +110,9 @@ class Server:
         self._init_ray()
         await self._start_replicas()
         self._start_redis()
-        replicas = ReplicaSet(self._actors, router=await self._router())
+        router = await self._start_cluster_state()
+        replicas = ReplicaSet(self._actors, router, feed_loads=self._state.store is None)
+        replicas.on_replica_failed = self._state.replica_failed
         await replicas.refresh_stats()
         self.gateway = Gateway(spec, tokenizer, replicas, cfg.frontend)
         self._tasks.append(asyncio.create_task(replicas.refresh_forever(cfg.stats_interval_s)))
@@ -130,9 +135,10 @@ class Server:
             # Logical CPUs for placement only: each replica asks one per shard.
             num_cpus = max(os.cpu_count() or 1, cfg.num_replicas * cfg.tp * cfg.pp)
             # NOTE: address="local": a bare ray.init() would join any cluster already running
-            # on this machine (someone else's) instead of starting ours.
+            # on this machine (someone else's) instead of starting ours. The private cluster
+            # stays on loopback whatever --host the API binds.
             info = ray.init(
-                address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=cfg.host
+                address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1"
             )
             logger.info("started a local Ray cluster at %s", info.address_info.get("gcs_address"))
         self._started_ray = True
@@ -149,17 +155,31 @@ class Server:
             logger.info("%s ready: tp=%d pp=%d, %d KV blocks of %d tokens",
                         rid, info.tp, info.pp, info.num_blocks, info.block_size)  # fmt: skip
 
-    async def _router(self) -> Router:
-        """A router with every replica registered. Fed with loads by the frontend's stats
-        refresh; without KV events it routes in approximate mode (its own decisions)."""
+    async def _start_cluster_state(self) -> Router:
+        """The router, fed by ``ClusterState``: from Redis when there is one (each replica
+        publishes its registration, load and KV events there: exact routing), else from direct
+        registration here and the frontend's stats refresh (approximate routing)."""
         cfg = self.config
         seed = str(cfg.engine_options.get("hash_seed", "")).encode()
-        router: Router | None = None
+        info = await next(iter(self._actors.values())).info.remote()
+        router = Router(cfg.routing_policy, block_size=info.block_size, hash_seed=seed)
+        store = StateStore(self.redis_url) if self.redis_url else None
         for rid, actor in self._actors.items():
-            info = await actor.info.remote()
-            router = router or Router(cfg.routing_policy, block_size=info.block_size, hash_seed=seed)
-            router.register(ReplicaRegistration(rid, info.block_size, seed, HASH_VERSION, info.num_blocks, cfg.model))
-        assert router is not None, "num_replicas >= 1"
+            if store is not None:
+                await actor.start_publishing.remote(self.redis_url, rid, cfg.model)
+            else:
+                router.register(await actor.registration.remote(rid, cfg.model))
+
+        async def snapshot(rid: str):
+            return await self._actors[rid].kv_snapshot.remote()
+
+        self._state = ClusterState(router, store, snapshot)
+        self._state.start()
+        deadline = asyncio.get_running_loop().time() + cfg.replica_start_timeout_s
+        while router.replica_ids() != sorted(self._actors):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"replicas did not register with the router: {router.status()}")
+            await asyncio.sleep(0.05)
         return router
 
     def _start_redis(self) -> None:
@@ -207,7 +227,14 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._state is not None:
+            await self._state.stop()
+            if self._state.store is not None:
+                await self._state.store.close()
+            self._state = None
         for actor in self._actors.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(actor.stop_publishing.remote(), 10.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(actor.shutdown.remote(), 30.0)
             ray.kill(actor)

@@ -194,6 +194,8 @@ def test_python_clients_chat_tokenize_models_status(server, client, target):
     assert (card.id, card.max_model_len, card.num_replicas) == ("smollm2-135m", MAX_MODEL_LEN, 1)
     status = client.cluster_status()
     assert status.routing_policy == "kv_aware" and [r.replica_id for r in status.replicas] == ["replica-0"]
+    # The replica publishes its KV events to the embedded Redis; the router follows them.
+    wait_for(lambda: client.cluster_status().routing_mode == "exact", "exact routing from Redis")
 
     async def via_async() -> str:
         async with AsyncKvtideClient(target, api_key=API_KEY, timeout_s=TIMEOUT_S) as c:
