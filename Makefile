@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PROMPT ?= Write a haiku about the tide.
 
-.PHONY: setup install test test-fast run chat bench clean
+.PHONY: setup install test test-fast run generate chat proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,25 @@ test: install
 test-fast: install
 	$(BIN)/pytest -m "not slow"
 
+# The main command: serve SmolLM2 over gRPC (127.0.0.1:50051) and the OpenAI HTTP API
+# (http://127.0.0.1:8000/v1) until Ctrl-C. SERVE_ARGS adds options (--replicas 2, --api-key ...).
+SERVE_ARGS ?=
 run: install
+	$(BIN)/kvtide serve --model smollm2-135m $(SERVE_ARGS)
+
+generate: install
 	$(BIN)/kvtide generate --model smollm2-135m "$(PROMPT)"
 
 chat: install
 	$(BIN)/kvtide chat --model smollm2-135m
+
+# Regenerate the gRPC code from proto/kvtide.proto (tests/unit/test_proto.py checks it is current).
+proto: setup
+	rm -rf build/proto && mkdir -p build/proto
+	$(BIN)/python -m grpc_tools.protoc -Ikvtide/proto=proto --python_out=build/proto --pyi_out=build/proto \
+		--grpc_python_out=build/proto kvtide/proto/kvtide.proto
+	cp build/proto/kvtide/proto/kvtide_pb2.py build/proto/kvtide/proto/kvtide_pb2.pyi \
+		build/proto/kvtide/proto/kvtide_pb2_grpc.py proto/
 
 bench: install
 	$(BIN)/python bench/engine_throughput.py
