@@ -235,7 +235,7 @@ class _BodyTooLarge(Exception):
 def _parse(model: type[BaseModel], raw: bytes):
     try:
         return model.model_validate(json.loads(raw))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ServingError(Code.INVALID_ARGUMENT, f"the request body is not valid JSON: {exc}") from exc
     except ValidationError as exc:
         raise ServingError(Code.INVALID_ARGUMENT, _describe(exc.errors())) from exc

@@ -128,8 +128,12 @@ def chat_prompt(server, messages) -> str:
 
 
 def assert_idle(server):
-    """No request left running or waiting on the replica, every block back."""
-    idle = lambda: (s := replica_stats(server)).num_running == 0 and s.num_waiting == 0  # noqa: E731
+    """No request left running or waiting on the replica, within IDLE_TIMEOUT_S."""
+
+    def idle() -> bool:
+        s = replica_stats(server)
+        return s.num_running == 0 and s.num_waiting == 0
+
     wait_for(idle, "an idle replica", timeout_s=IDLE_TIMEOUT_S)
 
 
