@@ -335,6 +335,14 @@ class Replica:
             return {}
         return {"published": p.num_published, "failed": p.num_failed, "events_dropped": p.num_events_dropped}
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (an ``AllBlocksCleared`` event tells the router), for
+        benchmarks that compare policies from a cold cache. Only while the replica is idle:
+        returns False, changing nothing, while a request is queued or running."""
+        if self.engine.has_unfinished_requests():
+            return False
+        return self.engine.kv.reset_prefix_cache()
+
 def _tokenizer(model_dir: Path) -> Tokenizer | None:
     """None for a model without ``tokenizer.json``: it then serves token-id prompts only."""
     return Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None

@@ -1,22 +1,27 @@
 """The price of sending one request to one replica, and how a price becomes a choice.
 
 ``cost()`` estimates the work that stands between the request and its first token on that
-replica, in *prefill-token equivalents* (the time to prefill one token is the unit):
+replica, and the damage it does there, in *prefill-token equivalents* (the time to prefill
+one token is the unit):
 
     cost = prefill_weight  * new_prefill_tokens               (ISL minus the cached prefix)
-         + decode_weight   * num_running                      (decode tokens sharing its steps)
-         + queue_weight    * num_waiting                      (prefills queued ahead of it)
-         + overflow_weight * block_size * num_missing_blocks  (tokens that wait for KV room)
+         + queue_weight    * num_waiting * mean_prefill_tokens (prefills queued ahead of it)
+         + decode_weight   * num_running                      (decode rows sharing its steps)
+         + overflow_weight * block_size * num_missing_blocks  (KV it must wait for)
+         + eviction_weight * block_size * num_evicted_blocks  (others' cached prefixes it pushes out)
 
-``num_missing_blocks`` is how many of the KV blocks the request will need over its life
-(ISL + expected OSL, less the cached blocks it reuses) the replica does not have free now:
-they must come from finishing requests (queueing) or from preempting running ones
-(recompute), and both delay this request.
+``num_missing_blocks``: of the KV blocks the request will need over its life (ISL + expected
+OSL, less the cached blocks it reuses), how many the replica does not have free now: they
+come from finishing requests (queueing) or from preempting running ones (recompute).
+``num_evicted_blocks``: how many of the free blocks it takes hold a cached prefix (beyond
+the replica's empty blocks); evicting them turns later hits into misses, so a prompt nobody
+has cached goes where it displaces least, which spreads the hot prefixes over the fleet.
+``mean_prefill_tokens`` is what a queued request costs: the router's running mean of the
+new prefill tokens of its recent decisions (small when most prompts hit).
 
-The defaults are measured orders of magnitude for this engine on CPU (``bench/routing_sim.py``
-measures them): a decode row costs about as much as 8 prefill tokens in a mixed step and a
-running request keeps doing so for the whole prefill; a queued request is an average prompt.
-Set ``CostWeights`` from a measurement of the target hardware to sharpen them.
+The weights are orders of magnitude for this engine on CPU (``bench/routing_sim.py`` measures
+its step times): a decode row costs about as much as 8 prefill tokens in a mixed step, and
+waiting for KV room or evicting a hot prefix is worse than prefilling the same tokens.
 
 Pure: no clock, no I/O; every input is in ``CostInputs``.
 """
@@ -35,16 +40,17 @@ from dataclasses import dataclass
 class CostWeights:
     prefill_weight: float = 1.0
     """Per token still to prefill."""
+    queue_weight: float = 1.0
+    """Per waiting request, in units of ``mean_prefill_tokens``."""
     decode_weight: float = 8.0
     """Per running request (its decode row rides in every step of this request's prefill)."""
-    queue_weight: float = 256.0
-    """Per waiting request (about one average prompt's prefill)."""
     overflow_weight: float = 4.0
-    """Per token of KV the replica lacks room for (waiting for room, or preempting, is worse
-    than prefilling the same tokens)."""
+    """Per token of KV the replica lacks room for."""
+    eviction_weight: float = 0.5
+    """Per token of cached KV the request's new blocks would evict."""
 
     def __post_init__(self) -> None:
-        for name in ("prefill_weight", "decode_weight", "queue_weight", "overflow_weight"):
+        for name in ("prefill_weight", "queue_weight", "decode_weight", "overflow_weight", "eviction_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -63,6 +69,12 @@ class CostInputs:
     num_running: int
     num_waiting: int
     num_free_blocks: int
+    """Blocks the replica can allocate now, empty or holding an evictable cached prefix."""
+    num_empty_blocks: int = 0
+    """Blocks holding no cached prefix (the router's estimate: total minus the blocks it
+    believes cached); allocations beyond them evict."""
+    mean_prefill_tokens: float = 0.0
+    """Expected new prefill tokens of a queued request."""
 
     @property
     def num_new_prefill_tokens(self) -> int:
@@ -78,25 +90,34 @@ class CostInputs:
     def num_missing_blocks(self) -> int:
         return max(0, self.num_blocks_needed - self.num_free_blocks)
 
+    @property
+    def num_evicted_blocks(self) -> int:
+        return max(0, min(self.num_blocks_needed, self.num_free_blocks) - self.num_empty_blocks)
+
 
 def cost(inputs: CostInputs, weights: CostWeights | None = None) -> float:
     """See the module docstring; lower is better."""
     w = weights or _DEFAULT_WEIGHTS
     return (
         w.prefill_weight * inputs.num_new_prefill_tokens
+        + w.queue_weight * inputs.num_waiting * inputs.mean_prefill_tokens
         + w.decode_weight * inputs.num_running
-        + w.queue_weight * inputs.num_waiting
         + w.overflow_weight * inputs.block_size * inputs.num_missing_blocks
+        + w.eviction_weight * inputs.block_size * inputs.num_evicted_blocks
     )
 
 
 def softmin_choice(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
     """Index of the chosen cost: sampled with p_i ∝ exp(-(c_i - c_min) / (temperature * scale)).
 
-    ``scale`` is the mean cost (at least 1), so the temperature is relative: at 0.1 a replica
-    10% above the mean is e^-1 as likely as the cheapest, and one twice the mean is practically
-    never chosen. Temperature 0 is argmin. Ties (within 1e-9 relative) are broken uniformly
-    at random either way, so equal replicas share the load instead of the first one herding it.
+    ``scale`` is the mean cost (at least 1), so the temperature is relative: at 0.02 a replica
+    2% of the mean above the cheapest is e^-1 as likely. Temperature 0 is argmin. Ties (within
+    1e-9 relative) are broken uniformly at random either way, so equal replicas share the
+    load instead of the first one herding it.
+
+    NOTE: keep it small. The odds of *some* worse replica add up over all of them: with 64
+    replicas, 0.1 sends enough prompts away from their cached prefix that the copies evict
+    other prefixes, and ``bench/routing_sim.py``'s hit rate falls from 84% to 54% (0.3: 8%).
     """
     if not costs:
         raise ValueError("softmin_choice needs at least one cost")

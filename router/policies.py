@@ -38,7 +38,7 @@ class Policy(Protocol):
 
 @dataclass(frozen=True)
 class PolicyOptions:
-    temperature: float = 0.1
+    temperature: float = 0.02
     weights: CostWeights = field(default_factory=CostWeights)
 
 

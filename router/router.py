@@ -39,6 +39,9 @@ from kvtide.router.types import (
     RoutingMode,
 )
 
+_MEAN_PREFILL_ALPHA = 0.05
+"""Weight of the newest decision in the mean new-prefill length (about the last 20 count)."""
+
 
 @dataclass
 class _Replica:
@@ -59,7 +62,7 @@ class Router:
         *,
         block_size: int,
         hash_seed: bytes = b"",
-        temperature: float = 0.1,
+        temperature: float = 0.02,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         weights: CostWeights | None = None,
@@ -86,6 +89,8 @@ class Router:
         self._osl = osl or OutputLengthEstimator()
         self._index = PrefixIndex()
         self._replicas: dict[str, _Replica] = {}
+        self._mean_prefill_tokens: float | None = None
+        """Running mean (EMA) of the new prefill tokens of this router's decisions."""
 
     # ---- membership --------------------------------------------------------------------
 
@@ -212,9 +217,16 @@ class Router:
         approximate = {rid for rid, m in modes.items() if m is RoutingMode.APPROXIMATE}
         matched = self._index.match(reusable, ids, approximate, now)
         num_output = self._osl.expected(max_tokens)
-        candidates = [self._candidate(rid, matched[rid], num_prompt, num_output, modes[rid]) for rid in ids]
+        if self._mean_prefill_tokens is None:
+            self._mean_prefill_tokens = float(num_prompt)
+        candidates = [
+            self._candidate(rid, matched[rid], num_prompt, num_output, modes[rid], now) for rid in ids
+        ]
         choice = self._policy.choose(candidates, self._rng)
         chosen = candidates[choice.index]
+        self._mean_prefill_tokens += _MEAN_PREFILL_ALPHA * (
+            chosen.inputs.num_new_prefill_tokens - self._mean_prefill_tokens
+        )
         self._replicas[chosen.replica_id].in_flight += 1
         if chosen.mode is RoutingMode.APPROXIMATE and hashes:
             self._index.record(chosen.replica_id, hashes, now + self.approx_ttl_s, now)
@@ -266,8 +278,13 @@ class Router:
             case AllBlocksCleared():
                 self._index.clear(replica_id)
 
-    def _candidate(self, rid: str, cached_blocks: int, num_prompt: int, num_output: int, mode: RoutingMode) -> Candidate:
+    def _candidate(
+        self, rid: str, cached_blocks: int, num_prompt: int, num_output: int, mode: RoutingMode, now: float
+    ) -> Candidate:
         r = self._replicas[rid]
+        num_cached = self._index.num_exact(rid)
+        if mode is RoutingMode.APPROXIMATE:
+            num_cached += self._index.num_approximate(rid, now)
         load = r.load
         # The load report lags; requests sent since are queued there as far as we know.
         num_requests = max(load.num_running + load.num_waiting, r.in_flight)
@@ -280,5 +297,7 @@ class Router:
             num_running=num_running,
             num_waiting=num_requests - num_running,
             num_free_blocks=load.num_free_blocks,
+            num_empty_blocks=max(0, r.registration.num_blocks - num_cached),
+            mean_prefill_tokens=self._mean_prefill_tokens or 0.0,
         )
         return Candidate(rid, cached_blocks, inputs, mode)

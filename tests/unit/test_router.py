@@ -247,3 +247,23 @@ def test_unknown_policy_and_unknown_replica_errors_name_what_exists():
         router.apply_events("r9", [])
     with pytest.raises(ValueError, match="block_size must be positive, got 0"):
         Router(block_size=0)
+
+
+def test_a_cold_prompt_goes_where_it_evicts_the_fewest_cached_blocks():
+    router, _ = make_router(2)
+    router.register(reg("r0", num_blocks=8))
+    router.register(reg("r1", num_blocks=8))
+    other = hash_full_blocks(list(range(500, 524)), BS, seed=SEED)  # 6 blocks of another prefix
+    router.apply_events("r0", [BlocksStored(0, tuple(other), None)])
+    router.apply_events("r1", [BlocksStored(0, tuple(other[:2]), None)])
+    # Needs ceil(25 / 4) = 7 blocks; both have 8 free, r0 only 2 empty (5 evicted), r1 6 (1).
+    d = router.choose(PROMPT, max_tokens=8)
+    assert d == RouteDecision("r1", 0, 17 + 0.5 * 4 * 1, "exact")
+
+
+def test_a_queued_request_costs_the_mean_new_prefill_of_recent_decisions():
+    router, _ = make_router(2)
+    router.apply_events("r0", [BlocksStored(0, tuple(HASHES), None)])
+    router.update_load("r0", ReplicaLoad(0, 1, 64, 64, 0.0))
+    # The first decision seeds the mean with the prompt length (17): r0 costs 1 + 17 = 18 > 17.
+    assert router.choose(PROMPT, 8).replica_id == "r1"
