@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from kvtide.kernels import cpu_attention
+from kvtide.kernels import cpu_attention, cpu_ops
 from kvtide.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -96,13 +96,21 @@ class TorchAttentionBackend:
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """Decode through the compiled CPU kernel (fp32); prefill through the torch path.
+    """Decode and KV writes through the compiled CPU kernels (fp32); prefill through the
+    torch path.
 
     NOTE: the C++ kernel reads fp32 caches only; an int8/fp8 cache decodes through the torch
     twin, which dequantizes the gathered blocks.
     """
 
     name = "cpu"
+
+    @staticmethod
+    def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+        if k_scale is None and cpu_ops.usable(k, v, k_cache):
+            cpu_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        else:
+            write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def decode(
         self, q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=None, v_scale=None, out=None

@@ -1,8 +1,9 @@
-"""RMSNorm with an optional fused residual add."""
+"""RMSNorm with an optional fused residual add (one compiled pass on CPU fp32)."""
 
 from __future__ import annotations
 
 import torch
+from kvtide.kernels import cpu_ops
 from torch import nn
 
 
@@ -22,7 +23,12 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [num_tokens, hidden]. Returns (normed, residual): with ``residual`` given, the
-        input is ``x + residual`` and that sum is the new residual."""
+        input is ``x + residual`` and that sum is the new residual.
+
+        NOTE: on the compiled CPU path ``residual`` is updated in place and returned (one
+        pass instead of five ops); callers never reuse the residual they pass in."""
+        if cpu_ops.usable(x, self.weight):
+            return cpu_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         return self._norm(x), x

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from kvtide.kernels import cpu_ops
 from torch import nn
 
 
@@ -45,10 +47,35 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def for_step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+        """What every layer of one step applies: in place through the compiled CPU op for
+        fp32 on CPU, else with cos/sin gathered once per step."""
+        if cpu_ops.usable(self.cos) and dtype == torch.float32:
+            return RopeStep(positions, self.cos, self.sin)
+        return RopeStep(positions, None, None, self.cos_sin(positions, dtype))
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens] -> cos, sin: [num_tokens, 1, head_dim], computed once per step
         and shared by every layer."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+@dataclass(frozen=True)
+class RopeStep:
+    positions: torch.Tensor
+    cos_table: torch.Tensor | None
+    """[max_position, head_dim] for the compiled op; None on the torch path."""
+    sin_table: torch.Tensor | None
+    gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+    """cos, sin at ``positions`` for the torch path."""
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [num_tokens, num_heads, head_dim]; k likewise with kv heads. The compiled path
+        rotates q and k in place (they are views of this step's projection output)."""
+        if self.gathered is not None:
+            return apply_rotary(q, k, *self.gathered)
+        cpu_ops.rotary_embedding(q, k, self.positions, self.cos_table, self.sin_table)
+        return q, k
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from kvtide.workers.attention import AttentionMetadata, TorchAttentionBackend
 from kvtide.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvtide.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kvtide.workers.layers.norm import RMSNorm
-from kvtide.workers.layers.rotary import RotaryEmbedding, apply_rotary
+from kvtide.workers.layers.rotary import RopeStep, RotaryEmbedding
 from kvtide.workers.parallel import SINGLE, TensorParallel
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: RopeStep,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: TorchAttentionBackend,
@@ -95,7 +94,7 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
+        q, k = rope.apply(q, k)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(n, q_size))
@@ -174,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
         ``hidden`` is final-normed and ``residual`` is None."""
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(positions, hidden.dtype)
+        rope = self.rotary.for_step(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rope, kv_cache, meta, backend)
         if self.norm is None:

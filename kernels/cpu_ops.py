@@ -1,0 +1,237 @@
+"""Fused per-token ops for CPUs, in C++: RMSNorm with residual add, rotary embedding, KV write.
+
+At small batches a decode step on CPU is dominated not by arithmetic but by the ~10 torch
+ops each of these takes per layer (each a dispatch, an allocation and a thread-pool wake-up):
+~300 small ops per step for a 30-layer model. Each kernel here is one pass over the rows,
+in place where the caller allows it, on torch's intra-op pool for big batches and inline for
+small ones. Every function has a pure-torch twin (``*_ref``) with the same signature that
+the tests compare against and that serves when the compiler is missing.
+
+Numerics: rounding follows the twins' op order (fp32 statistics for the norm; ``x*cos -
+y*sin`` for rotary, with floating-point contraction off so no FMA changes the rounding), so
+greedy output stays equal to the reference implementations.
+
+Build: ``torch.utils.cpp_extension.load_inline`` on first use, cached in torch's extension
+directory; ``available()`` says whether it built.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+
+static inline int64_t grain(int64_t row_cost) {
+  // Rows per task: keep tasks above ~16k element-ops so small batches run inline.
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_cost));
+}
+
+// residual (in place) = x + residual, out = weight * (residual * rsqrt(mean(residual^2) + eps)).
+// x, out, residual: [n, h] f32 contiguous; weight: [h]. With has_residual false the sum is x.
+void fused_add_rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor residual,
+                        torch::Tensor weight, double eps, bool has_residual) {
+  const int64_t n = x.size(0), h = x.size(1);
+  const float* xs = x.data_ptr<float>();
+  float* rs = residual.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  at::parallel_for(0, n, grain(3 * h), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xr = xs + t * h;
+      float* rr = rs + t * h;
+      float* orow = os + t * h;
+      const float* src = xr;
+      if (has_residual) {
+        for (int64_t i = 0; i < h; ++i) rr[i] = xr[i] + rr[i];
+        src = rr;
+      }
+      double ss = 0.0;
+      for (int64_t i = 0; i < h; ++i) ss += static_cast<double>(src[i]) * src[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / h) + static_cast<float>(eps));
+      for (int64_t i = 0; i < h; ++i) orow[i] = w[i] * (src[i] * inv);
+    }
+  });
+}
+
+// In place, NeoX ("rotate half") layout: for i < d/2, (a, b) = (x[i], x[i + d/2]) becomes
+// (a*cos[i] - b*sin[i], b*cos[i + d/2] + a*sin[i + d/2]). x: [n, heads, d] with stride 1 on
+// the last dim (any strides on the others); cos/sin: [max_position, d] contiguous.
+static void rotate(torch::Tensor x, const int64_t* pos, const float* cos, const float* sin) {
+  const int64_t n = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2;
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  float* base = x.data_ptr<float>();
+  at::parallel_for(0, n, grain(heads * d * 3), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + pos[t] * d;
+      const float* s = sin + pos[t] * d;
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        float* v = base + t * s0 + hh * s1;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c[i] - b * s[i];
+          v[i + half] = b * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor positions,
+                      torch::Tensor cos, torch::Tensor sin) {
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  rotate(q, pos, cos.data_ptr<float>(), sin.data_ptr<float>());
+  rotate(k, pos, cos.data_ptr<float>(), sin.data_ptr<float>());
+}
+
+// k_cache/v_cache[slot / bs, head, slot % bs, :] = key/value[t, head, :].
+// key/value: [n, kv_heads, d], stride 1 on the last dim; caches [blocks, kv_heads, bs, d].
+void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
+              torch::Tensor v_cache, torch::Tensor slot_mapping) {
+  const int64_t n = key.size(0), heads = key.size(1), d = key.size(2);
+  const int64_t bs = k_cache.size(2);
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), vs0 = value.stride(0), vs1 = value.stride(1);
+  const float* kp = key.data_ptr<float>();
+  const float* vp = value.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const size_t bytes = d * sizeof(float);
+  const int64_t num_slots = k_cache.size(0) * bs;
+  for (int64_t t = 0; t < n; ++t)
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot_mapping[", t, "] is ", slots[t],
+                "; slots must be in [0, ", num_slots, ")");
+  at::parallel_for(0, n, grain(heads * d * 2), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = slots[t] / bs, off = slots[t] % bs;
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        const int64_t row = ((block * heads + hh) * bs + off) * d;
+        std::memcpy(kc + row, kp + t * ks0 + hh * ks1, bytes);
+        std::memcpy(vc + row, vp + t * vs0 + hh * vs1, bytes);
+      }
+    }
+  });
+}
+"""
+
+
+@functools.cache
+def _module():
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        name="kvtide_cpu_ops_v1",
+        cpp_sources=[_SOURCE],
+        functions=["fused_add_rms_norm", "rotary_embedding", "write_kv"],
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=off"],
+        verbose=False,
+    )
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernels compiled (or were already cached) on this machine; cached, so a
+    failed build is tried (and warned about) once per process."""
+    try:
+        _module()
+    except Exception as exc:  # no compiler, no ninja: the torch twins serve instead
+        logger.warning("CPU fused ops unavailable (%s); using the torch path", exc)
+        return False
+    return True
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels can take these tensors: fp32 on the CPU, kernels built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+# -- RMSNorm with residual ----------------------------------------------------------------
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new residual): the input is ``x + residual`` (or ``x``), normalised with fp32
+    statistics and scaled by ``weight``; that input is the new residual."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), x
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as the twin; ``residual`` is updated in place and returned."""
+    hidden = weight.shape[0]
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ValueError(f"x must be [num_tokens, {hidden}], got {tuple(x.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    x = x.contiguous()
+    if residual is not None and not residual.is_contiguous():
+        raise ValueError("residual must be contiguous (it is updated in place)")
+    out = torch.empty_like(x)
+    res = residual if residual is not None else x
+    _module().fused_add_rms_norm(out, x, res, weight.contiguous(), eps, residual is not None)
+    return out, res
+
+
+# -- rotary embedding ----------------------------------------------------------------------
+
+
+def rotary_embedding_ref(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """In place on q [n, heads, d] and k [n, kv_heads, d]: NeoX rotary with the [max_position,
+    d] tables ``cos``/``sin`` at ``positions`` [n]."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    for x in (q, k):
+        half = x.shape[-1] // 2
+        a, b = x[..., :half].clone(), x[..., half:].clone()
+        x[..., :half] = a * c[..., :half] - b * s[..., :half]
+        x[..., half:] = b * c[..., half:] + a * s[..., half:]
+
+
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """Same contract as the twin."""
+    d = q.shape[-1]
+    if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != d or d % 2:
+        raise ValueError(f"q and k must be [n, heads, d] with the same even d, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k must be contiguous in their last dim")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != d:
+        raise ValueError(f"cos/sin must be [max_position, {d}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if positions.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
+        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
+    _module().rotary_embedding(q, k, positions.to(torch.int64).contiguous(), cos.contiguous(), sin.contiguous())
+
+
+# -- KV write ------------------------------------------------------------------------------
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Same contract as ``attention_ref.write_kv_ref`` for float32 caches."""
+    n, heads, d = key.shape
+    if value.shape != key.shape or k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} and caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit")
+    if k_cache.shape[1] != heads or k_cache.shape[3] != d:
+        raise ValueError(f"caches must be [num_blocks, {heads}, block_size, {d}], got {tuple(k_cache.shape)}")
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("key/value must be contiguous in their last dim and the caches contiguous")
+    if slot_mapping.shape != (n,):
+        raise ValueError(f"slot_mapping must be [{n}], got {tuple(slot_mapping.shape)}")
+    _module().write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
