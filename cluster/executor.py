@@ -58,6 +58,8 @@ class RayExecutor:
         dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch",
         max_in_flight: int | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
+        quantization: str = "none",
     ) -> None:
         check_shape(LlamaArgs.from_hf_config(read_hf_config(model_dir)), shape)
         self.shape = shape
@@ -75,7 +77,7 @@ class RayExecutor:
                         ).remote(
                             str(model_dir), shape.tp, shape.pp, stage, tp_rank, num_blocks,
                             block_size, hosts[self.placement.stage_nodes[stage]], shape.use_gpu, dtype,
-                            attention_backend,
+                            attention_backend, kv_cache_dtype, quantization,
                         )
                     )
             address = ray.get(self._workers[0].rendezvous_address.remote(), timeout=timeout_s)

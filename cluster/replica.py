@@ -197,6 +197,8 @@ class Replica:
                 timeout_s=start_timeout_s,
                 dtype=resolved.dtype,
                 attention_backend=resolved.attention_backend,
+                kv_cache_dtype=resolved.kv_cache_dtype,
+                quantization=config.model.quantization,
             )
         )
         try:

@@ -58,6 +58,8 @@ class WorkerActor:
         use_gpu: bool = False,
         dtype: torch.dtype = torch.float32,
         attention_backend: str = "torch",
+        kv_cache_dtype: torch.dtype | None = None,
+        quantization: str = "none",
     ) -> None:
         """``host`` is the IP of this shard's node on the network Ray uses; collectives bind to it."""
         assert 0 <= stage < pp_size and 0 <= tp_rank < tp_size
@@ -70,6 +72,8 @@ class WorkerActor:
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.dtype = dtype
         self.attention_backend = attention_backend
+        self.kv_cache_dtype = kv_cache_dtype
+        self.quantization = quantization
         self.runner: ShardRunner | None = None
         self.execute_s = 0.0
         self._fail_after: int | None = None  # see inject_failure()
@@ -112,13 +116,14 @@ class WorkerActor:
         tp = TensorParallel(self.tp_rank, self.tp_size, self._tp_group())
         args = LlamaArgs.from_hf_config(read_hf_config(self.model_dir))
         start, end = stage_layers(args, self.pp_size)[self.stage]
-        model = load_model(self.model_dir, self.dtype, self.device, tp, start, end)
+        model = load_model(self.model_dir, self.dtype, self.device, tp, start, end, self.quantization)
         links = PipelineLinks(
             prev_rank=self.rank - self.tp_size if self.stage > 0 else None,
             next_rank=self.rank + self.tp_size if self.stage < self.pp_size - 1 else None,
         )
         self.runner = ShardRunner(
-            model, self.num_blocks, self.block_size, links, attention_backend=self.attention_backend
+            model, self.num_blocks, self.block_size, links, kv_dtype=self.kv_cache_dtype,
+            attention_backend=self.attention_backend,
         )
         self.batch = BatchState(self.block_size, self.device)
         return WorkerReady(self.rank, self.stage, self.tp_rank, self.node_id(), os.getpid(), start, end)

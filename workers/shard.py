@@ -70,8 +70,8 @@ class ShardRunner:
     ) -> None:
         self.model = model
         self.links = links
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # NOTE: the activations' dtype, not a parameter's: quantized weights are int8/fp8.
+        self.device, self.dtype = next(model.parameters()).device, model.dtype
         self.backend = get_attention_backend(attention_backend)
         attn = model.layers[0].self_attn
         shape = (num_blocks, attn.num_kv_heads, block_size, attn.head_dim)

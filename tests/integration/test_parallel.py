@@ -194,3 +194,32 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_quantized_kv_cache_and_weights_reach_every_shard(cluster, models):
+    """int8 KV cache and int8 weights through PP=2 give the single shard's logits with the
+    same cache dtype and weights (so the shards really allocate int8 caches and quantize).
+    NOTE: PP, not TP: a row-parallel slice has its own per-channel scales, so TP int8
+    weights are not the single shard's."""
+    model_dir = models["h4"]
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8)
+    scheduler = Scheduler(config, KVCacheManager(NUM_BLOCKS, BLOCK_SIZE, False), lambda r, i: RequestId(f"{r}#{i}"))
+    for rid, prompt in PROMPTS.items():
+        scheduler.add(Request(RequestId(rid), prompt, SamplingParams(max_tokens=3)))
+    local = ShardRunner(load_model(model_dir, quantization="int8"), NUM_BLOCKS, BLOCK_SIZE, kv_dtype=torch.int8)
+    tracker = DeltaTracker()
+    with RayExecutor(
+        model_dir, ReplicaShape(1, 2), NUM_BLOCKS, BLOCK_SIZE, STARTUP_TIMEOUT_S,
+        kv_cache_dtype=torch.int8, quantization="int8",
+    ) as executor:
+        while scheduler.num_unfinished:
+            plan = scheduler.schedule()
+            want = local.forward(prepare_inputs(plan, BLOCK_SIZE, torch.device("cpu")))
+            got = executor.execute(plan_delta(tracker, plan))
+            torch.testing.assert_close(got, want, **TOLERANCE)
+            for request, token in zip([c.request for c in plan.chunks if c.sample], want.argmax(-1).tolist(), strict=True):
+                request.append_output_token(token)
+                if request.num_output_tokens >= 3:
+                    scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
+                    tracker.forget(request.request_id)
+            scheduler.complete(plan)

@@ -142,6 +142,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.args = a
+        self.dtype = dtype
+        """Activations' dtype; with quantized weights it is not the weights' dtype."""
         self.layer_start = layer_start
         self.layer_end = a.num_layers if layer_end is None else layer_end
         self.is_first = layer_start == 0
