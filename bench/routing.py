@@ -1,0 +1,208 @@
+"""KV-aware routing on real replicas: 2 SmolLM2-135M ReplicaActors (TP=1) on a local Ray
+cluster on loopback, a shared-prefix chat workload, each routing policy in turn.
+
+The whole serving path except the frontend: each replica publishes its KV events, load and
+heartbeat to an embedded Redis (``Replica.start_publishing``); a ``ClusterState`` feeds a
+fresh ``Router`` per policy from Redis (resyncing from ``Replica.kv_snapshot``); closed-loop
+clients ask ``Router.choose`` and stream from the chosen replica. Each replica has a small KV
+cache (``--num-blocks``) that holds about half of the system prompts, so where a request goes
+decides whether its prefix is a hit. Caches are cleared between policies.
+
+Prints per policy: prefix-cache hit rate (cached / prompt tokens, as the engine reports it),
+mean and p90 TTFT (send to first delta, queueing included), request and token throughput,
+and beside them the workload's shared-prefix share and KV demand against capacity.
+
+    .venv/bin/python bench/routing.py            # ~6 minutes on 2 busy cores
+    .venv/bin/python bench/routing.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import os
+
+# NOTE: before Ray is imported, or Ray dials the host's external address instead of loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import argparse
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import ray
+from kvtide.cluster.cluster_state import ClusterState
+from kvtide.cluster.redis_server import start_redis
+from kvtide.cluster.replica import ReplicaActor
+from kvtide.cluster.state_store import StateStore
+from kvtide.router import Router, policy_names
+from kvtide.workers.sampling_params import SamplingParams
+from routing_workload import (
+    Workload,
+    add_workload_args,
+    percentile,
+    prefix_stats,
+    workload_config,
+)
+
+LOOPBACK = "127.0.0.1"
+POLICIES = ["round_robin", "least_loaded", "kv_aware"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 6 users, 2 turns")
+    p.add_argument("--num-blocks", type=int, default=44, help="KV blocks per replica (16 tokens each)")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {policy_names()}")
+    p.add_argument("--seed", type=int, default=0)
+    add_workload_args(p)
+    return p.parse_args()
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    ttfts_s: list[float] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    num_requests: int = 0
+    wall_s: float = 0.0
+    per_replica: dict[str, int] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+    requests: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_cached_tokens / max(1, self.num_prompt_tokens)
+
+    def row(self) -> str:
+        return (
+            f"{self.policy:<13} hit {self.hit_rate:6.1%}  TTFT mean {statistics.fmean(self.ttfts_s):6.3f} s  "
+            f"p90 {percentile(self.ttfts_s, 0.9):6.3f} s  {self.num_requests / self.wall_s:5.2f} req/s  "
+            f"{self.num_output_tokens / self.wall_s:6.1f} out tok/s  "
+            f"{self.num_prompt_tokens / self.wall_s:7.1f} prompt tok/s  "
+            f"requests per replica {dict(sorted(self.per_replica.items()))}  decisions by mode {self.modes}"
+        )
+
+
+async def run_policy(policy: str, actors: dict, url: str, workload: Workload, block_size: int, seed: int) -> PolicyRun:
+    router = Router(policy, block_size=block_size, seed=seed)
+    store = StateStore(url)
+
+    async def snapshot(rid: str):
+        return await actors[rid].kv_snapshot.remote()
+
+    state = ClusterState(router, store, snapshot)
+    state.start()
+    deadline = time.monotonic() + 30
+    while not (router.replica_ids() == sorted(actors) and all(router.mode(r).value == "exact" for r in actors)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replicas not registered and exact within 30 s: {router.status()}")
+        await asyncio.sleep(0.05)
+
+    cfg = workload.cfg
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.output_tokens, min_tokens=cfg.output_tokens)
+    run = PolicyRun(policy)
+    users = iter(range(cfg.num_users))
+
+    async def one(prompt: list[int]) -> list[int]:
+        d = router.choose(prompt, cfg.output_tokens)
+        run.per_replica[d.replica_id] = run.per_replica.get(d.replica_id, 0) + 1
+        run.modes[d.mode] = run.modes.get(d.mode, 0) + 1
+        start = time.perf_counter()
+        first = None
+        tokens: list[int] = []
+        last = None
+        async for ref in actors[d.replica_id].generate.options(num_returns="streaming").remote(prompt, params):
+            last = await ref
+            if first is None:
+                first = time.perf_counter() - start
+            tokens += last.token_ids
+        assert last is not None and last.finish_reason == "length", last
+        router.on_request_finished(d.replica_id, len(prompt), len(tokens))
+        run.ttfts_s.append(first)
+        run.num_prompt_tokens += last.num_prompt_tokens
+        run.num_cached_tokens += last.num_cached_tokens
+        run.num_output_tokens += len(tokens)
+        run.num_requests += 1
+        run.requests.append((prompt, tokens))
+        return tokens
+
+    async def client() -> None:
+        for user in users:
+            replies: list[list[int]] = []
+            for turn in range(cfg.num_turns):
+                replies.append(await one(workload.prompt(user, turn, replies)))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(cfg.num_clients)))
+    run.wall_s = time.perf_counter() - start
+    await state.stop()
+    await store.close()
+    return run
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.num_users, args.num_turns = 6, 2
+    cfg = workload_config(args)
+    workload = Workload(cfg)
+    block_size = 16
+    with start_redis() as redis_server:
+        print(f"redis: {redis_server.url}; ray: local on {LOOPBACK}")
+        actors = {
+            f"replica-{i}": ReplicaActor.options(num_cpus=0).remote(
+                "smollm2-135m", cpus_per_shard=1.0, num_blocks=args.num_blocks, block_size=block_size
+            )
+            for i in range(2)
+        }
+        try:
+            warm = SamplingParams(temperature=0.0, max_tokens=2)
+            for actor in actors.values():  # first steps build kernels and warm caches
+                async for ref in actor.generate.options(num_returns="streaming").remote(list(range(1000, 1100)), warm):
+                    await ref
+            regs = await asyncio.gather(*(a.start_publishing.remote(redis_server.url, rid) for rid, a in actors.items()))
+            print(f"replicas: {[r.replica_id for r in regs]}, {args.num_blocks} KV blocks x {block_size} tokens each")
+            runs = []
+            for policy in args.policies.split(","):
+                cleared = await asyncio.gather(*(a.reset_prefix_cache.remote() for a in actors.values()))
+                assert all(cleared), "a replica was busy when its cache was to be cleared"
+                run = await run_policy(policy, actors, redis_server.url, workload, block_size, args.seed)
+                print(run.row(), flush=True)
+                runs.append(run)
+            stats = prefix_stats(runs[0].requests, block_size)
+            capacity = 2 * args.num_blocks
+            print(
+                f"\nworkload: {cfg.num_system_prompts} system prompts x {cfg.system_prompt_tokens} tokens, "
+                f"{cfg.num_users} users x {cfg.num_turns} turns (+{cfg.user_tokens} tokens each, "
+                f"{cfg.output_tokens}-token replies), {cfg.num_clients} clients; {runs[0].num_requests} requests"
+            )
+            print(
+                f"shared prompt tokens (hit rate of one infinite cache): {stats.shared_share:.1%} "
+                f"of {stats.num_prompt_tokens}; KV demand: {stats.num_distinct_blocks} distinct blocks = "
+                f"{stats.num_distinct_blocks / capacity:.0%} of the {capacity} blocks of both replicas"
+            )
+            by = {r.policy: r for r in runs}
+            if "kv_aware" in by and "round_robin" in by:
+                kv, rr = by["kv_aware"], by["round_robin"]
+                print(
+                    f"kv_aware vs round_robin: hit rate x{kv.hit_rate / max(rr.hit_rate, 1e-9):.2f}, "
+                    f"mean TTFT x{statistics.fmean(kv.ttfts_s) / statistics.fmean(rr.ttfts_s):.2f}, "
+                    f"throughput x{kv.num_output_tokens / kv.wall_s / (rr.num_output_tokens / rr.wall_s):.2f}"
+                )
+        finally:
+            await asyncio.gather(*(a.stop_publishing.remote() for a in actors.values()), return_exceptions=True)
+            await asyncio.gather(*(a.shutdown.remote() for a in actors.values()), return_exceptions=True)
+
+
+def main() -> None:
+    args = parse_args()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address=LOOPBACK)
+    try:
+        asyncio.run(main_async(args))
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
