@@ -22,8 +22,12 @@ How each format runs:
   (row-wise scales on both operands). Elsewhere (CPU, older GPUs, fp32/fp16 models) the fp8
   weight is upcast to the activation dtype at use: memory still halves (quarters vs fp32),
   speed does not improve.
-- ``int8`` on CPU: ``torch.ops.aten._weight_int8pack_mm`` (weight [out, in] int8, scales
-  [out] in the activation dtype). On other devices: upcast at use.
+- ``int8``: upcast to the activation dtype at use, on every device. NOTE: torch's own CPU
+  kernel, ``torch.ops.aten._weight_int8pack_mm`` (weight [out, in] int8, scales [out] in the
+  activation dtype), is kept as an option (``Int8WeightOnly(int8pack_mm=True)``) but is not
+  the default: on this 2-core CPU it is no faster than the upcast for one row and 5-15x
+  slower for the 8-128 rows of batched decode and prefill chunks, and neither beats fp32
+  (bench/README.md, "quantized weights"). Weight memory still quarters vs fp32.
 
 Storage: every method keeps ``weight_t`` with the *logical* shape [in_features,
 out_features], so loading and tensor-parallel slicing read the same for all of them; the
@@ -163,7 +167,7 @@ class Int8WeightOnly(_PerChannel):
     qdtype = torch.int8
     qmax = INT8_MAX
 
-    def __init__(self, int8pack_mm: bool = True) -> None:
+    def __init__(self, int8pack_mm: bool = False) -> None:
         # NOTE: _weight_int8pack_mm requires a contiguous [out, in] weight: column_major.
         super().__init__(column_major=int8pack_mm)
         self.int8pack_mm = int8pack_mm
@@ -184,7 +188,7 @@ class Int8WeightOnly(_PerChannel):
 LINEAR_METHODS: dict[str, Callable[[torch.device], LinearMethod]] = {
     "none": lambda device: Unquantized(),
     "fp8": lambda device: Fp8PerChannel(scaled_mm=fp8_supported(device)),
-    "int8": lambda device: Int8WeightOnly(int8pack_mm=device.type == "cpu"),
+    "int8": lambda device: Int8WeightOnly(),
 }
 QUANTIZATIONS = tuple(LINEAR_METHODS)
 
