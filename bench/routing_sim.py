@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from kvtide.proto.block_hash import hash_full_blocks
-from kvtide.router import ReplicaLoad, ReplicaRegistration, Router
+from kvtide.router import CostWeights, ReplicaLoad, ReplicaRegistration, Router
 from kvtide.router.policies import policy_names
 from kvtide.workers.block_pool import BlockPool
 from routing_workload import (
@@ -214,9 +214,10 @@ class SimRun:
 
 
 def simulate(policy: str, workload: Workload, num_replicas: int, num_blocks: int, cost: CostModel,
-             publish_interval_s: float, max_batched_tokens: int, seed: int, temperature: float) -> SimRun:
+             publish_interval_s: float, max_batched_tokens: int, seed: int, temperature: float,
+             weights: CostWeights) -> SimRun:
     now = 0.0
-    router = Router(policy, block_size=BLOCK_SIZE, seed=seed, clock=lambda: now, temperature=temperature)
+    router = Router(policy, block_size=BLOCK_SIZE, seed=seed, clock=lambda: now, temperature=temperature, weights=weights)
     replicas = {f"r{i:02d}": SimReplica(f"r{i:02d}", num_blocks, max_batched_tokens, cost) for i in range(num_replicas)}
     for rid in replicas:
         router.register(ReplicaRegistration(rid, BLOCK_SIZE, b"", HASH_VERSION, num_blocks, "sim"))
@@ -309,6 +310,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cost-model", help="JSON from --save-cost-model instead of measuring")
     p.add_argument("--save-cost-model", help="write the measured cost model here")
     p.add_argument("--temperature", type=float, default=0.02, help="kv_aware's softmin temperature")
+    p.add_argument("--eviction-weight", type=float, default=CostWeights().eviction_weight, help="see kvtide.router.cost")
     p.add_argument("--seed", type=int, default=0)
     add_workload_args(p)
     return p.parse_args()
@@ -334,7 +336,8 @@ def main() -> None:
     for policy in args.policies.split(","):
         t = time.perf_counter()
         run = simulate(policy, workload, args.num_replicas, args.num_blocks, cost, args.publish_interval_s,
-                       args.max_batched_tokens, args.seed, args.temperature)
+                       args.max_batched_tokens, args.seed, args.temperature,
+                       CostWeights(eviction_weight=args.eviction_weight))
         print(run.row() + f"  (simulated in {time.perf_counter() - t:.1f} s)", flush=True)
         runs.append(run)
     stats = prefix_stats(runs[0].requests, BLOCK_SIZE)

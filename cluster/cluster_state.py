@@ -28,6 +28,7 @@ from typing import Any
 from kvtide.cluster.state_store import STORE_ERRORS, StateStore
 from kvtide.proto.block_hash import BlockHash
 from kvtide.router.router import Router
+from kvtide.router.types import ReplicaRegistration
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class ClusterState:
         self._last_seen: dict[str, float] = {}
         self._failed: set[tuple[str, str]] = set()
         """(replica id, incarnation) reported dead: not re-registered from a stale entry."""
+        self._rejected: set[ReplicaRegistration] = set()
+        """Registrations the router refused (hash parameters differ)."""
         self._store_up: bool | None = None
         self._last_status_at = float("-inf")
         self._task: asyncio.Task | None = None
@@ -167,7 +170,7 @@ class ClusterState:
 
     def _sync_registry(self, registry: dict, now: float) -> None:
         for rid, reg in registry.items():
-            if (rid, reg.incarnation) in self._failed:
+            if (rid, reg.incarnation) in self._failed or reg in self._rejected:
                 continue
             self._last_seen[rid] = now
             known = rid in self.router.replica_ids()
@@ -177,6 +180,7 @@ class ClusterState:
                 self.router.register(reg)
             except ValueError as exc:
                 logger.error("not routing to replica %s: %s", rid, exc)
+                self._rejected.add(reg)  # once: the registry repeats it every heartbeat
                 continue
             logger.info("replica %s %s (%d KV blocks)", rid, "re-registered" if known else "registered", reg.num_blocks)
             self._cursors.setdefault(rid, b"0")

@@ -228,8 +228,8 @@ def test_redis_stopped_and_restarted_routing_goes_on_and_returns_to_exact(redis_
             replicas["r0"].serve(prompt(0))
             replicas["r1"].serve(prompt(1000))
             await wait_until(
-                lambda: all_exact(router) and router.choose(prompt(0), 4, exclude={"r1"}).cached_blocks == 3
-                and router.choose(prompt(1000), 4, exclude={"r0"}).cached_blocks == 3,
+                lambda: router.replica_ids() == ["r0", "r1"] and all_exact(router)
+                and [s["blocks_indexed"] for s in router.status()["replicas"].values()] == [3, 3],
                 "both prefixes are indexed",
             )
             redis_server.stop()
