@@ -31,7 +31,7 @@ How each format runs:
 
 Storage: every method keeps ``weight_t`` with the *logical* shape [in_features,
 out_features], so loading and tensor-parallel slicing read the same for all of them; the
-memory order is the one its kernel wants (see each ``create``).
+memory order is the one its kernel wants (``column_major``).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class _PerChannel:
     qmax: float
 
     def __init__(self, column_major: bool = False) -> None:
+        # True: ``weight_t`` is [out, in] row-major memory viewed as [in, out].
         self.column_major = column_major
-        """Store ``weight_t`` as [out, in] row-major memory (viewed as [in, out])."""
 
     def create(self, layer, in_features, out_features, dtype) -> None:
         if self.column_major:
