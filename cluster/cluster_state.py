@@ -70,6 +70,7 @@ class ClusterState:
         self._store_up: bool | None = None
         self._last_status_at = float("-inf")
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self.num_resyncs = 0
         self.num_outages = 0
 
@@ -82,25 +83,33 @@ class ClusterState:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="kvtide-cluster-state")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the background task (idempotent); waits at most ``timeout_s``."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        if task is None:
+            return
+        self._stopping = True
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            logger.warning("cluster state task did not stop within %.1f s", timeout_s)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug in one poll must not stop the feeding
                 logger.exception("cluster state poll failed")
+            # NOTE: redis-py may turn a cancellation during a command into a ConnectionError,
+            # which poll_once takes for an outage; the task's own count says we were cancelled.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(self.poll_interval_s)
 
     # ---- the frontend's notices --------------------------------------------------------

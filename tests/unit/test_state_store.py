@@ -285,3 +285,23 @@ def test_a_mismatched_replica_is_not_routed_to(redis_server):
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_replica_reported_failed_leaves_at_once_and_a_clean_stop_leaves_the_registry(redis_server):
+    async def main():
+        replicas, router, state = await start_cluster(redis_server.url, "t8", ttl_s=30.0)
+        try:
+            await wait_until(lambda: router.replica_ids() == ["r0", "r1"], "both replicas registered")
+            state.replica_failed("r1")  # its heartbeat would keep it for 30 s
+            assert router.replica_ids() == ["r0"]
+            await asyncio.sleep(0.3)  # several polls: the live registry entry does not bring it back
+            assert router.replica_ids() == ["r0"]
+            replicas["r0"].publisher.stop()  # a clean stop removes the entry now
+            # The store is shared with the running ClusterState (as in a frontend), and the
+            # stop below cancels its task mid-command: that once hung (redis-py swallowed
+            # the cancellation).
+            assert list(await state.store.replicas()) == ["r1"]
+        finally:
+            await stop_cluster(replicas, state)
+
+    asyncio.run(main())
