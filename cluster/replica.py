@@ -248,7 +248,9 @@ class Replica:
         await self.executor.current().inject_failure(stage, tp_rank, after_num_steps)
 
     def shutdown(self) -> None:
-        """Stop stepping, kill every shard and free their placement (idempotent)."""
+        """Stop publishing, stop stepping, kill every shard and free their placement
+        (idempotent)."""
+        self.stop_publishing()
         self._async.shutdown()
         self.executor.shutdown()
 
@@ -326,7 +328,7 @@ class Replica:
         return reg
 
     def stop_publishing(self) -> None:
-        """Stop publishing and leave the registry (before ``shutdown`` for a clean exit)."""
+        """Stop publishing and leave the registry (``shutdown`` does it too)."""
         publisher = getattr(self, "_publisher", None)
         if publisher is not None:
             publisher.stop()
