@@ -21,13 +21,15 @@ How each format runs:
   a bf16 model: ``torch._scaled_mm`` with the activations quantized per token on the fly
   (row-wise scales on both operands). Elsewhere (CPU, older GPUs, fp32/fp16 models) the fp8
   weight is upcast to the activation dtype at use: memory still halves (quarters vs fp32),
-  speed does not improve.
+  but speed does not improve (on this CPU fp8 -> fp32 conversion is slow: decode runs at
+  0.1-0.2x fp32).
 - ``int8``: upcast to the activation dtype at use, on every device. NOTE: torch's own CPU
   kernel, ``torch.ops.aten._weight_int8pack_mm`` (weight [out, in] int8, scales [out] in the
   activation dtype), is kept as an option (``Int8WeightOnly(int8pack_mm=True)``) but is not
   the default: on this 2-core CPU it is no faster than the upcast for one row and 5-15x
-  slower for the 8-128 rows of batched decode and prefill chunks, and neither beats fp32
-  (bench/README.md, "quantized weights"). Weight memory still quarters vs fp32.
+  slower for the 8-128 rows of batched decode and prefill chunks. Neither beats fp32 (the
+  upcast decodes at 0.7-0.85x; bench/README.md, "quantized KV cache and weights"), but
+  weight memory quarters vs fp32.
 
 Storage: every method keeps ``weight_t`` with the *logical* shape [in_features,
 out_features], so loading and tensor-parallel slicing read the same for all of them; the
