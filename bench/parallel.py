@@ -283,16 +283,18 @@ class CommProbe:
             dist.destroy_process_group()
 
 
-ENGINE_RUNS = [  # (label, shape, steps in flight)
-    ("PP=1, 1 shard x 2 threads", ReplicaShape(1, 1, cpus_per_shard=2), 1),
-    ("PP=2, 2 stages x 2 threads, no micro-batching", ReplicaShape(1, 2, cpus_per_shard=2), 1),
-    ("PP=2, 2 stages x 2 threads, 2 micro-batches", ReplicaShape(1, 2, cpus_per_shard=2), 2),
+ENGINE_RUNS = [  # (label, shape key, steps in flight)
+    ("PP=1, 1 shard x 2 threads", "pp1", 1),
+    ("PP=2, 2 stages x 2 threads, no micro-batching", "pp2", 1),
+    ("PP=2, 2 stages x 2 threads, 2 micro-batches", "pp2", 2),
 ]
+ENGINE_SHAPES = {"pp1": ReplicaShape(1, 1, cpus_per_shard=2), "pp2": ReplicaShape(1, 2, cpus_per_shard=2)}
 
 
 def engine_runs(model_dir, backend: str) -> dict[str, tuple[list[float], list[float]]]:
-    """Decode tok/s of the real engine on each of ENGINE_RUNS (rounds taken in turns), and each
-    stage's busy fraction over the last round: (execute time - pipeline send/recv wait) / wall."""
+    """Decode tok/s of the real engine on each of ENGINE_RUNS (rounds taken in turns; both PP=2
+    runs share one set of shards), and each stage's busy fraction over the last round:
+    (execute time - pipeline send/recv wait) / wall, from the steady decode phase."""
     rng = random.Random(ARGS.seed + 1)
     num_blocks = ARGS.engine_seqs * -(-(ARGS.prompt_len + ARGS.engine_tokens) // BLOCK_SIZE) + 1
     config = EngineConfig.from_kwargs(
@@ -305,20 +307,20 @@ def engine_runs(model_dir, backend: str) -> dict[str, tuple[list[float], list[fl
     out = {label: ([], []) for label, _, _ in ENGINE_RUNS}
     with contextlib.ExitStack() as stack:
         executors = {
-            label: stack.enter_context(RayExecutor(
+            key: stack.enter_context(RayExecutor(
                 model_dir, shape, num_blocks, BLOCK_SIZE, STARTUP_TIMEOUT_S, attention_backend=backend,
-                max_in_flight=depth,
             ))
-            for label, shape, depth in ENGINE_RUNS
+            for key, shape in ENGINE_SHAPES.items()
         }
         for r in range(ARGS.engine_rounds):
             prompts = [[rng.randrange(100, 40000) for _ in range(ARGS.prompt_len)] for _ in range(ARGS.engine_seqs)]
-            for label, ex in executors.items():
+            for label, key, depth in ENGINE_RUNS:
+                ex = executors[key]
+                ex.max_in_flight = depth  # read once, by the Engine built next
                 engine = Engine(resolved, ex)
                 for i, prompt in enumerate(prompts):
                     engine.add_request(f"r{r}-{i}", prompt, params)
                 started, first, tokens = None, set(), 0
-                t_end = time.perf_counter()
                 while engine.has_unfinished_requests():
                     for d in engine.step():
                         if started is not None:
@@ -327,15 +329,13 @@ def engine_runs(model_dir, backend: str) -> dict[str, tuple[list[float], list[fl
                     if started is None and len(first) == ARGS.engine_seqs:
                         before = ex.timings()  # NOTE: a step in flight may straddle this point
                         started = time.perf_counter()
-                t_end = time.perf_counter()
-                out[label][0].append(tokens / (t_end - started))
+                wall = time.perf_counter() - started
                 after = ex.timings()
-                wall = t_end - started
                 busy = []
                 for stage in range(ex.shape.pp):
                     (e0, w0), (e1, w1) = before[(stage, 0)], after[(stage, 0)]
                     busy.append(((e1 - e0) - (w1 - w0)) / wall)
-                out[label] = (out[label][0], busy)
+                out[label] = (out[label][0] + [tokens / wall], busy)
     return out
 
 
