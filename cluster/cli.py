@@ -19,6 +19,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | int8 (one scale per token and KV head)")
+    p.add_argument("--quantization", default="none", help="weights of the linear layers: none | fp8 | int8")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,8 @@ def _build(args):
         kv_cache_memory_gib=args.kv_cache_gib,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -120,7 +124,8 @@ def cmd_serve(args) -> int:
 
     api_keys = tuple(k for k in (args.api_key or os.environ.get("KVTIDE_API_KEY", "")).split(",") if k)
     engine_options = {"kv_cache_memory_gib": args.kv_cache_gib, "block_size": args.block_size,
-                      "enable_prefix_caching": not args.no_prefix_caching}  # fmt: skip
+                      "enable_prefix_caching": not args.no_prefix_caching,
+                      "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}  # fmt: skip
     if args.max_model_len is not None:
         engine_options["max_model_len"] = args.max_model_len
     try:
@@ -198,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_threads(args.threads)  # before anything imports torch
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad options: say which, without a traceback
+        print(f"kvtide: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
