@@ -207,7 +207,11 @@ class Engine:
             if plan.empty:
                 break
             self._count_prefix_queries(plan)
-            self._in_flight.append((plan, self.runner.submit(plan)))
+            try:
+                self._in_flight.append((plan, self.runner.submit(plan)))
+            except Exception as exc:  # noqa: BLE001 - e.g. shards gone: as if the step failed
+                logger.exception("submitting a step failed; failing the running requests")
+                return self._fail_running(str(exc))
         if not self._in_flight:
             return []
         plan, handle = self._in_flight.popleft()

@@ -470,3 +470,24 @@ def test_a_failed_step_with_another_in_flight_fails_both_and_the_engine_recovers
     assert_all_blocks_free(engine)
     result = generate(engine, {"c": PROMPTS["p13"]})
     assert result[("c", 0)].token_ids == reference["p13"]
+
+
+def test_a_step_that_cannot_even_be_submitted_fails_its_requests_and_the_engine_recovers(tiny, reference, monkeypatch):
+    engine = make_engine(tiny)
+    engine.add_request("a", PROMPTS["p5"], GREEDY)
+    real_submit = engine.runner.executor.submit
+    calls = []
+
+    def submit(delta):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the executor is shut down")
+        return real_submit(delta)
+
+    monkeypatch.setattr(engine.runner.executor, "submit", submit)
+    engine.step()
+    deltas = engine.step()
+    assert [(d.request_id, d.finish_reason, d.error) for d in deltas] == [("a", "error", "the executor is shut down")]
+    assert_all_blocks_free(engine)
+    result = generate(engine, {"c": PROMPTS["p13"]})
+    assert result[("c", 0)].token_ids == reference["p13"]
