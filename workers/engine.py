@@ -209,7 +209,7 @@ class Engine:
             self._count_prefix_queries(plan)
             try:
                 self._in_flight.append((plan, self.runner.submit(plan)))
-            except Exception as exc:  # noqa: BLE001 - e.g. shards gone: as if the step failed
+            except Exception as exc:  # e.g. shards gone: as if the step failed
                 logger.exception("submitting a step failed; failing the running requests")
                 return self._fail_running(str(exc))
         if not self._in_flight:
