@@ -42,6 +42,16 @@ class _ReplicaCollector(Collector):
             for rid, s in stats:
                 family.add_metric([rid], float(getattr(s, attr)))
             yield family
+        routing = self._replicas.routing_status().get("replicas", {})
+        exact = GaugeMetricFamily(
+            "kvtide:router_exact_mode",
+            "1 while the router follows the replica's KV events (exact), 0 while it approximates "
+            "from its own routing decisions.",
+            labels=["replica"],
+        )
+        for rid, r in sorted(routing.items()):
+            exact.add_metric([rid], float(r["exact"]))
+        yield exact
 
 
 class RequestTimer:

@@ -389,3 +389,14 @@ def test_full_admission_queue_and_drain(server, client):
         runner.run(second.stop(0))
     assert_idle(server)
     assert client.complete("Hello", max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_metrics_show_the_engine_and_the_routing_mode(server, oai):
+    oai.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=2, temperature=0)
+    base = f"http://127.0.0.1:{server[0].http_port}"
+    text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    for name in ("kvtide:time_to_first_token_seconds_count", "kvtide:e2e_request_latency_seconds_count",
+                 "kvtide:kv_cache_usage_perc", "kvtide:num_requests_running", "kvtide:prefix_cache_queries_total"):
+        assert name in text, name
+    # The replica publishes its KV events through Redis, so the router follows it exactly.
+    assert 'kvtide:router_exact_mode{replica="replica-0"} 1.0' in text

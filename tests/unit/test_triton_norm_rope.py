@@ -10,6 +10,8 @@ from tests.unit.triton_env import DEVICES
 # isort: split
 import pytest
 import torch
+
+from kvtide.kernels import cpu_ops
 from kvtide.kernels.triton_norm_rope import (
     rms_norm,
     rms_norm_ref,
@@ -29,7 +31,7 @@ TOL = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hidden,with_residual", [(64, False), (96, True)])
-def test_rms_norm_matches_twin_and_layer(device, dtype, hidden, with_residual):
+def test_rms_norm_matches_twin_and_layer(device, dtype, hidden, with_residual, monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(5, hidden, generator=g) * 3).to(dtype)
     residual = torch.randn(5, hidden, generator=g).to(dtype) if with_residual else None
@@ -38,7 +40,11 @@ def test_rms_norm_matches_twin_and_layer(device, dtype, hidden, with_residual):
         layer.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
     layer = layer.to(dtype)
     want, want_res = rms_norm_ref(x, layer.weight.detach(), 1e-5, residual)
-    torch.testing.assert_close(want, layer(x, residual)[0], atol=0, rtol=0)
+    clone = lambda t: None if t is None else t.clone()  # the compiled CPU path adds into it in place
+    compiled = layer(x, clone(residual))[0]  # fp32 on CPU: kernels/cpu_ops.py
+    torch.testing.assert_close(compiled, want, **TOL[dtype])
+    monkeypatch.setattr(cpu_ops, "usable", lambda *tensors: False)
+    torch.testing.assert_close(want, layer(x, clone(residual))[0], atol=0, rtol=0)  # the layer's torch path
     to = lambda t: None if t is None else t.to(device)
     got, got_res = rms_norm(to(x), to(layer.weight.detach()), 1e-5, to(residual))
     assert not got.isnan().any()
