@@ -45,6 +45,7 @@ ARGS = PARSER.parse_args()
 configure_threads(ARGS.threads)
 
 import torch
+
 from kvtide.workers.engine import Engine
 from kvtide.workers.quantization import weight_bytes
 from kvtide.workers.sampling_params import SamplingParams

@@ -53,6 +53,7 @@ NUM_THREADS = configure_threads(ARGS.threads)
 import ray
 import torch
 import torch.distributed as dist
+
 from kvtide.cluster.executor import RayExecutor
 from kvtide.cluster.placement import ReplicaShape
 from kvtide.workers.attention import default_attention_backend

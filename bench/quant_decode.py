@@ -36,6 +36,7 @@ ARGS = PARSER.parse_args()
 NUM_THREADS = configure_threads(ARGS.threads)
 
 import torch
+
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
 from kvtide.workers.model_files import resolve_model

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+
 from kvtide.cluster.cluster_state import ClusterState
 from kvtide.cluster.redis_server import start_redis
 from kvtide.cluster.replica import ReplicaActor

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 import torch
+
 from kvtide.cluster.placement import ReplicaPlacement, ReplicaShape, place_replica
 from kvtide.cluster.worker_actor import WorkerActor, WorkerReady
 from kvtide.workers.model_loader import read_hf_config

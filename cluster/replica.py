@@ -25,6 +25,7 @@ from pathlib import Path
 
 import ray
 import torch
+
 from kvtide.cluster.executor import RayExecutor
 from kvtide.cluster.placement import ReplicaShape
 from kvtide.cluster.publisher import ReplicaPublisher

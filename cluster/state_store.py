@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 
 import redis
 import redis.asyncio as aioredis
+
 from kvtide.proto.block_hash import BlockHash
 from kvtide.proto.kv_events import (
     AllBlocksCleared,

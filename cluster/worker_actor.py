@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
+
 from kvtide.workers.model_loader import load_model, read_hf_config
 from kvtide.workers.models.llama import LlamaArgs
 from kvtide.workers.parallel import TensorParallel

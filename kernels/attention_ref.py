@@ -14,6 +14,7 @@ repeats K/V.
 from __future__ import annotations
 
 import torch
+
 from kvtide.kernels.kv_quant import dequantize_ref, is_quantized, quantize_ref
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kvtide.kernels.kv_quant import is_quantized
 from kvtide.kernels.triton_checks import (
     FLOAT_DTYPES,

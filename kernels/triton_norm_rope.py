@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kvtide.kernels.triton_checks import FLOAT_DTYPES, check, check_device, check_tensor
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from kvtide.kernels import cpu_attention, cpu_ops
 from kvtide.kernels.attention_ref import (
     paged_decode_attention_ref,

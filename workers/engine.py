@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from kvtide.proto.kv_events import KvEvent
 from kvtide.workers.block_pool import KvSnapshot
 from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM
 from kvtide.workers.parallel import SINGLE, TensorParallel
 from kvtide.workers.quantization import get_linear_method

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+
 from kvtide.workers.request import Request
 from kvtide.workers.sampler import SampledToken, Sampler, SamplingRow
 from kvtide.workers.scheduler import ScheduledChunk, StepPlan

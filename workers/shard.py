@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 from kvtide.kernels.kv_quant import allocate_kv_cache
 from kvtide.workers.attention import get_attention_backend
 from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM

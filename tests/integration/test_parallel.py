@@ -16,6 +16,7 @@ import psutil
 import pytest
 import ray
 import torch
+
 from kvtide.cluster.executor import RayExecutor
 from kvtide.cluster.placement import PlacementError, ReplicaShape
 from kvtide.workers.config import SchedulerConfig

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+
 from kvtide.cluster.cluster_state import ClusterState
 from kvtide.cluster.redis_server import start_redis
 from kvtide.cluster.replica import ReplicaActor

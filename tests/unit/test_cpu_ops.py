@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvtide.kernels import cpu_ops
 from kvtide.kernels.attention_ref import write_kv_ref
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
 from kvtide.workers.layers.linear import ColumnParallelLinear, RowParallelLinear

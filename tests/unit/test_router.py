@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvtide.proto import AllBlocksCleared, BlocksRemoved, BlocksStored, hash_full_blocks
 from kvtide.proto.block_hash import HASH_VERSION
 from kvtide.router import (

@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+
 from kvtide.router import (
     CostInputs,
     CostWeights,

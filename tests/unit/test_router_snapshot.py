@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from kvtide.proto import hash_full_blocks
 from kvtide.proto.block_hash import HASH_VERSION
 from kvtide.router import ReplicaRegistration, Router

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
 from kvtide.workers.config import SchedulerConfig
 from kvtide.workers.kv_cache_manager import KVCacheManager
 from kvtide.workers.request import Request, RequestId, RequestStatus

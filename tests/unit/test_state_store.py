@@ -11,6 +11,7 @@ import asyncio
 import time
 
 import pytest
+
 from kvtide.cluster.cluster_state import ClusterState
 from kvtide.cluster.publisher import ReplicaPublisher
 from kvtide.cluster.redis_server import start_redis

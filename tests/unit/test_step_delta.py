@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvtide.workers.model_runner import plan_delta, prepare_inputs
 from kvtide.workers.request import RequestStatus
 from kvtide.workers.step_inputs import (

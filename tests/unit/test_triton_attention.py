@@ -16,6 +16,7 @@ from tests.unit.triton_env import DEVICES
 # isort: split
 import pytest
 import torch
+
 from kvtide.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,

@@ -8,6 +8,7 @@ from tests.unit.triton_env import INTERPRET
 # isort: split
 import pytest
 import torch
+
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
 from kvtide.workers.model_loader import load_model, read_hf_config

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from kvtide.workers.parallel import SINGLE, TensorParallel
 from kvtide.workers.quantization import LinearMethod, Unquantized
 from torch import nn

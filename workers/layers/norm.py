@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from kvtide.kernels import cpu_ops
 from torch import nn
 

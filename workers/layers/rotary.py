@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from kvtide.kernels import cpu_ops
 from torch import nn
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from kvtide.workers.attention import AttentionMetadata, TorchAttentionBackend
 from kvtide.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvtide.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
