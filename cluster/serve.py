@@ -267,10 +267,17 @@ async def serve_forever(config: ServeConfig) -> None:
     server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def take_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+    take_signals()
     try:
         await server.start()
+        # NOTE: ray.init installs its own SIGTERM handler in this process, which aborts it
+        # (exit -6, nothing drained or stopped); take the signals back once Ray is up.
+        take_signals()
         logger.info("serving %s with %d replica(s); Ctrl-C drains and stops", config.model, config.num_replicas)
         await stop.wait()
         logger.info("shutting down: draining for up to %g s", config.drain_timeout_s)
