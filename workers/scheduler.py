@@ -8,6 +8,11 @@ goes back to the front of the queue to be recomputed (its prefix-cached blocks u
 survive, so recompute is cheap). The oldest running request always makes progress, and a
 request that could never fit is rejected at ``add``, so the loop cannot deadlock.
 
+With several steps in flight (pipeline micro-batches) a request in flight is neither
+scheduled nor preempted. When the only request that could be preempted is the one asking
+for blocks and newer requests hold blocks mid-step, it waits for them instead of preempting
+itself: otherwise two requests could take turns preempting each other forever.
+
 Pure Python: the scheduler touches requests and block tables, never tensors.
 """
 
@@ -106,6 +111,7 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted: list[Request] = []
         forked: list[Request] = []
+        deferred = False
 
         i = 0
         while i < len(self.running) and budget > 0 and room > 0:
@@ -119,11 +125,16 @@ class Scheduler:
                 if pairs is not None:
                     break
                 victim = next(r for r in reversed(self.running) if not r.in_flight)
+                if victim is request and any(r.in_flight for r in self.running[i + 1 :]):
+                    # Newer requests hold the blocks but are mid-step: wait for them rather
+                    # than preempt an older one (the oldest must keep making progress).
+                    deferred = True
+                    break
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
                     break
-            if pairs is None:  # the request preempted itself; nothing after it runs either
+            if pairs is None:  # preempted itself or waits; nothing after it runs either
                 break
             copies.extend(pairs)
             chunk = self._advance(request, num_new)
@@ -133,7 +144,7 @@ class Scheduler:
             room -= 1
             i += 1
 
-        while self.waiting and budget > 0 and room > 0 and not preempted:
+        while self.waiting and budget > 0 and room > 0 and not preempted and not deferred:
             request = self.waiting[0]
             seats = sum(_seats(r) for r in self.running) + len(forked)
             if seats + _seats(request) > self.config.max_num_seqs:

@@ -212,7 +212,24 @@ def test_random_workloads_with_several_choices(w: Workload):
     simulate(w)
 
 
+# Found by hypothesis: the oldest request (r0) preempted itself whenever its newer sibling was
+# in flight, and the two took turns recomputing forever. Now the older one waits instead.
+_OLDEST_PREEMPTED_BY_IN_FLIGHT = Workload(
+    block_size=4,
+    num_blocks=5,
+    max_num_seqs=3,
+    max_num_batched_tokens=2,
+    max_prefill_chunk=None,
+    enable_prefix_caching=False,
+    arrivals=(
+        Arrival("r0", (0,) * 10, max_tokens=4, n=2, arrive_step=0, abort_step=None),
+        Arrival("r1", (0,), max_tokens=10, n=1, arrive_step=1, abort_step=None),
+    ),
+)
+
+
 @settings(deadline=None, max_examples=50)
+@example(_OLDEST_PREEMPTED_BY_IN_FLIGHT, 2)
 @given(workloads(max_n=3), st.integers(2, 3))
 def test_random_workloads_with_steps_in_flight(w: Workload, depth: int):
     """Pipeline micro-batches: no request is in two steps at once or preempted mid-step,
