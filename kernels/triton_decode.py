@@ -33,6 +33,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def load_kv_tile(
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, tok, valid, d,
+    kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st,
+    QUANTIZED: tl.constexpr, DOT_FP16: tl.constexpr,
+):
+    """K and V rows of tokens ``tok`` of one sequence's KV head ([BLOCK_N, HEAD_DIM], zeros where
+    not ``valid``), read through its block table and dequantized; fp16 when the dots are.
+    Shared by the decode and prefill kernels."""
+    block = tl.load(block_table_ptr + tok // block_size, mask=valid, other=0).to(tl.int64)
+    rows = block * stride_cb + kv_head * stride_ch + (tok % block_size) * stride_ct
+    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    if QUANTIZED:
+        srows = block * stride_sb + kv_head * stride_sh + (tok % block_size) * stride_st
+        k = k * tl.load(k_scale_ptr + srows, mask=valid, other=0.0)[:, None]
+        v = v * tl.load(v_scale_ptr + srows, mask=valid, other=0.0)[:, None]
+    if DOT_FP16:
+        k = k.to(tl.float16)
+        v = v.to(tl.float16)
+    return k, v
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -67,17 +90,10 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         valid = tok < end
-        block = tl.load(block_tables_ptr + seq * stride_bts + tok // block_size, mask=valid, other=0).to(tl.int64)
-        rows = block * stride_cb + kv_head * stride_ch + (tok % block_size) * stride_ct
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        if QUANTIZED:
-            srows = block * stride_sb + kv_head * stride_sh + (tok % block_size) * stride_st
-            k = k * tl.load(k_scale_ptr + srows, mask=valid, other=0.0)[:, None]
-            v = v * tl.load(v_scale_ptr + srows, mask=valid, other=0.0)[:, None]
-        if DOT_FP16:
-            k = k.to(tl.float16)
-            v = v.to(tl.float16)
+        k, v = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr + seq * stride_bts, tok, valid, d,
+            kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT_FP16,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))

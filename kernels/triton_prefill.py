@@ -24,7 +24,7 @@ from kvtide.kernels.triton_checks import (
     check_head_dim,
     check_tensor,
 )
-from kvtide.kernels.triton_decode import LOG2E, dot_config
+from kvtide.kernels.triton_decode import LOG2E, dot_config, load_kv_tile
 from kvtide.kernels.triton_kv_write import check_kv_cache, scale_strides
 
 
@@ -68,17 +68,10 @@ def _prefill_kernel(
         for n0 in range(0, kv_end, BLOCK_N):
             tok = n0 + tl.arange(0, BLOCK_N)
             valid = tok < kv_end
-            block = tl.load(block_tables_ptr + seq * stride_bts + tok // block_size, mask=valid, other=0).to(tl.int64)
-            rows = block * stride_cb + kv_head * stride_ch + (tok % block_size) * stride_ct
-            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            if QUANTIZED:
-                srows = block * stride_sb + kv_head * stride_sh + (tok % block_size) * stride_st
-                k = k * tl.load(k_scale_ptr + srows, mask=valid, other=0.0)[:, None]
-                v = v * tl.load(v_scale_ptr + srows, mask=valid, other=0.0)[:, None]
-            if DOT_FP16:
-                k = k.to(tl.float16)
-                v = v.to(tl.float16)
+            k, v = load_kv_tile(
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr + seq * stride_bts, tok, valid, d,
+                kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT_FP16,
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             s = tl.where(valid[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
