@@ -68,16 +68,10 @@ def _channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class _Base:
-    def __init__(self, api_key: str | None, timeout_s: float | None) -> None:
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._timeout_s = timeout_s
+    """The channel, stub and call options both clients share; ``_channels`` is ``grpc`` or
+    ``grpc.aio``. ``root_certificates`` (PEM bytes) switches to TLS."""
 
-    def _call_options(self, timeout_s: float | None) -> dict[str, Any]:
-        return {"metadata": self._metadata, "timeout": timeout_s if timeout_s is not None else self._timeout_s}
-
-
-class KvtideClient(_Base):
-    """Blocking client. ``root_certificates`` (PEM bytes) switches to TLS."""
+    _channels: Any
 
     def __init__(
         self,
@@ -88,14 +82,24 @@ class KvtideClient(_Base):
         timeout_s: float | None = None,
         max_message_bytes: int = 4 * 2**20,
     ) -> None:
-        super().__init__(api_key, timeout_s)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._timeout_s = timeout_s
         options = _channel_args(max_message_bytes)
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates)
-            self.channel = grpc.secure_channel(target, creds, options=options)
+            self.channel = self._channels.secure_channel(target, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(target, options=options)
+            self.channel = self._channels.insecure_channel(target, options=options)
         self.stub = kvtide_pb2_grpc.KvtideStub(self.channel)
+
+    def _call_options(self, timeout_s: float | None) -> dict[str, Any]:
+        return {"metadata": self._metadata, "timeout": timeout_s if timeout_s is not None else self._timeout_s}
+
+
+class KvtideClient(_Base):
+    """Blocking client. ``root_certificates`` (PEM bytes) switches to TLS."""
+
+    _channels = grpc
 
     def generate(
         self, prompt: str | Iterable[int], *, model: str = "", request_id: str = "",
@@ -140,23 +144,7 @@ class KvtideClient(_Base):
 class AsyncKvtideClient(_Base):
     """asyncio client; cancelling the task that iterates a stream cancels the request."""
 
-    def __init__(
-        self,
-        target: str,
-        api_key: str | None = None,
-        *,
-        root_certificates: bytes | None = None,
-        timeout_s: float | None = None,
-        max_message_bytes: int = 4 * 2**20,
-    ) -> None:
-        super().__init__(api_key, timeout_s)
-        options = _channel_args(max_message_bytes)
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates)
-            self.channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
-        self.stub = kvtide_pb2_grpc.KvtideStub(self.channel)
+    _channels = grpc.aio
 
     def generate(
         self, prompt: str | Iterable[int], *, model: str = "", request_id: str = "",
