@@ -42,6 +42,7 @@ from routing_workload import (
     add_workload_args,
     percentile,
     prefix_stats,
+    print_comparison,
     workload_config,
 )
 
@@ -183,14 +184,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"of {stats.num_prompt_tokens}; KV demand: {stats.num_distinct_blocks} distinct blocks = "
                 f"{stats.num_distinct_blocks / capacity:.0%} of the {capacity} blocks of both replicas"
             )
-            by = {r.policy: r for r in runs}
-            if "kv_aware" in by and "round_robin" in by:
-                kv, rr = by["kv_aware"], by["round_robin"]
-                print(
-                    f"kv_aware vs round_robin: hit rate x{kv.hit_rate / max(rr.hit_rate, 1e-9):.2f}, "
-                    f"mean TTFT x{statistics.fmean(kv.ttfts_s) / statistics.fmean(rr.ttfts_s):.2f}, "
-                    f"throughput x{kv.num_output_tokens / kv.wall_s / (rr.num_output_tokens / rr.wall_s):.2f}"
-                )
+            print_comparison(runs)
         finally:
             await asyncio.gather(*(a.stop_publishing.remote() for a in actors.values()), return_exceptions=True)
             await asyncio.gather(*(a.shutdown.remote() for a in actors.values()), return_exceptions=True)

@@ -36,6 +36,7 @@ from routing_workload import (
     add_workload_args,
     percentile,
     prefix_stats,
+    print_comparison,
     workload_config,
 )
 
@@ -352,14 +353,7 @@ def main() -> None:
         f"KV demand: {stats.num_distinct_blocks} distinct blocks = {stats.num_distinct_blocks / capacity:.0%} "
         f"of the fleet's {capacity} blocks"
     )
-    by = {r.policy: r for r in runs}
-    if "kv_aware" in by and "round_robin" in by:
-        kv, rr = by["kv_aware"], by["round_robin"]
-        print(
-            f"kv_aware vs round_robin: hit rate x{kv.hit_rate / max(rr.hit_rate, 1e-9):.2f}, "
-            f"mean TTFT x{statistics.fmean(kv.ttfts_s) / statistics.fmean(rr.ttfts_s):.2f}, "
-            f"throughput x{kv.num_output_tokens / kv.wall_s / (rr.num_output_tokens / rr.wall_s):.2f}"
-        )
+    print_comparison(runs)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ partition for free.)
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -115,6 +116,19 @@ def percentile(xs: Sequence[float], q: float) -> float:
     if not s:
         return float("nan")
     return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def print_comparison(runs) -> None:
+    """kv_aware against round_robin, when both ran: hit rate, mean TTFT and throughput ratios.
+    ``runs`` have ``policy``, ``hit_rate``, ``ttfts_s``, ``num_output_tokens`` and ``wall_s``."""
+    by = {r.policy: r for r in runs}
+    if "kv_aware" in by and "round_robin" in by:
+        kv, rr = by["kv_aware"], by["round_robin"]
+        print(
+            f"kv_aware vs round_robin: hit rate x{kv.hit_rate / max(rr.hit_rate, 1e-9):.2f}, "
+            f"mean TTFT x{statistics.fmean(kv.ttfts_s) / statistics.fmean(rr.ttfts_s):.2f}, "
+            f"throughput x{kv.num_output_tokens / kv.wall_s / (rr.num_output_tokens / rr.wall_s):.2f}"
+        )
 
 
 def add_workload_args(p) -> None:
