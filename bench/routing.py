@@ -38,6 +38,7 @@ from kvtide.cluster.state_store import StateStore
 from kvtide.router import Router, policy_names
 from kvtide.workers.sampling_params import SamplingParams
 from routing_workload import (
+    RunStats,
     Workload,
     add_workload_args,
     percentile,
@@ -61,21 +62,9 @@ def parse_args() -> argparse.Namespace:
 
 
 @dataclass
-class PolicyRun:
-    policy: str
-    ttfts_s: list[float] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_output_tokens: int = 0
-    num_requests: int = 0
-    wall_s: float = 0.0
+class PolicyRun(RunStats):
     per_replica: dict[str, int] = field(default_factory=dict)
     modes: dict[str, int] = field(default_factory=dict)
-    requests: list[tuple[list[int], list[int]]] = field(default_factory=list)
-
-    @property
-    def hit_rate(self) -> float:
-        return self.num_cached_tokens / max(1, self.num_prompt_tokens)
 
     def row(self) -> str:
         return (

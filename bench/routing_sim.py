@@ -32,6 +32,7 @@ from kvtide.router import CostWeights, ReplicaLoad, ReplicaRegistration, Router
 from kvtide.router.policies import policy_names
 from kvtide.workers.block_pool import BlockPool
 from routing_workload import (
+    RunStats,
     Workload,
     add_workload_args,
     percentile,
@@ -191,21 +192,7 @@ class SimReplica:
         return done
 
 
-@dataclass
-class SimRun:
-    policy: str
-    ttfts_s: list[float] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_output_tokens: int = 0
-    num_requests: int = 0
-    wall_s: float = 0.0
-    requests: list[tuple[list[int], list[int]]] = field(default_factory=list)
-
-    @property
-    def hit_rate(self) -> float:
-        return self.num_cached_tokens / max(1, self.num_prompt_tokens)
-
+class SimRun(RunStats):
     def row(self) -> str:
         return (
             f"{self.policy:<13} hit {self.hit_rate:6.1%}  TTFT mean {statistics.fmean(self.ttfts_s):7.3f} s  "

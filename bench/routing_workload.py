@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtide.proto.block_hash import hash_full_blocks
 
@@ -118,9 +118,27 @@ def percentile(xs: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def print_comparison(runs) -> None:
-    """kv_aware against round_robin, when both ran: hit rate, mean TTFT and throughput ratios.
-    ``runs`` have ``policy``, ``hit_rate``, ``ttfts_s``, ``num_output_tokens`` and ``wall_s``."""
+@dataclass
+class RunStats:
+    """What one policy's run measured, real (routing.py) or simulated (routing_sim.py)."""
+
+    policy: str
+    ttfts_s: list[float] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    num_requests: int = 0
+    wall_s: float = 0.0
+    requests: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    """(prompt, output) token ids of every request, for ``prefix_stats``."""
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_cached_tokens / max(1, self.num_prompt_tokens)
+
+
+def print_comparison(runs: Sequence[RunStats]) -> None:
+    """kv_aware against round_robin, when both ran: hit rate, mean TTFT and throughput ratios."""
     by = {r.policy: r for r in runs}
     if "kv_aware" in by and "round_robin" in by:
         kv, rr = by["kv_aware"], by["round_robin"]
