@@ -4,8 +4,9 @@ At small batches a decode step on CPU is dominated not by arithmetic but by the 
 ops each of these takes per layer (each a dispatch, an allocation and a thread-pool wake-up):
 ~300 small ops per step for a 30-layer model. Each kernel here is one pass over the rows,
 in place where the caller allows it, on torch's intra-op pool for big batches and inline for
-small ones. Every function has a pure-torch twin (``*_ref``) with the same signature that
-the tests compare against and that serves when the compiler is missing.
+small ones. Each has a pure-torch twin that the tests compare against and that serves when
+the compiler is missing: ``norm_rope_ref.rms_norm_ref``, ``rotary_embedding_ref`` here (the
+shared rotary on table rows, in place) and ``attention_ref.write_kv_ref``.
 
 Numerics: rounding follows the twins' op order (fp32 statistics for the norm; ``x*cos -
 y*sin`` for rotary, with floating-point contraction off so no FMA changes the rounding), so
@@ -21,6 +22,8 @@ import functools
 import logging
 
 import torch
+
+from kvtide.kernels.norm_rope_ref import rotary_embedding_ref as rotary_embedding_ref_rows
 
 logger = logging.getLogger(__name__)
 
@@ -156,22 +159,11 @@ def usable(*tensors: torch.Tensor) -> bool:
 # -- RMSNorm with residual ----------------------------------------------------------------
 
 
-def fused_add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normed, new residual): the input is ``x + residual`` (or ``x``), normalised with fp32
-    statistics and scaled by ``weight``; that input is the new residual."""
-    if residual is not None:
-        x = x + residual
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype), x
-
-
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as the twin; ``residual`` is updated in place and returned."""
+    """Same contract as ``norm_rope_ref.rms_norm_ref``; ``residual`` is updated in place and
+    returned."""
     hidden = weight.shape[0]
     if x.dim() != 2 or x.shape[1] != hidden:
         raise ValueError(f"x must be [num_tokens, {hidden}], got {tuple(x.shape)}")
@@ -192,14 +184,11 @@ def fused_add_rms_norm(
 def rotary_embedding_ref(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> None:
-    """In place on q [n, heads, d] and k [n, kv_heads, d]: NeoX rotary with the [max_position,
-    d] tables ``cos``/``sin`` at ``positions`` [n]."""
-    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-    for x in (q, k):
-        half = x.shape[-1] // 2
-        a, b = x[..., :half].clone(), x[..., half:].clone()
-        x[..., :half] = a * c[..., :half] - b * s[..., :half]
-        x[..., half:] = b * c[..., half:] + a * s[..., half:]
+    """In place on q [n, heads, d] and k [n, kv_heads, d]: ``norm_rope_ref.rotary_embedding_ref``
+    with the rows of the [max_position, d] tables ``cos``/``sin`` at ``positions`` [n]."""
+    rotated = rotary_embedding_ref_rows(q, k, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+    for x, r in zip((q, k), rotated, strict=True):
+        x.copy_(r)
 
 
 def rotary_embedding(

@@ -1,9 +1,8 @@
 """Fused RMSNorm (+ residual add) and rotary embedding in Triton, each with its torch twin.
 
-Semantics are those of ``workers/layers/norm.py`` and ``workers/layers/rotary.py`` (the twins
-restate them here because kernels/ imports nothing from workers/): the residual sum is rounded
-to the input dtype before its statistics, which are fp32; rotary is the NeoX "rotate half"
-layout with cos/sin rows per token. The kernels compute in fp32 and round once, so fp16/bf16
+The twins are ``norm_rope_ref.py``'s, which the model layers run as their torch path: the
+residual sum is rounded to the input dtype before its statistics, which are fp32; rotary is
+the NeoX "rotate half" layout with cos/sin rows per token. The kernels compute in fp32 and round once, so fp16/bf16
 results may differ from the twins by an ulp.
 """
 
@@ -13,19 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtide.kernels.norm_rope_ref import rms_norm_ref, rotary_embedding_ref
 from kvtide.kernels.triton_checks import FLOAT_DTYPES, check, check_device, check_tensor
 
-
-def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual: [num_tokens, hidden]; weight: [hidden]. Returns (normed, new residual):
-    with ``residual`` the input is ``x + residual`` and that sum is the new residual."""
-    if residual is not None:
-        x = x + residual
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype), x
+__all__ = ["rms_norm", "rms_norm_ref", "rotary_embedding", "rotary_embedding_ref"]
 
 
 @triton.jit
@@ -71,19 +61,6 @@ def rms_norm(
             BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
         )
     return out, residual_out
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotary_embedding_ref(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim];
-    cos, sin: [num_tokens, 1, head_dim] in q's dtype. Returns the rotated (q, k)."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 @triton.jit

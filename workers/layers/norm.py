@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from kvtide.kernels import cpu_ops
-from torch import nn
+from kvtide.kernels.norm_rope_ref import rms_norm_ref
 
 
 class RMSNorm(nn.Module):
@@ -13,12 +14,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as the reference implementations (fp32 statistics).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -29,7 +24,5 @@ class RMSNorm(nn.Module):
         NOTE: on the compiled CPU path ``residual`` is updated in place and returned (one
         pass instead of five ops); callers never reuse the residual they pass in."""
         if cpu_ops.usable(x, self.weight):
-            return cpu_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = x + residual
-        return self._norm(x), x
+            return cpu_ops.fused_add_rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm_ref(x, self.weight, self.eps, residual)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kvtide.kernels import cpu_ops
+from kvtide.kernels.norm_rope_ref import rotary_embedding_ref as apply_rotary
 from torch import nn
 
 
@@ -77,15 +78,3 @@ class RopeStep:
             return apply_rotary(q, k, *self.gathered)
         cpu_ops.rotary_embedding(q, k, self.positions, self.cos_table, self.sin_table)
         return q, k
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [num_tokens, num_heads, head_dim]; k likewise with kv heads; cos/sin from ``cos_sin``."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
