@@ -81,6 +81,8 @@ class FrontendConfig:
     """Accepted bearer tokens; empty disables auth."""
     max_message_bytes: int = 4 * 2**20
     """Largest request body (gRPC message or HTTP body)."""
+    max_prompts_per_request: int = 64
+    """Prompts in one batched ``/v1/completions`` request (each is its own request inside)."""
 
 
 @dataclass(frozen=True)

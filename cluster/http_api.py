@@ -15,6 +15,8 @@ polls for the disconnect while it waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -26,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kvtide.cluster.gateway import ChoiceDelta, Code, Gateway, ServingError, Usage, api_key_ok
+from kvtide.cluster.gateway import ChoiceDelta, Code, Gateway, PreparedRequest, ServingError, Usage, api_key_ok
 
 _HTTP_STATUS = {
     Code.INVALID_ARGUMENT: (400, "BadRequestError"),
@@ -189,17 +191,20 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def completions(request: Request) -> Response:
         body = _parse(CompletionBody, await _body(request, config.max_message_bytes))
         gateway.check_model(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ServingError(
-                    Code.INVALID_ARGUMENT, f"prompt must be one prompt (a string or token ids), got {len(prompt)}"
-                )
-            prompt = prompt[0]
+        prompts = _prompts(body.prompt, config.max_prompts_per_request)
         kwargs = body.sampling_kwargs(body.logprobs)
         kwargs.setdefault("max_tokens", 16)  # OpenAI's default for completions
-        prepared = gateway.prepare(prompt, kwargs)
-        return await _respond(request, gateway, prepared, body, "text_completion", "cmpl")
+        prepared = []
+        for i, p in enumerate(prompts):  # every prompt is checked before any runs
+            try:
+                prepared.append(gateway.prepare(p, kwargs))
+            except ServingError as exc:
+                if len(prompts) > 1:
+                    exc.message = f"prompt[{i}]: {exc.message}"
+                raise
+        stream = _merged(gateway, prepared)
+        num_choices = len(prepared) * prepared[0].params.n
+        return await _respond(request, gateway, stream, num_choices, body, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -211,7 +216,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         if body.max_completion_tokens is not None:
             kwargs["max_tokens"] = body.max_completion_tokens
         prepared = gateway.prepare(prompt, kwargs)
-        return await _respond(request, gateway, prepared, body, "chat.completion", "chatcmpl")
+        stream = gateway.generate(prepared)
+        return await _respond(request, gateway, stream, prepared.params.n, body, "chat.completion", "chatcmpl")
 
     return app
 
@@ -256,14 +262,67 @@ def _content(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(parts)
 
 
-async def _respond(request, gateway, prepared, body, kind: str, id_prefix: str) -> Response:
+def _prompts(prompt: str | list[int] | list[str] | list[list[int]], limit: int) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes as a list of prompts: a string, token ids, or a list of either."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise ServingError(Code.INVALID_ARGUMENT, "prompt must contain at least 1 token, got 0")
+    if len(prompt) > limit:
+        raise ServingError(
+            Code.INVALID_ARGUMENT, f"prompt is a list of {len(prompt)} prompts; the limit is {limit} per request"
+        )
+    return list(prompt)
+
+
+async def _merged(gateway: Gateway, prepared: list[PreparedRequest]) -> AsyncIterator[ChoiceDelta]:
+    """The prompts of one completions request as one stream of choices, as OpenAI numbers them:
+    prompt i's choice j is index ``i * n + j``. Each prompt is its own request (admitted and
+    routed on its own, so a batch spreads over replicas); the usage of all of them, summed,
+    rides on the last delta. One failing prompt fails the request and aborts the others."""
+    if len(prepared) == 1:
+        async with contextlib.aclosing(gateway.generate(prepared[0])) as only:
+            async for d in only:
+                yield d
+        return
+    n = prepared[0].params.n
+    queue: asyncio.Queue[tuple[ChoiceDelta | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, request: PreparedRequest) -> None:
+        try:
+            async with contextlib.aclosing(gateway.generate(request)) as deltas:
+                async for d in deltas:
+                    await queue.put((dataclasses.replace(d, index=i * n + d.index), None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((None, exc))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared)]
+    usages: list[Usage] = []
+    try:
+        while len(usages) < len(prepared):
+            delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta.usage is not None:
+                usages.append(delta.usage)
+                total = None
+                if len(usages) == len(prepared):  # the last delta of the last prompt
+                    total = Usage(*(sum(getattr(u, f) for u in usages) for f in Usage.__dataclass_fields__))
+                delta = dataclasses.replace(delta, usage=total)
+            yield delta
+    finally:
+        for t in tasks:
+            t.cancel()  # closes each prompt's stream, which aborts it on its replica
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _respond(request, gateway, stream, num_choices: int, body, kind: str, id_prefix: str) -> Response:
     chat = kind == "chat.completion"
     response_id = f"{id_prefix}-{uuid.uuid4().hex}"
     head = {"id": response_id, "created": int(time.time()), "model": gateway.spec.name}
-    stream = gateway.generate(prepared)
     if not body.stream:
         deltas = await _unless_disconnected(request, _collect(stream))
-        return JSONResponse(_full_response(head, kind, deltas, prepared.params.n, gateway.tokenizer))
+        return JSONResponse(_full_response(head, kind, deltas, num_choices, gateway.tokenizer))
     try:
         first = await _unless_disconnected(request, anext(stream))
     except BaseException:

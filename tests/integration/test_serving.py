@@ -169,6 +169,24 @@ def test_openai_text_completion_equals_the_engine(server, oai):
     assert "".join(c.choices[0].text for c in streamed) == text
     assert [m.id for m in oai.models.list()] == ["smollm2-135m"]
 
+    # A list of prompts: choice i is prompt i, usage is their sum, streamed or not.
+    other = "Once upon a time"
+    other_tokens, other_text = engine_reference(server, other, max_tokens=10)
+    batch = oai.completions.create(model="smollm2-135m", prompt=[prompt, other], max_tokens=10, temperature=0)
+    assert [(c.index, c.text) for c in batch.choices] == [(0, text), (1, other_text)]
+    assert batch.usage.completion_tokens == len(tokens) + len(other_tokens)
+    streamed = oai.completions.create(
+        model="smollm2-135m", prompt=[prompt, other], max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, usage = ["", ""], None
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+        usage = chunk.usage or usage
+    assert texts == [text, other_text]
+    assert usage.completion_tokens == len(tokens) + len(other_tokens)
+
 
 # -- gRPC -----------------------------------------------------------------------------------
 

@@ -13,10 +13,21 @@ import pytest
 import tokenizers
 
 from kvtide.cluster.frontend import sampling_kwargs
-from kvtide.cluster.gateway import FrontendConfig, Gateway, ModelSpec, api_key_ok
-from kvtide.cluster.http_api import create_app
+from kvtide.cluster.gateway import (
+    ChoiceDelta,
+    Code,
+    FrontendConfig,
+    Gateway,
+    ModelSpec,
+    PreparedRequest,
+    ServingError,
+    Usage,
+    api_key_ok,
+)
+from kvtide.cluster.http_api import _merged, create_app
 from kvtide.cluster.replica_set import ReplicaSet
 from kvtide.proto import kvtide_pb2
+from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.tokenizer import Tokenizer, TokenizerConfig
 
 KEY = "k-123"
@@ -113,3 +124,65 @@ def test_proto_sampling_params_pass_only_the_fields_set():
     assert sampling_kwargs(kvtide_pb2.SamplingParams()) == {}
     params = kvtide_pb2.SamplingParams(temperature=0.0, max_tokens=3, stop=["\n"], logit_bias={5: -1.0})
     assert sampling_kwargs(params) == {"temperature": 0.0, "max_tokens": 3, "stop": ("\n",), "logit_bias": {5: -1.0}}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "needle"),
+    [
+        ([], "at least 1 token"),
+        (["hello", "hello " * 8], "prompt[1]: This model's maximum context length is 8 tokens"),
+        ([[1, 2], [3, 99]], "prompt[1]: prompt token 1 is 99"),
+        (["hello"] * 5, "a list of 5 prompts; the limit is 4 per request"),
+    ],
+)
+def test_batched_prompts_are_all_checked_before_any_runs(prompt, needle):
+    r = _request(_gateway(max_prompts_per_request=4), "POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+class _FakeGateway:
+    """``generate`` streams two choices of one token each per prompt; prompt ``fail`` fails
+    after its first delta. Records which streams were closed."""
+
+    def __init__(self, fail: int | None = None) -> None:
+        self.fail = fail
+        self.closed: list[int] = []
+
+    async def generate(self, request):
+        i = request.prompt_token_ids[0]
+        try:
+            for j in range(2):
+                await asyncio.sleep(0.01 * (i + 1))
+                if i == self.fail and j == 1:
+                    raise ServingError(Code.UNAVAILABLE, f"replica of prompt {i} died")
+                usage = Usage(10 + i, 2, i) if j == 1 else None
+                yield ChoiceDelta(j, (i,), f"p{i}c{j}", (), "length", None, "r", usage)
+            await asyncio.sleep(10 if i == 0 and self.fail is not None else 0)
+        finally:
+            self.closed.append(i)
+
+
+def _prepared(i: int) -> PreparedRequest:
+    return PreparedRequest(f"r{i}", (i,), SamplingParams(n=2, max_tokens=1))
+
+
+def test_batched_prompts_stream_as_openai_numbers_the_choices():
+    async def go():
+        return [d async for d in _merged(_FakeGateway(), [_prepared(i) for i in range(3)])]
+
+    deltas = asyncio.run(go())
+    assert sorted((d.index, d.text) for d in deltas) == [(i * 2 + j, f"p{i}c{j}") for i in range(3) for j in range(2)]
+    assert [d.usage for d in deltas[:-1]] == [None] * 5
+    assert deltas[-1].usage == Usage(10 + 11 + 12, 6, 0 + 1 + 2)
+
+
+def test_one_failing_prompt_fails_the_batch_and_closes_the_others():
+    gw = _FakeGateway(fail=1)
+
+    async def go():
+        return [d async for d in _merged(gw, [_prepared(i) for i in range(3)])]
+
+    with pytest.raises(ServingError, match="replica of prompt 1 died"):
+        asyncio.run(go())
+    assert sorted(gw.closed) == [0, 1, 2]
