@@ -1,18 +1,22 @@
-"""gRPC over TLS from a cert/key pair (what ``kvtide serve --tls-cert/--tls-key`` passes): a
-client that trusts the certificate gets answers, a plaintext client does not. A replica-less
-gateway suffices: Tokenize never reaches a replica."""
+"""gRPC and HTTP over TLS from a cert/key pair (what ``kvtide serve --tls-cert/--tls-key``
+passes): a client that trusts the certificate gets answers, a plaintext client or one that
+does not trust it does not. A replica-less gateway suffices: Tokenize and /v1/models never
+reach a replica."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 import subprocess
 
 import grpc
+import httpx
 import pytest
 
 from kvtide.cluster.client import KvtideClient
 from kvtide.cluster.frontend import start_grpc_server
+from kvtide.cluster.serve import Server, ServeConfig
 from tests.unit.test_http_api import KEY, _gateway
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
@@ -48,3 +52,31 @@ def test_grpc_over_tls_serves_trusting_clients_only(cert_and_key):
     finally:
         loop.run_until_complete(server.stop(0))
         loop.close()
+
+
+def test_http_over_tls_serves_trusting_clients_only(cert_and_key, tmp_path):
+    """The HTTP server exactly as ``kvtide serve --tls-cert/--tls-key`` starts it (``Server._start_http``)."""
+    cert, key = cert_and_key
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    config = ServeConfig(http_port=0, tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem")
+
+    async def go() -> None:
+        server = Server(config)
+        server.gateway = _gateway()
+        await server._start_http(tls=True)
+        try:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cadata=cert.decode())) as client:
+                r = await client.get(f"https://127.0.0.1:{server.http_port}/v1/models", headers=headers)
+                assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+            async with httpx.AsyncClient() as client:  # does not trust the self-signed certificate
+                with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await client.get(f"https://127.0.0.1:{server.http_port}/health")
+                with pytest.raises(httpx.HTTPError):  # plaintext against the TLS port
+                    await client.get(f"http://127.0.0.1:{server.http_port}/health")
+        finally:
+            server._http.should_exit = True
+            await asyncio.gather(*server._tasks)
+
+    asyncio.run(go())
