@@ -191,6 +191,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def completions(request: Request) -> Response:
         body = _parse(CompletionBody, await _body(request, config.max_message_bytes))
         gateway.check_model(body.model)
+        if body.echo:
+            # NOTE: echo's use is scoring prompts (with logprobs), which needs prompt logprobs
+            # the engine does not compute; refuse rather than answer without the echo.
+            raise ServingError(Code.INVALID_ARGUMENT, "echo=true is not supported (no prompt logprobs); send echo=false")
         prompts = _prompts(body.prompt, config.max_prompts_per_request)
         kwargs = body.sampling_kwargs(body.logprobs)
         kwargs.setdefault("max_tokens", 16)  # OpenAI's default for completions
@@ -307,7 +311,11 @@ async def _merged(gateway: Gateway, prepared: list[PreparedRequest]) -> AsyncIte
                 usages.append(delta.usage)
                 total = None
                 if len(usages) == len(prepared):  # the last delta of the last prompt
-                    total = Usage(*(sum(getattr(u, f) for u in usages) for f in Usage.__dataclass_fields__))
+                    total = Usage(
+                        sum(u.prompt_tokens for u in usages),
+                        sum(u.completion_tokens for u in usages),
+                        sum(u.cached_tokens for u in usages),
+                    )
                 delta = dataclasses.replace(delta, usage=total)
             yield delta
     finally:

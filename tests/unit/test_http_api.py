@@ -84,6 +84,7 @@ def test_every_route_but_health_needs_the_key():
         ({"prompt": "hello", "model": "gpt-9"}, 404, "'gpt-9' does not exist"),
         ({"prompt": [1, 99]}, 400, "prompt token 1 is 99"),
         ({"prompt": "hello", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ({"prompt": "hello", "echo": True}, 400, "echo=true is not supported"),
         ({"prompt": "hello", "max_tokens": 2}, 503, "no replica can serve the request"),
     ],
 )
