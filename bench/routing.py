@@ -1,12 +1,14 @@
-"""KV-aware routing on real replicas: 2 SmolLM2-135M ReplicaActors (TP=1) on a local Ray
-cluster on loopback, a shared-prefix chat workload, each routing policy in turn.
+"""KV-aware routing on real replicas: 2 SmolLM2-135M ReplicaActors (TP=1; ``--num-replicas``)
+on a local Ray cluster on loopback, a shared-prefix chat workload, each routing policy in turn.
 
 The whole serving path except the frontend: each replica publishes its KV events, load and
 heartbeat to an embedded Redis (``Replica.start_publishing``); a ``ClusterState`` feeds a
 fresh ``Router`` per policy from Redis (resyncing from ``Replica.kv_snapshot``); closed-loop
 clients ask ``Router.choose`` and stream from the chosen replica. Each replica has a small KV
 cache (``--num-blocks``) that holds about half of the system prompts, so where a request goes
-decides whether its prefix is a hit. Caches are cleared between policies.
+decides whether its prefix is a hit. Caches are cleared between policies. With
+``--num-replicas N`` the workload is scaled by N/2 (system prompts, users, clients), so each
+replica sees what one of the two default replicas sees.
 
 Prints per policy: prefix-cache hit rate (cached / prompt tokens, as the engine reports it),
 mean and p90 TTFT (send to first delta, queueing included), request and token throughput,
@@ -54,6 +56,7 @@ POLICIES = ["round_robin", "least_loaded", "kv_aware"]
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smoke run: 6 users, 2 turns")
+    p.add_argument("--num-replicas", type=int, default=2, help="even; the workload is scaled by N/2")
     p.add_argument("--num-blocks", type=int, default=44, help="KV blocks per replica (16 tokens each)")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {policy_names()}")
     p.add_argument("--seed", type=int, default=0)
@@ -136,7 +139,7 @@ async def run_policy(policy: str, actors: dict, url: str, workload: Workload, bl
 async def main_async(args: argparse.Namespace) -> None:
     if args.quick:
         args.num_users, args.num_turns = 6, 2
-    cfg = workload_config(args)
+    cfg = workload_config(args).scaled(max(1, args.num_replicas // 2))
     workload = Workload(cfg)
     block_size = 16
     with start_redis() as redis_server:
@@ -145,7 +148,7 @@ async def main_async(args: argparse.Namespace) -> None:
             f"replica-{i}": ReplicaActor.options(num_cpus=0).remote(
                 "smollm2-135m", cpus_per_shard=1.0, num_blocks=args.num_blocks, block_size=block_size
             )
-            for i in range(2)
+            for i in range(args.num_replicas)
         }
         try:
             warm = SamplingParams(temperature=0.0, max_tokens=2)
@@ -162,7 +165,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 print(run.row(), flush=True)
                 runs.append(run)
             stats = prefix_stats(runs[0].requests, block_size)
-            capacity = 2 * args.num_blocks
+            capacity = args.num_replicas * args.num_blocks
             print(
                 f"\nworkload: {cfg.num_system_prompts} system prompts x {cfg.system_prompt_tokens} tokens, "
                 f"{cfg.num_users} users x {cfg.num_turns} turns (+{cfg.user_tokens} tokens each, "
@@ -171,7 +174,7 @@ async def main_async(args: argparse.Namespace) -> None:
             print(
                 f"shared prompt tokens (hit rate of one infinite cache): {stats.shared_share:.1%} "
                 f"of {stats.num_prompt_tokens}; KV demand: {stats.num_distinct_blocks} distinct blocks = "
-                f"{stats.num_distinct_blocks / capacity:.0%} of the {capacity} blocks of both replicas"
+                f"{stats.num_distinct_blocks / capacity:.0%} of the {capacity} blocks of {args.num_replicas} replicas"
             )
             print_comparison(runs)
         finally:
@@ -181,7 +184,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address=LOOPBACK)
+    if args.num_replicas < 2 or args.num_replicas % 2:
+        raise SystemExit(f"--num-replicas must be even and >= 2, got {args.num_replicas}")
+    ray.init(address="local", num_cpus=args.num_replicas + 2, include_dashboard=False, _node_ip_address=LOOPBACK)
     try:
         asyncio.run(main_async(args))
     finally:

@@ -141,6 +141,8 @@ class SimReplica:
                     break
                 cached.append(b)
             total = -(-(len(r.prompt) + len(r.reply)) // BLOCK_SIZE)
+            if total > self.pool.num_blocks:
+                raise ValueError(f"a request needs {total} KV blocks; replica {self.rid} has {self.pool.num_blocks}")
             revived = sum(1 for b in cached if self.pool.ref_count(b) == 0)
             if total - len(cached) > self.pool.num_free_blocks - revived:
                 return  # FCFS: the head waits for room
