@@ -135,7 +135,8 @@ def cmd_serve(args) -> int:
             redis_url=args.redis_url, routing_policy=args.routing_policy,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
             drain_timeout_s=args.drain_timeout_s,
-            frontend=FrontendConfig(api_keys=api_keys, max_in_flight=args.max_in_flight, max_queued=args.max_queued),
+            frontend=FrontendConfig(api_keys=api_keys, max_in_flight=args.max_in_flight, max_queued=args.max_queued,
+                                    request_timeout_s=args.request_timeout_s),
         )  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--drain-timeout-s", type=float, default=30.0, help="on Ctrl-C/SIGTERM, how long in-flight requests may finish")
     s.add_argument("--max-in-flight", type=int, default=256, help="requests streaming at once")
     s.add_argument("--max-queued", type=int, default=256, help="requests waiting for admission; more get 429")
+    s.add_argument("--request-timeout-s", type=float, default=None,
+                   help="the server's deadline per request, admission wait included (gRPC: the earlier of this "
+                        "and the client's); past it DEADLINE_EXCEEDED / HTTP 504 (default: none)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     configure_threads(args.threads)  # before anything imports torch

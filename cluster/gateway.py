@@ -83,6 +83,14 @@ class FrontendConfig:
     """Largest request body (gRPC message or HTTP body)."""
     max_prompts_per_request: int = 64
     """Prompts in one batched ``/v1/completions`` request (each is its own request inside)."""
+    request_timeout_s: float | None = None
+    """The server's deadline for every request, admission wait included (None: none). gRPC
+    clients bring their own deadline as well, and the earlier one wins; over HTTP this is the
+    only one the server knows. Past it: DEADLINE_EXCEEDED / 504, aborted on its replica."""
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 (or None for no limit), got {self.request_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +217,7 @@ class Gateway:
     # -- admission -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
+    async def _admitted(self, arrival_s: float) -> AsyncIterator[None]:
         if self.draining:
             raise ServingError(Code.UNAVAILABLE, "the server is draining for shutdown; retry on another server")
         if self._slots.locked() and self.num_queued >= self.config.max_queued:
@@ -221,7 +229,8 @@ class Gateway:
             )
         self.num_queued += 1
         try:
-            await self._slots.acquire()  # cancelled here: the request never reached a replica
+            # cancelled or timed out here: the request never reached a replica
+            await self._within_deadline(self._slots.acquire(), arrival_s, "waiting for admission")
         finally:
             self.num_queued -= 1
         self.num_in_flight += 1
@@ -236,7 +245,7 @@ class Gateway:
     async def generate(self, request: PreparedRequest) -> AsyncIterator[ChoiceDelta]:
         """Stream one request's choices; raises ServingError. Closing the iterator early (or
         cancelling its consumer) aborts the request on its replica."""
-        async with self._admitted():
+        async with self._admitted(request.arrival_s):
             try:
                 routed = self.replicas.choose(request.prompt_token_ids, request.params.max_tokens)
             except NoReplicaAvailable as exc:
@@ -245,10 +254,30 @@ class Gateway:
             self._active[request.request_id] = active
             try:
                 async with contextlib.aclosing(self._choices(request, routed, active)) as choices:
-                    async for delta in choices:
+                    while True:
+                        try:
+                            delta = await self._within_deadline(anext(choices), request.arrival_s, "generating")
+                        except StopAsyncIteration:
+                            break
                         yield delta
             finally:
                 self._active.pop(request.request_id, None)
+
+    async def _within_deadline(self, awaitable, arrival_s: float, doing: str):
+        """``awaitable``'s result, unless the server's request timeout passes first: then it is
+        cancelled (a stream's cancellation aborts the request on its replica) and the request
+        fails with DEADLINE_EXCEEDED."""
+        timeout_s = self.config.request_timeout_s
+        if timeout_s is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, arrival_s + timeout_s - time.perf_counter()))
+        except TimeoutError:
+            raise ServingError(
+                Code.DEADLINE_EXCEEDED,
+                f"the request passed the server's request timeout of {timeout_s:g} s while {doing} "
+                f"(request_timeout_s={timeout_s:g})",
+            ) from None
 
     async def _choices(self, request: PreparedRequest, routed: RoutedReplica, active: _Active):
         p = request.params

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvtide.cluster.client import AsyncKvtideClient, KvtideClient
 from kvtide.cluster.frontend import start_grpc_server
 from kvtide.cluster.gateway import FrontendConfig, Gateway
+from kvtide.cluster.http_api import create_app
 from kvtide.cluster.serve import Server, ServeConfig
 from kvtide.proto import kvtide_pb2, kvtide_pb2_grpc
 from kvtide.workers.sampling_params import SamplingParams
@@ -407,6 +408,34 @@ def test_full_admission_queue_and_drain(server, client):
         runner.run(second.stop(0))
     assert_idle(server)
     assert client.complete("Hello", max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_server_request_timeout_aborts_over_grpc_and_http(server):
+    """A frontend with ``request_timeout_s``: a request that outlives it gets DEADLINE_EXCEEDED
+    over gRPC and 504 over HTTP (which has no deadline of its own), and leaves the replica idle."""
+    srv, runner = server
+    assert_idle(server)
+    config = FrontendConfig(request_timeout_s=2.0)
+    gateway = Gateway(srv.gateway.spec, srv.gateway.tokenizer, srv.gateway.replicas, config)
+    second = runner.run(start_grpc_server(gateway, port=0))
+    try:
+        with KvtideClient(f"127.0.0.1:{second.port}", timeout_s=TIMEOUT_S) as other:
+            with pytest.raises(grpc.RpcError) as err:
+                list(other.generate("A long story:", **LONG))
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "request_timeout_s=2" in err.value.details()
+        assert_idle(server)
+
+        async def over_http() -> httpx.Response:
+            transport = httpx.ASGITransport(app=create_app(gateway))
+            async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as c:
+                return await c.post("/v1/completions", json={"prompt": "A long story:", **LONG}, timeout=60)
+
+        r = runner.run(over_http())
+        assert r.status_code == 504 and "request_timeout_s=2" in r.json()["error"]["message"]
+        assert_idle(server)
+    finally:
+        runner.run(second.stop(0))
 
 
 def test_metrics_show_the_engine_and_the_routing_mode(server, oai):

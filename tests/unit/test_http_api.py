@@ -187,3 +187,22 @@ def test_one_failing_prompt_fails_the_batch_and_closes_the_others():
     with pytest.raises(ServingError, match="replica of prompt 1 died"):
         asyncio.run(go())
     assert sorted(gw.closed) == [0, 1, 2]
+
+
+def test_request_timeout_bounds_the_wait_for_admission():
+    gw = _gateway(max_in_flight=1, request_timeout_s=0.2)
+
+    async def go():
+        await gw._slots.acquire()  # another request holds the only slot
+        request = gw.prepare("hello", {"max_tokens": 1})
+        with pytest.raises(ServingError) as err:
+            async for _ in gw.generate(request):
+                pass
+        assert gw.num_queued == 0 and gw._slots.locked()  # the waiter left, the slot is still the holder's
+        return err.value
+
+    error = asyncio.run(go())
+    assert error.code == Code.DEADLINE_EXCEEDED
+    assert "request timeout of 0.2 s while waiting for admission (request_timeout_s=0.2)" in error.message
+    with pytest.raises(ValueError, match="request_timeout_s must be > 0"):
+        FrontendConfig(request_timeout_s=0)
