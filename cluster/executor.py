@@ -61,12 +61,13 @@ class RayExecutor:
         max_in_flight: int | None = None,
         kv_cache_dtype: torch.dtype | None = None,
         quantization: str = "none",
+        placement_owner: str = "",
     ) -> None:
         check_shape(LlamaArgs.from_hf_config(read_hf_config(model_dir)), shape)
         self.shape = shape
         self.step_timeout_s = step_timeout_s
         self._workers: list = []  # actor handles by global rank
-        self.placement: ReplicaPlacement = place_replica(shape, timeout_s)
+        self.placement: ReplicaPlacement = place_replica(shape, timeout_s, placement_owner)
         try:
             hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
             for stage in range(shape.pp):

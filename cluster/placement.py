@@ -12,6 +12,12 @@ now, chosen from Ray's per-node free resources. The hint is soft: when the targe
 Ray packs the stage elsewhere (possibly beside another stage) instead of failing, so a
 small cluster still serves. A hard per-node constraint (a node-id label selector) was the
 alternative; it would turn a busy node into a placement failure.
+
+Ray frees a placement group when the job *and* the actor that created it are both gone. The
+replica actor creates its shards' groups, so a replica that dies while its frontend keeps
+running would hold its CPUs/GPUs until the frontend exits. Groups are therefore named
+``{owner}/stage{s}`` after a name the frontend chooses, and ``remove_groups(owner)`` frees
+a dead replica's groups from outside it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray._raylet import PlacementGroupID
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
@@ -79,26 +91,28 @@ class ReplicaPlacement:
     def remove(self) -> None:
         """Free every group (idempotent; actors inside them are killed by Ray)."""
         for group in self.groups:
-            _remove_quietly(group)
+            remove_quietly(group)
 
 
-def place_replica(shape: ReplicaShape, timeout_s: float) -> ReplicaPlacement:
-    """Reserve the replica's resources; raises ``PlacementError`` naming what did not fit."""
+def place_replica(shape: ReplicaShape, timeout_s: float, owner: str = "") -> ReplicaPlacement:
+    """Reserve the replica's resources; raises ``PlacementError`` naming what did not fit.
+    ``owner`` names the groups (``{owner}/stage{s}``) so ``remove_groups(owner)`` finds them."""
     targets = _target_nodes(shape)
     groups = tuple(
         placement_group(
             [shape.bundle] * shape.tp,
             strategy="STRICT_PACK",
+            name=f"{owner}/stage{stage}" if owner else "",
             _soft_target_node_id=target,
         )
-        for target in targets
+        for stage, target in enumerate(targets)
     )
     refs = [g.ready() for g in groups]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if len(ready) < len(refs):
         missing = [stage for stage, ref in enumerate(refs) if ref not in ready]
         for group in groups:
-            _remove_quietly(group)
+            remove_quietly(group)
         raise PlacementError(
             f"could not place pipeline stage(s) {missing} of a tp={shape.tp} x pp={shape.pp} replica "
             f"within {timeout_s} s: each stage needs {shape.tp} x {shape.bundle} on one node; "
@@ -146,7 +160,21 @@ def _free_by_node() -> dict[str, dict[str, float]]:
         return {}
 
 
-def _remove_quietly(group: PlacementGroup) -> None:
+def remove_groups(owner: str) -> int:
+    """Free every live group named ``{owner}/...``; returns how many. ``owner`` may be a
+    path prefix shared by several replicas (``kvtide-1a2b`` frees ``kvtide-1a2b/replica-0/...``
+    and ``kvtide-1a2b/replica-1/...``). Safe on groups their replica already freed."""
+    if not owner:
+        raise ValueError("owner must be non-empty: an empty prefix would match every group")
+    removed = 0
+    for group_id, info in placement_group_table().items():
+        if info.get("name", "").startswith(owner + "/") and info.get("state") != "REMOVED":
+            remove_quietly(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+            removed += 1
+    return removed
+
+
+def remove_quietly(group: PlacementGroup) -> None:
     try:
         remove_placement_group(group)
     except Exception:  # already removed, or the cluster is gone

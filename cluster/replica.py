@@ -183,8 +183,11 @@ class Replica:
         pp: int = 1,
         cpus_per_shard: float = 1.0,
         start_timeout_s: float = 300.0,
+        placement_owner: str = "",
         **engine_options,
     ) -> None:
+        """``placement_owner`` names the shards' placement groups (``placement.remove_groups``),
+        so whoever started this replica can free them if it dies."""
         model_dir = resolve_model(model)
         config = EngineConfig.from_kwargs(model=str(model_dir), **engine_options)
         resolved = resolve(config, str(model_dir), read_hf_config(model_dir))
@@ -200,6 +203,7 @@ class Replica:
                 attention_backend=resolved.attention_backend,
                 kv_cache_dtype=resolved.kv_cache_dtype,
                 quantization=config.model.quantization,
+                placement_owner=placement_owner,
             )
         )
         try:

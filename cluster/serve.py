@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import uvicorn
 from kvtide.cluster.cluster_state import ClusterState
 from kvtide.cluster.frontend import GrpcServer, start_grpc_server
 from kvtide.cluster.gateway import FrontendConfig, Gateway, ModelSpec
+from kvtide.cluster.placement import remove_groups
 from kvtide.cluster.http_api import create_app
 from kvtide.cluster.replica import ReplicaActor
 from kvtide.cluster.replica_set import ReplicaSet
@@ -96,6 +98,9 @@ class Server:
         self._http: _Uvicorn | None = None
         self._tasks: list[asyncio.Task] = []
         self._state: ClusterState | None = None
+        self.placement_owner = f"kvtide-{uuid.uuid4().hex[:12]}"
+        """Prefix of every placement group this server's replicas create."""
+        self._failed: set[str] = set()
 
     async def start(self) -> None:
         try:
@@ -112,7 +117,7 @@ class Server:
         self._start_redis()
         router = await self._start_cluster_state()
         replicas = ReplicaSet(self._actors, router, feed_loads=self._state.store is None)
-        replicas.on_replica_failed = self._state.replica_failed
+        replicas.on_replica_failed = self._replica_failed
         await replicas.refresh_stats()
         self.gateway = Gateway(spec, tokenizer, replicas, cfg.frontend)
         self._tasks.append(asyncio.create_task(replicas.refresh_forever(cfg.stats_interval_s)))
@@ -147,8 +152,9 @@ class Server:
         cfg = self.config
         for i in range(cfg.num_replicas):
             self._actors[f"replica-{i}"] = ReplicaActor.options(num_cpus=0).remote(
-                cfg.model, cfg.tp, cfg.pp, start_timeout_s=cfg.replica_start_timeout_s, **cfg.engine_options
-            )
+                cfg.model, cfg.tp, cfg.pp, start_timeout_s=cfg.replica_start_timeout_s,
+                placement_owner=f"{self.placement_owner}/replica-{i}", **cfg.engine_options,
+            )  # fmt: skip
         for rid, actor in self._actors.items():
             await asyncio.wait_for(actor.health.remote(), cfg.replica_start_timeout_s)
             info = await actor.info.remote()
@@ -181,6 +187,24 @@ class Server:
                 raise TimeoutError(f"replicas did not register with the router: {router.status()}")
             await asyncio.sleep(0.05)
         return router
+
+    def _replica_failed(self, replica_id: str) -> None:
+        """A request found the replica dead: stop routing to it now, and free its shards'
+        placement groups once Ray confirms the actor is gone (a live one keeps them)."""
+        if self._state is not None:
+            self._state.replica_failed(replica_id)
+        if replica_id not in self._failed:
+            self._failed.add(replica_id)
+            self._tasks.append(asyncio.create_task(self._free_if_dead(replica_id)))
+
+    async def _free_if_dead(self, replica_id: str) -> None:
+        try:
+            await asyncio.wait_for(self._actors[replica_id].num_restarts.remote(), 30.0)
+        except ray.exceptions.ActorDiedError:
+            freed = await asyncio.to_thread(remove_groups, f"{self.placement_owner}/{replica_id}")
+            logger.warning("%s is dead; freed its %d placement group(s)", replica_id, freed)
+        except Exception as exc:  # noqa: BLE001 - alive but slow, or unreachable: leave it for stop()
+            logger.info("%s did not answer as dead (%s); its placement groups stay until stop", replica_id, exc)
 
     def _start_redis(self) -> None:
         url = self.config.redis_url
@@ -238,6 +262,10 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(actor.shutdown.remote(), 30.0)
             ray.kill(actor)
+        if self._actors and ray.is_initialized():
+            # Each replica frees its shards' groups in shutdown(); this frees those of any that
+            # died or did not get that far (Ray would keep them until this job ends).
+            remove_groups(self.placement_owner)
         self._actors.clear()
         if self._redis is not None:
             self._redis.stop()

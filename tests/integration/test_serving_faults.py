@@ -1,7 +1,8 @@
 """``kvtide serve`` under faults, end to end on loopback: two real SmolLM2 replicas, the
 embedded Redis and the gRPC frontend. Redis stopped and restarted while requests stream: none
 fails and routing returns to exact mode. A replica killed mid-request: that request ends
-with a clear error, and the next requests are served by the other replica.
+with a clear error, the next requests are served by the other replica, and the dead
+replica's placement groups are freed.
 
 The replica test kills a replica, so it runs last (this module's server is its own).
 """
@@ -14,6 +15,7 @@ import time
 import grpc
 import pytest
 import ray
+from ray.util.placement_group import placement_group_table
 
 from kvtide.cluster.client import KvtideClient
 from kvtide.cluster.redis_server import start_redis
@@ -87,6 +89,12 @@ def test_a_killed_replica_fails_its_request_clearly_and_the_other_serves(served)
     first = next(stream)  # the request is running
     victim = first.replica_id
     assert victim in srv.gateway.replicas.actors
+
+    def victim_groups() -> set[str]:
+        prefix = f"{srv.placement_owner}/{victim}/"
+        return {g["state"] for g in placement_group_table().values() if g["name"].startswith(prefix)}
+
+    assert victim_groups() == {"CREATED"}  # its shard's group, named so the server can find it
     ray.kill(srv.gateway.replicas.actors[victim], no_restart=True)
     with pytest.raises(grpc.RpcError) as info:
         for _ in stream:
@@ -95,6 +103,8 @@ def test_a_killed_replica_fails_its_request_clearly_and_the_other_serves(served)
     assert f"replica {victim} is unavailable" in info.value.details()
     # The router drops it at once (reported failed) or when its heartbeat expires (seconds).
     wait_for(lambda: victim not in modes(srv), "the killed replica leaving the router", timeout_s=10)
+    # Ray keeps a dead actor's placement groups until the job ends; the server frees them.
+    wait_for(lambda: victim_groups() <= {"REMOVED"}, "the dead replica's CPUs given back", timeout_s=30)
     for i in range(3):
         responses = list(client.generate(f"After the kill {i}", max_tokens=4, temperature=0.0))
         assert responses[-1].finish_reason == "length"
