@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NewType
 
+import ray
+
 from kvtide.router import NoReplicaError, ReplicaLoad, Router
 from kvtide.workers.engine import EngineStats
 
@@ -48,9 +50,12 @@ class ReplicaSet:
         self._feed_loads = feed_loads
         """Hand each refreshed load to the router (when nothing else, e.g. Redis, feeds it)."""
         self.on_replica_failed: Callable[[str], None] | None = None
-        """Told when a request finds its replica dead, so routing stops at once."""
+        """Told when a request, or the stats refresh, finds a replica dead, so routing stops
+        at once (and its owner can free what it held)."""
         self._next = itertools.cycle(sorted(self.actors))
         self.stats: dict[ReplicaId, EngineStats] = {}
+        self._dead: set[ReplicaId] = set()
+        """Replicas Ray reported dead; their stats are no longer asked for."""
 
     def choose(self, prompt_token_ids: Sequence[int], max_tokens: int) -> RoutedReplica:
         """Raises ``NoReplicaAvailable``."""
@@ -83,8 +88,16 @@ class ReplicaSet:
         """Fetch every replica's ``EngineStats``; a replica that does not answer keeps its last."""
 
         async def one(rid: ReplicaId, actor: Any) -> None:
+            if rid in self._dead:
+                return
             try:
                 stats = self.stats[rid] = await asyncio.wait_for(actor.stats.remote(), timeout_s)
+            except ray.exceptions.ActorDiedError as exc:
+                # Found dead while idle (no request saw it): same as a request finding it.
+                logger.warning("replica %s is dead: %s", rid, exc)
+                self._dead.add(rid)
+                self.replica_failed(rid)
+                return
             except Exception as exc:  # noqa: BLE001 - a lost replica must not stop the others' stats
                 logger.warning("stats of replica %s unavailable: %s", rid, exc)
                 return

@@ -189,8 +189,9 @@ class Server:
         return router
 
     def _replica_failed(self, replica_id: str) -> None:
-        """A request found the replica dead: stop routing to it now, and free its shards'
-        placement groups once Ray confirms the actor is gone (a live one keeps them)."""
+        """A request or the stats refresh found the replica dead: stop routing to it now, and
+        free its shards' placement groups once Ray confirms the actor is gone (a live one keeps
+        them)."""
         if self._state is not None:
             self._state.replica_failed(replica_id)
         if replica_id not in self._failed:
