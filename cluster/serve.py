@@ -96,6 +96,7 @@ class Server:
         self._started_ray = False
         self._redis = None
         self._http: _Uvicorn | None = None
+        self._http_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._state: ClusterState | None = None
         self.placement_owner = f"kvtide-{uuid.uuid4().hex[:12]}"
@@ -225,8 +226,7 @@ class Server:
             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s)), lifespan="off",
         )  # fmt: skip
         self._http = _Uvicorn(config)
-        task = asyncio.create_task(self._http.serve())
-        self._tasks.append(task)
+        task = self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if task.done():
                 task.result()  # raises why it could not start (e.g. the port is taken)
@@ -248,6 +248,12 @@ class Server:
             self._http.should_exit = True
         if self.grpc is not None:
             await self.grpc.stop(grace_s=1.0)
+        if self._http_task is not None:
+            # uvicorn closes its sockets on the way out; cancelling it mid-shutdown would leak
+            # them. It gives open connections timeout_graceful_shutdown, then closes them.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, self._http.config.timeout_graceful_shutdown + 5.0)
+            self._http_task = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

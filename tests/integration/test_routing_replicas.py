@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from kvtide.cluster.cluster_state import ClusterState
+from kvtide.cluster.placement import remove_groups
 from kvtide.cluster.redis_server import start_redis
 from kvtide.cluster.replica import ReplicaActor
 from kvtide.cluster.state_store import StateStore
@@ -51,7 +52,8 @@ def redis_server():
 def actors(cluster, tiny_dir, redis_server):
     actors = {
         f"replica-{i}": ReplicaActor.options(num_cpus=0).remote(
-            str(tiny_dir), cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S, num_blocks=NUM_BLOCKS
+            str(tiny_dir), cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S, num_blocks=NUM_BLOCKS,
+            placement_owner=f"routing-test/replica-{i}",
         )
         for i in range(2)
     }
@@ -68,6 +70,7 @@ def actors(cluster, tiny_dir, redis_server):
         except ray.exceptions.RayError:
             pass  # the test killed it
         ray.kill(a)
+    remove_groups("routing-test")  # the killed one's: Ray keeps them while this job runs
 
 
 async def wait_until(predicate, what: str) -> None:

@@ -77,6 +77,6 @@ def test_http_over_tls_serves_trusting_clients_only(cert_and_key, tmp_path):
                     await client.get(f"http://127.0.0.1:{server.http_port}/health")
         finally:
             server._http.should_exit = True
-            await asyncio.gather(*server._tasks)
+            await server._http_task
 
     asyncio.run(go())
