@@ -233,6 +233,9 @@ class Gateway:
             await self._within_deadline(self._slots.acquire(), arrival_s, "waiting for admission")
         finally:
             self.num_queued -= 1
+        if self.draining:  # drain began while it waited: a slot freed by drain's aborts
+            self._slots.release()
+            raise ServingError(Code.UNAVAILABLE, "the server is draining for shutdown; retry on another server")
         self.num_in_flight += 1
         try:
             yield
@@ -262,6 +265,8 @@ class Gateway:
                         yield delta
             finally:
                 self._active.pop(request.request_id, None)
+                if not active.finished:
+                    self.replicas.on_ended(routed.replica_id)  # else the router counts it forever
 
     async def _within_deadline(self, awaitable, arrival_s: float, doing: str):
         """``awaitable``'s result, unless the server's request timeout passes first: then it is
@@ -319,6 +324,7 @@ class Gateway:
             )
         timer.finished(len(request.prompt_token_ids), sum(num_output))
         self.metrics.finished(d.finish_reason or "")
+        active.finished = True
         self.replicas.on_finished(routed.replica_id, len(request.prompt_token_ids), sum(num_output))
 
     async def _replica_deltas(
@@ -337,7 +343,11 @@ class Gateway:
         except ValueError as exc:  # the replica's own validation (a RayTaskError that is a ValueError)
             done = True
             raise ServingError(Code.INVALID_ARGUMENT, _cause(exc)) from exc
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        except ray.exceptions.ActorUnavailableError as exc:
+            # Ray: unreachable for now (e.g. a network blip), may come back, and the call may
+            # or may not have run. Not dead: keep routing to it, and abort in case it did run.
+            raise ServingError(Code.UNAVAILABLE, f"replica {routed.replica_id} is unavailable: {_cause(exc)}") from exc
+        except ray.exceptions.RayActorError as exc:  # the actor died
             done = True
             self.replicas.replica_failed(routed.replica_id)
             raise ServingError(Code.UNAVAILABLE, f"replica {routed.replica_id} is unavailable: {_cause(exc)}") from exc
@@ -389,6 +399,8 @@ class _Active:
     stream: Any = None
     """The Ray ObjectRefGenerator, once the call is made."""
     abort_reason: str | None = None
+    finished: bool = False
+    """Every choice finished and the router was told (``on_finished``)."""
 
 
 def _text(detok: IncrementalDetokenizer, delta: CompletionDelta) -> str:

@@ -217,9 +217,17 @@ def create_app(gateway: Gateway) -> FastAPI:
         messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
         prompt = gateway.render_chat(messages)
         kwargs = body.sampling_kwargs(body.top_logprobs or 0 if body.logprobs else None)
+        renamed = {"logprobs": "top_logprobs"} if body.top_logprobs is not None else {}
         if body.max_completion_tokens is not None:
             kwargs["max_tokens"] = body.max_completion_tokens
-        prepared = gateway.prepare(prompt, kwargs)
+            renamed["max_tokens"] = "max_completion_tokens"
+        try:
+            prepared = gateway.prepare(prompt, kwargs)
+        except ServingError as exc:  # name the field the client sent, not the engine's
+            for engine_name, field_name in renamed.items():
+                if exc.message.startswith(engine_name + " "):
+                    exc.message = field_name + exc.message[len(engine_name) :]
+            raise
         stream = gateway.generate(prepared)
         return await _respond(request, gateway, stream, prepared.params.n, body, "chat.completion", "chatcmpl")
 
@@ -354,11 +362,13 @@ async def _unless_disconnected(request: Request, awaitable):
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
                 raise ServingError(Code.UNAVAILABLE, "the client disconnected")
     finally:
         if not task.done():
+            # Wait for the cancel to land: the caller closes the stream next, which fails
+            # ("generator already running") while the task is still inside it.
             task.cancel()
+            await asyncio.wait({task})
 
 
 async def _sse(head, kind, first, stream, chat: bool, include_usage: bool, tokenizer) -> AsyncIterator[str]:

@@ -77,6 +77,11 @@ class ReplicaSet:
         if self.router is not None:
             self.router.on_request_finished(replica_id, num_prompt_tokens, num_output_tokens)
 
+    def on_ended(self, replica_id: str) -> None:
+        """A routed request ended without finishing (cancelled, timed out, failed)."""
+        if self.router is not None:
+            self.router.on_request_ended(replica_id)
+
     def replica_failed(self, replica_id: str) -> None:
         if self.on_replica_failed is not None:
             self.on_replica_failed(replica_id)

@@ -184,6 +184,11 @@ class Router:
     def on_request_finished(self, replica_id: str, num_prompt_tokens: int, num_output_tokens: int) -> None:
         """Count the output length for the OSL estimate and end the request's in-flight slot."""
         self._osl.observe(num_output_tokens)
+        self.on_request_ended(replica_id)
+
+    def on_request_ended(self, replica_id: str) -> None:
+        """End the request's in-flight slot without counting its output length: it was
+        cancelled, timed out or failed, so its length says nothing about OSL."""
         r = self._replicas.get(replica_id)
         if r is not None:
             r.in_flight = max(0, r.in_flight - 1)

@@ -105,6 +105,15 @@ def test_chat_renders_the_template_before_routing():
     assert r.status_code == 400 and "'image_url'" in r.json()["error"]["message"]
 
 
+def test_chat_errors_name_the_fields_the_client_sent():
+    hello = [{"role": "user", "content": "hello"}]
+    r = _request(_gateway(), "POST", "/v1/chat/completions", json={"messages": hello, "max_completion_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "max_completion_tokens must be >= 1, got 0"
+    body = {"messages": hello, "logprobs": True, "top_logprobs": 50}
+    r = _request(_gateway(), "POST", "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("top_logprobs must be in [0, 20]")
+
+
 def test_body_limits_and_garbage():
     gw = _gateway()
     r = _request(gw, "POST", "/v1/completions", content=b"{" + b" " * 2000 + b"}")
