@@ -263,16 +263,13 @@ class Server:
             if self._state.store is not None:
                 await self._state.store.close()
             self._state = None
-        for actor in self._actors.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(actor.stop_publishing.remote(), 10.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(actor.shutdown.remote(), 30.0)
-            ray.kill(actor)
+        # All replicas at once: one slow or dead replica must not hold up the others' shutdown.
+        await asyncio.gather(*(_stop_replica(actor) for actor in self._actors.values()))
         if self._actors and ray.is_initialized():
             # Each replica frees its shards' groups in shutdown(); this frees those of any that
             # died or did not get that far (Ray would keep them until this job ends).
-            remove_groups(self.placement_owner)
+            with contextlib.suppress(Exception):
+                remove_groups(self.placement_owner)
         self._actors.clear()
         if self._redis is not None:
             self._redis.stop()
@@ -281,6 +278,17 @@ class Server:
             ray.shutdown()
             self._started_ray = False
         self.gateway, self.grpc, self._http = None, None, None
+
+
+async def _stop_replica(actor) -> None:
+    """Leave the registry, stop stepping and free the shards; then kill the actor. Never raises:
+    whatever fails here, the rest of ``Server.stop`` (Redis, Ray) still runs."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(actor.stop_publishing.remote(), 10.0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(actor.shutdown.remote(), 30.0)
+    with contextlib.suppress(Exception):
+        ray.kill(actor)
 
 
 def _model_spec(cfg: ServeConfig) -> tuple[ModelSpec, Tokenizer]:
