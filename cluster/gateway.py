@@ -267,6 +267,7 @@ class Gateway:
                 self._active.pop(request.request_id, None)
                 if not active.finished:
                     self.replicas.on_ended(routed.replica_id)  # else the router counts it forever
+                    self.metrics.finished(active.outcome)
 
     async def _within_deadline(self, awaitable, arrival_s: float, doing: str):
         """``awaitable``'s result, unless the server's request timeout passes first: then it is
@@ -302,7 +303,7 @@ class Gateway:
         async with contextlib.aclosing(self._replica_deltas(request, routed, active)) as deltas:
             async for d in deltas:
                 if d.finish_reason == "error":
-                    self.metrics.finished("error")
+                    active.outcome = "error"
                     raise ServingError(Code.INTERNAL, f"replica {routed.replica_id} failed: {d.error}")
                 text = _text(detoks[d.index], d)
                 num_output[d.index] += len(d.token_ids)
@@ -341,20 +342,21 @@ class Gateway:
                 yield await ref
             done = True
         except ValueError as exc:  # the replica's own validation (a RayTaskError that is a ValueError)
-            done = True
+            done, active.outcome = True, "error"
             raise ServingError(Code.INVALID_ARGUMENT, _cause(exc)) from exc
         except ray.exceptions.ActorUnavailableError as exc:
             # Ray: unreachable for now (e.g. a network blip), may come back, and the call may
             # or may not have run. Not dead: keep routing to it, and abort in case it did run.
+            active.outcome = "error"
             raise ServingError(Code.UNAVAILABLE, f"replica {routed.replica_id} is unavailable: {_cause(exc)}") from exc
         except ray.exceptions.RayActorError as exc:  # the actor died
-            done = True
+            done, active.outcome = True, "error"
             self.replicas.replica_failed(routed.replica_id)
             raise ServingError(Code.UNAVAILABLE, f"replica {routed.replica_id} is unavailable: {_cause(exc)}") from exc
         except ray.exceptions.TaskCancelledError as exc:
             raise ServingError(Code.UNAVAILABLE, active.abort_reason or "the request was cancelled") from exc
         except ray.exceptions.RayTaskError as exc:
-            done = True
+            done, active.outcome = True, "error"
             raise ServingError(Code.INTERNAL, f"replica {routed.replica_id} failed: {_cause(exc)}") from exc
         finally:
             if not done:
@@ -401,6 +403,9 @@ class _Active:
     abort_reason: str | None = None
     finished: bool = False
     """Every choice finished and the router was told (``on_finished``)."""
+    outcome: str = "abort"
+    """The finish reason counted if it does not finish: "abort" (cancelled, timed out,
+    drained) unless the replica failed it ("error")."""
 
 
 def _text(detok: IncrementalDetokenizer, delta: CompletionDelta) -> str:

@@ -76,7 +76,8 @@ async def _run(gw) -> int:
 
 def test_requests_that_do_not_finish_give_back_their_router_slot():
     """Timed out or closed by the client: the router must not count them in flight forever,
-    or the replica looks busier with every such request and routing drifts off it."""
+    or the replica looks busier with every such request and routing drifts off it. They are
+    counted as aborted."""
     gw, router, _ = _routed_gateway(_FakeReplica(steps=5, delay_s=0.1), request_timeout_s=0.25)
 
     async def go() -> None:
@@ -92,6 +93,7 @@ def test_requests_that_do_not_finish_give_back_their_router_slot():
     asyncio.run(go())
     assert router.status()["replicas"]["r0"]["in_flight"] == 0
     assert gw.num_in_flight == 0
+    assert 'kvtide:request_success_total{finished_reason="abort"} 5.0' in gw.metrics.render().decode()
 
 
 def test_an_unavailable_replica_is_not_dropped_but_a_dead_one_is():
@@ -104,6 +106,7 @@ def test_an_unavailable_replica_is_not_dropped_but_a_dead_one_is():
     assert err.value.code == Code.UNAVAILABLE and "replica r0 is unavailable" in err.value.message
     assert failed == [] and gw.replicas.actors["r0"].aborted  # still routable; aborted
     assert router.replica_ids() == ["r0"]
+    assert 'kvtide:request_success_total{finished_reason="error"} 1.0' in gw.metrics.render().decode()
 
     gw, _, failed = _routed_gateway(_FakeReplica(error=ray.exceptions.ActorDiedError()))
     with pytest.raises(ServingError):
