@@ -197,12 +197,15 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise ServingError(Code.INVALID_ARGUMENT, "echo=true is not supported (no prompt logprobs); send echo=false")
         prompts = _prompts(body.prompt, config.max_prompts_per_request)
         kwargs = body.sampling_kwargs(body.logprobs)
+        defaulted = "max_tokens" not in kwargs
         kwargs.setdefault("max_tokens", 16)  # OpenAI's default for completions
         prepared = []
         for i, p in enumerate(prompts):  # every prompt is checked before any runs
             try:
                 prepared.append(gateway.prepare(p, kwargs))
             except ServingError as exc:
+                if defaulted and exc.message.startswith("max_tokens"):
+                    exc.message += " (max_tokens was not sent; /v1/completions defaults it to 16)"
                 if len(prompts) > 1:
                     exc.message = f"prompt[{i}]: {exc.message}"
                 raise

@@ -80,6 +80,7 @@ def test_every_route_but_health_needs_the_key():
         ({"prompt": "hello", "temperature": -1}, 400, "temperature must be finite and >= 0, got -1.0"),
         ({"prompt": "hello", "max_tokens": "many"}, 400, "max_tokens"),
         ({"prompt": "hello", "max_tokens": 8}, 400, "max_tokens is too large: 8"),
+        ({"prompt": "hello"}, 400, "max_tokens was not sent; /v1/completions defaults it to 16"),
         ({"prompt": "hello " * 8}, 400, "maximum context length is 8 tokens"),
         ({"prompt": "hello", "model": "gpt-9"}, 404, "'gpt-9' does not exist"),
         ({"prompt": [1, 99]}, 400, "prompt token 1 is 99"),
