@@ -204,11 +204,12 @@ def create_app(gateway: Gateway) -> FastAPI:
             try:
                 prepared.append(gateway.prepare(p, kwargs))
             except ServingError as exc:
-                if defaulted and exc.message.startswith("max_tokens"):
-                    exc.message += " (max_tokens was not sent; /v1/completions defaults it to 16)"
+                message = exc.message
+                if defaulted and message.startswith("max_tokens"):
+                    message += " (max_tokens was not sent; /v1/completions defaults it to 16)"
                 if len(prompts) > 1:
-                    exc.message = f"prompt[{i}]: {exc.message}"
-                raise
+                    message = f"prompt[{i}]: {message}"
+                raise ServingError(exc.code, message, exc.retry_after_s) from exc
         stream = _merged(gateway, prepared)
         num_choices = len(prepared) * prepared[0].params.n
         return await _respond(request, gateway, stream, num_choices, body, "text_completion", "cmpl")
@@ -227,10 +228,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         try:
             prepared = gateway.prepare(prompt, kwargs)
         except ServingError as exc:  # name the field the client sent, not the engine's
+            message = exc.message
             for engine_name, field_name in renamed.items():
-                if exc.message.startswith(engine_name + " "):
-                    exc.message = field_name + exc.message[len(engine_name) :]
-            raise
+                if message.startswith(engine_name + " "):
+                    message = field_name + message[len(engine_name) :]
+            raise ServingError(exc.code, message, exc.retry_after_s) from exc
         stream = gateway.generate(prepared)
         return await _respond(request, gateway, stream, prepared.params.n, body, "chat.completion", "chatcmpl")
 
@@ -309,6 +311,8 @@ async def _merged(gateway: Gateway, prepared: list[PreparedRequest]) -> AsyncIte
                 async for d in deltas:
                     await queue.put((dataclasses.replace(d, index=i * n + d.index), None))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            if isinstance(exc, ServingError):
+                exc = ServingError(exc.code, f"prompt[{i}]: {exc.message}", exc.retry_after_s)
             await queue.put((None, exc))
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared)]

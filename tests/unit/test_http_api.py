@@ -194,7 +194,7 @@ def test_one_failing_prompt_fails_the_batch_and_closes_the_others():
     async def go():
         return [d async for d in _merged(gw, [_prepared(i) for i in range(3)])]
 
-    with pytest.raises(ServingError, match="replica of prompt 1 died"):
+    with pytest.raises(ServingError, match=r"^prompt\[1\]: replica of prompt 1 died"):
         asyncio.run(go())
     assert sorted(gw.closed) == [0, 1, 2]
 
