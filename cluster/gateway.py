@@ -51,12 +51,19 @@ class Code(enum.Enum):
     INTERNAL = "internal"
 
 
+_DRAINING = "the server is draining for shutdown; retry on another server"
+
+
 class ServingError(Exception):
     def __init__(self, code: Code, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
+
+    def with_message(self, message: str) -> ServingError:
+        """The same error told differently (e.g. naming the field as the client sent it)."""
+        return ServingError(self.code, message, self.retry_after_s)
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,7 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def _admitted(self, arrival_s: float) -> AsyncIterator[None]:
         if self.draining:
-            raise ServingError(Code.UNAVAILABLE, "the server is draining for shutdown; retry on another server")
+            raise ServingError(Code.UNAVAILABLE, _DRAINING)
         if self._slots.locked() and self.num_queued >= self.config.max_queued:
             raise ServingError(
                 Code.RESOURCE_EXHAUSTED,
@@ -235,7 +242,7 @@ class Gateway:
             self.num_queued -= 1
         if self.draining:  # drain began while it waited: a slot freed by drain's aborts
             self._slots.release()
-            raise ServingError(Code.UNAVAILABLE, "the server is draining for shutdown; retry on another server")
+            raise ServingError(Code.UNAVAILABLE, _DRAINING)
         self.num_in_flight += 1
         try:
             yield

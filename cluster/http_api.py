@@ -209,7 +209,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                     message += " (max_tokens was not sent; /v1/completions defaults it to 16)"
                 if len(prompts) > 1:
                     message = f"prompt[{i}]: {message}"
-                raise ServingError(exc.code, message, exc.retry_after_s) from exc
+                raise exc.with_message(message) from exc
         stream = _merged(gateway, prepared)
         num_choices = len(prepared) * prepared[0].params.n
         return await _respond(request, gateway, stream, num_choices, body, "text_completion", "cmpl")
@@ -232,7 +232,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             for engine_name, field_name in renamed.items():
                 if message.startswith(engine_name + " "):
                     message = field_name + message[len(engine_name) :]
-            raise ServingError(exc.code, message, exc.retry_after_s) from exc
+            raise exc.with_message(message) from exc
         stream = gateway.generate(prepared)
         return await _respond(request, gateway, stream, prepared.params.n, body, "chat.completion", "chatcmpl")
 
@@ -312,7 +312,7 @@ async def _merged(gateway: Gateway, prepared: list[PreparedRequest]) -> AsyncIte
                     await queue.put((dataclasses.replace(d, index=i * n + d.index), None))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             if isinstance(exc, ServingError):
-                exc = ServingError(exc.code, f"prompt[{i}]: {exc.message}", exc.retry_after_s)
+                exc = exc.with_message(f"prompt[{i}]: {exc.message}")
             await queue.put((None, exc))
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(prepared)]

@@ -50,12 +50,12 @@ class ReplicaSet:
         self._feed_loads = feed_loads
         """Hand each refreshed load to the router (when nothing else, e.g. Redis, feeds it)."""
         self.on_replica_failed: Callable[[str], None] | None = None
-        """Told when a request, or the stats refresh, finds a replica dead, so routing stops
-        at once (and its owner can free what it held)."""
+        """Told once when a request, or the stats refresh, finds a replica dead, so routing
+        stops at once (and its owner can free what it held)."""
         self._next = itertools.cycle(sorted(self.actors))
         self.stats: dict[ReplicaId, EngineStats] = {}
         self._dead: set[ReplicaId] = set()
-        """Replicas Ray reported dead; their stats are no longer asked for."""
+        """Replicas Ray reported dead: reported once, their stats no longer asked for."""
 
     def choose(self, prompt_token_ids: Sequence[int], max_tokens: int) -> RoutedReplica:
         """Raises ``NoReplicaAvailable``."""
@@ -83,6 +83,10 @@ class ReplicaSet:
             self.router.on_request_ended(replica_id)
 
     def replica_failed(self, replica_id: str) -> None:
+        """Ray reported the replica's actor dead; its owner hears it once."""
+        if replica_id in self._dead:
+            return
+        self._dead.add(ReplicaId(replica_id))
         if self.on_replica_failed is not None:
             self.on_replica_failed(replica_id)
 
@@ -100,7 +104,6 @@ class ReplicaSet:
             except ray.exceptions.ActorDiedError as exc:
                 # Found dead while idle (no request saw it): same as a request finding it.
                 logger.warning("replica %s is dead: %s", rid, exc)
-                self._dead.add(rid)
                 self.replica_failed(rid)
                 return
             except Exception as exc:  # noqa: BLE001 - a lost replica must not stop the others' stats

@@ -101,7 +101,6 @@ class Server:
         self._state: ClusterState | None = None
         self.placement_owner = f"kvtide-{uuid.uuid4().hex[:12]}"
         """Prefix of every placement group this server's replicas create."""
-        self._failed: set[str] = set()
 
     async def start(self) -> None:
         try:
@@ -190,14 +189,13 @@ class Server:
         return router
 
     def _replica_failed(self, replica_id: str) -> None:
-        """A request or the stats refresh found the replica dead: stop routing to it now, and
+        """A request or the stats refresh found the replica dead (``ReplicaSet`` says so once):
+        stop routing to it now, and
         free its shards' placement groups once Ray confirms the actor is gone (a live one keeps
         them)."""
         if self._state is not None:
             self._state.replica_failed(replica_id)
-        if replica_id not in self._failed:
-            self._failed.add(replica_id)
-            self._tasks.append(asyncio.create_task(self._free_if_dead(replica_id)))
+        self._tasks.append(asyncio.create_task(self._free_if_dead(replica_id)))
 
     async def _free_if_dead(self, replica_id: str) -> None:
         try:
