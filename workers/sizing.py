@@ -31,10 +31,16 @@ from typing import Any
 
 import torch
 
-from kvtide.kernels.kv_quant import is_quantized, kv_bytes_per_row
+from kvtide.kernels.kv_quant import KV_CACHE_DTYPES, is_quantized, kv_bytes_per_row
 from kvtide.workers.models.llama import LlamaArgs
 from kvtide.workers.quantization import QUANTIZATIONS
 from kvtide.workers.shard import stage_layers
+
+__all__ = [
+    "KV_CACHE_DTYPES",  # for cluster/, which does not import kernels/
+    "CpuBudget", "GpuMemory", "GpuShare", "KvPlan", "ModelShape", "ParallelLayout", "StagePlan",
+    "estimate_reserve_bytes", "gpu_shares", "kv_bytes_per_token", "plan_kv_cache", "stage_bounds",
+]  # fmt: skip
 
 SCALE_BYTES_PER_CHANNEL = 4
 """fp8/int8 linear layers keep one fp32 scale per output channel (``weight_scale``)."""
