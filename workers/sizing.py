@@ -336,6 +336,8 @@ class KvPlan:
         else:
             source = "the KV cache budget, kv_cache_memory_gib"
             device, advice = f"each device of {where}", "increasing kv_cache_memory_gib"
+        if s.kv_bytes < 0:
+            source += f"; the weights and the reserve alone exceed the usable memory by {gib(-s.kv_bytes)}"
         raise ValueError(
             f"max_model_len {max_model_len} does not fit in the KV cache: one sequence of {max_model_len} "
             f"tokens needs {needed} blocks of {self.block_size} tokens, {gib(needed * s.bytes_per_block)} "
