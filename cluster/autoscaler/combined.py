@@ -1,0 +1,123 @@
+"""Policies combined: ``scheduled + predictive + reactive + scale_to_zero`` (any two or more).
+
+The combination rule, in order:
+
+1. **Season** (``scheduled``): the season in force names the profile P, the floor and the
+   ceiling, and the extra replicas of other profiles. Without ``scheduled``, P and the bounds
+   come from the ``predictive`` section (else ``reactive``, else ``scale_to_zero``).
+2. **Current** count: replicas of P; when there are none (the season just turned), the
+   replicas of every profile but the extras, since those are the fleet that rolls to P.
+3. **Base** count: ``predictive``'s forecast count for P. Without ``predictive``: the current
+   count when ``reactive`` is there, else the season's ``replicas``.
+4. **Correction** (``reactive``): under up pressure, at least current + its step (its
+   cooldowns and starting-replica rule apply). Alone with the season (no ``predictive``) it
+   also steps down and holds as it does alone. With ``predictive``, reactive never pulls the
+   count down, but a decrease waits ``down_cooldown_s`` after the last change, which stops
+   the forecast's noise from flapping the fleet.
+5. **Bounds**: clamp to [floor, ceiling].
+6. **Zero**: the count may reach 0 only through ``scale_to_zero`` (a floor of 0 and
+   ``zero_allowed``: idle long enough, no queue, no traffic forecast within the cold start);
+   otherwise it is at least 1.
+
+The state holds the forecast history (shared by ``predictive`` and ``scale_to_zero``) and the
+reactive state (the last change of the fleet, whichever part caused it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtide.cluster.autoscaler.forecast import empty_history
+from kvtide.cluster.autoscaler.observation import Decision, Observation, Target
+from kvtide.cluster.autoscaler.predictive import ForecastState, Predictor, ScaleToZeroConfig, observe, zero_allowed
+from kvtide.cluster.autoscaler.reactive import (
+    ReactiveConfig,
+    ReactiveState,
+    assess,
+    down_allowed,
+    up_step,
+)
+
+COMBINABLE = ("scheduled", "predictive", "reactive", "scale_to_zero")
+
+
+@dataclass(frozen=True)
+class CombinedState:
+    forecast: ForecastState
+    reactive: ReactiveState
+
+
+class CombinedPolicy:
+    def __init__(self, names: tuple[str, ...], config) -> None:
+        for name in names:
+            if name not in COMBINABLE:
+                raise ValueError(f"autoscaling policy {name!r} does not combine; combinable: {', '.join(COMBINABLE)}")
+        self.name = " + ".join(names)
+        self.parts = frozenset(names)
+        self.config = config
+        if "scheduled" in self.parts and config.scheduled is None:
+            raise ValueError("scheduled: the section is missing; the scheduled policy needs its seasons")
+        self.predictor = Predictor(config) if "predictive" in self.parts else None
+        self.reactive: ReactiveConfig = config.reactive or ReactiveConfig()
+        if "scheduled" not in self.parts:
+            section = getattr(config, self._bounds_section())
+            if section is None or section.profile is None:
+                raise ValueError(f"{self._bounds_section()}.profile: missing; without scheduled it names the profile")
+
+    def _bounds_section(self) -> str:
+        """Without ``scheduled``: the section that names the profile and bounds."""
+        return next(n for n in ("predictive", "reactive", "scale_to_zero") if n in self.parts)
+
+    def initial_state(self) -> CombinedState:
+        return CombinedState(ForecastState(empty_history()), ReactiveState())
+
+    def _season(self, obs: Observation) -> tuple[str, int, int, int | None, dict[str, int], str]:
+        """(profile, floor, ceiling, the season's fixed count, extras, reason prefix)."""
+        if "scheduled" in self.parts:
+            season, local = self.config.scheduled.season_at(obs.time)
+            count = season.max_replicas if season.replicas is None else season.replicas
+            where = f"season {season.name!r} ({self.config.scheduled.describe_time(local)})"
+            return season.profile, season.min_replicas, season.max_replicas, count, dict(season.extra_replicas), where
+        section = getattr(self.config, self._bounds_section())
+        if isinstance(section, ScaleToZeroConfig):
+            return section.profile, 0, section.replicas, section.replicas, {}, "no season"
+        return section.profile, section.min_replicas, section.max_replicas, None, {}, "no season"
+
+    def decide(self, obs: Observation, state: CombinedState) -> Decision:
+        profile, floor, ceiling, fixed, extras, where = self._season(obs)
+        forecast_state = observe(state.forecast, obs, self.config)
+        current = obs.replicas.get(profile, 0) or sum(n for p, n in obs.replicas.items() if p not in extras)
+        why = [where]
+        if self.predictor is not None:
+            base, text = self.predictor.replicas_needed(obs, forecast_state, profile)
+            why.append(f"predictive {base} ({text})")
+        elif "reactive" in self.parts or fixed is None:
+            base = current
+        else:
+            base = fixed
+        count = base
+        if "reactive" in self.parts:
+            pressure = assess(obs, self.reactive, self.config.slo)
+            if pressure.direction > 0:
+                step, action = up_step(obs, state.reactive, self.reactive, current)
+                count = max(count, current + step)
+                why.append(f"reactive up ({pressure.why}): {action}")
+            elif self.predictor is None and pressure.direction < 0:
+                allowed, action = down_allowed(obs, state.reactive, self.reactive)
+                count = current - 1 if allowed else current
+                why.append(f"reactive {action} ({pressure.why})")
+            if count < current and self.predictor is not None:
+                allowed, action = down_allowed(obs, state.reactive, self.reactive)
+                if not allowed:
+                    count = current
+                    why.append(f"hold: {action}")
+        count = min(ceiling, max(floor, count))
+        if count == 0:
+            allowed, text = (zero_allowed(obs, forecast_state, self.config) if "scale_to_zero" in self.parts
+                             else (False, "scale_to_zero is not in the policy"))
+            if not allowed and ceiling > 0:
+                count = 1
+            why.append(("to zero: " if allowed else "stay up: ") + text)
+        why.append(f"{current} -> {count} in [{floor}, {ceiling}]")
+        target = Target({profile: count, **extras}, "; ".join(why))
+        return Decision(target, CombinedState(forecast_state, state.reactive.changed(obs.time, current, count)))
