@@ -183,7 +183,8 @@ def run(args) -> int:
 def _print_memory(name: str, shape, gpu, args, plan) -> None:
     a = shape.args
     heads = f"{a.num_heads} heads, " if a is not None else ""
-    print(f"model: {name}: {shape.num_params / 1e9:.2f} B parameters, {shape.num_layers} layers, {heads}"
+    count = f"{shape.num_params / 1e9:.2f} B" if shape.num_params >= 1e9 else f"{shape.num_params / 1e6:.2f} M"
+    print(f"model: {name}: {count} parameters, {shape.num_layers} layers, {heads}"
           f"{shape.num_kv_heads} KV heads, head_dim {shape.head_dim}")  # fmt: skip
     print(f"gpu: {gpu.name} x {plan.layout.num_gpus} (tp={args.tp}, pp={args.pp}), "
           f"{_gb(gpu.memory_bytes)} each, the catalog's figure from the vendor data sheet")  # fmt: skip

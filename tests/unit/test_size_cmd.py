@@ -165,6 +165,13 @@ def test_size_by_hand_and_with_pipeline_stages(capsys):
     assert "$1/GPU-hour x 4: given on the command line" in out["cost per million output tokens"]
 
 
+def test_small_models_count_in_millions(capsys):
+    rc, out = run(capsys, "--model", "smollm2-135m", "--gpu", "l4", "--weight-dtype", "fp32")
+    assert rc == 0
+    assert out["model"] == "smollm2-135m: 134.52 M parameters, 30 layers, 9 heads, 3 KV heads, head_dim 64"
+    assert out["weight memory per GPU"] == "0.54 GB (0.50 GiB)"  # 134,515,008 x 4 bytes
+
+
 def test_a_model_that_does_not_fit_says_why(capsys):
     rc, out = run(capsys, "--model", "llama-3-70b", "--gpu", "l4")
     assert rc == 1
