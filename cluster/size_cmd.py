@@ -191,7 +191,8 @@ def _print_memory(name: str, shape, gpu, args, plan) -> None:
     kv = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else "as activations"
     print(f"dtypes: weights {args.weight_dtype}, KV cache {kv}")
     for s in plan.stages:
-        where = "" if len(plan.stages) == 1 else f", stage {s.share.stage} (layers {s.share.layer_start}-{s.share.layer_end - 1})"
+        layers = f"layers {s.share.layer_start}-{s.share.layer_end - 1}"
+        where = "" if len(plan.stages) == 1 else f", stage {s.share.stage} ({layers})"
         print(f"weight memory per GPU{where}: {_gb(s.share.weight_bytes)}")
     b = plan.binding
     stage = "" if len(plan.stages) == 1 else f" of stage {b.share.stage}, which holds the fewest blocks"

@@ -178,20 +178,24 @@ def test_a_model_that_does_not_fit_says_why(capsys):
     assert out["does not fit"].startswith("max_model_len 8192 does not fit in the KV cache")
 
 
+LLAMA = ["--model", "llama-3-8b"]
+BY_HAND = ["--layers", "32", "--kv-heads", "8", "--head-dim", "128"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "llama-3-8b", "--tp", "3"], "--tp 3 --pp 1: tp 3 does not split this model"),
-        (["--model", "llama-3-8b", "--gpu-memory-utilization", "0"], r"--gpu-memory-utilization must be in \(0, 1\], got 0.0"),
-        (["--model", "llama-3-8b", "--isl", "8000", "--osl", "500"], "--isl 8000 \\+ --osl 500 = 8500 tokens exceeds max_model_len 8192"),
-        (["--model", "llama-3-8b", "--weight-dtype", "int4"], "--weight-dtype must be one of fp32, bf16, fp16, fp8, int8; got 'int4'"),
+        ([*LLAMA, "--tp", "3"], "--tp 3 --pp 1: tp 3 does not split this model"),
+        ([*LLAMA, "--gpu-memory-utilization", "0"], r"--gpu-memory-utilization must be in \(0, 1\], got 0.0"),
+        ([*LLAMA, "--isl", "8000", "--osl", "500"], r"--isl 8000 \+ --osl 500 = 8500 tokens exceeds max_model_len 8192"),
+        ([*LLAMA, "--weight-dtype", "int4"], "--weight-dtype must be one of fp32, bf16, fp16, fp8, int8; got 'int4'"),
         (["--model", "gpt-5"], "--model 'gpt-5' is neither a known name"),
         (["--params", "8B", "--layers", "32"], "give --model, or all of --params, --layers, --kv-heads and --head-dim"),
-        (["--params", "lots", "--layers", "32", "--kv-heads", "8", "--head-dim", "128"], "--params 'lots' is not a count"),
-        (["--model", "llama-3-8b", "--batch", "0"], "--batch must be >= 1, got 0"),
-        (["--model", "llama-3-8b", "--block-size", "12"], "--block-size must be a power of two, got 12"),
+        (["--params", "lots", *BY_HAND], "--params 'lots' is not a count"),
+        ([*LLAMA, "--batch", "0"], "--batch must be >= 1, got 0"),
+        ([*LLAMA, "--block-size", "12"], "--block-size must be a power of two, got 12"),
     ],
-)  # fmt: skip
+)
 def test_bad_flags_are_named_with_their_value_and_limit(capsys, argv, message):
     assert size_cmd.main(argv) == 2
     err = capsys.readouterr().err
