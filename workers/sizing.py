@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,7 +73,7 @@ class ModelShape:
     def from_hf_config(cls, config: dict[str, Any]) -> ModelShape:
         a = LlamaArgs.from_hf_config(config)
         whole = _gpu_params(a, 1, a.num_kv_heads, 0, a.num_layers)
-        return cls(a.num_layers, a.num_kv_heads, a.head_dim, whole[0] + whole[2], a.max_position, a)
+        return cls(a.num_layers, a.num_kv_heads, a.head_dim, whole.linear + whole.other, a.max_position, a)
 
     @classmethod
     def by_hand(
@@ -87,9 +87,19 @@ class ModelShape:
         return cls(num_layers, num_kv_heads, head_dim, num_params, max_position)
 
 
-def _gpu_params(a: LlamaArgs, tp: int, kv_heads: int, start: int, end: int) -> tuple[int, int, int]:
-    """(linear weights, their output channels, other parameters) held by one TP rank of
-    layers [start, end) with ``kv_heads`` KV heads per rank."""
+class _Held(NamedTuple):
+    """Parameters one TP rank holds."""
+
+    linear: int
+    """Weights of the decoder's linear layers (quantizable)."""
+    channels: int
+    """Their output channels (one fp32 scale each when quantized)."""
+    other: int
+    """Embedding, LM head, norms and biases: always in the activation dtype."""
+
+
+def _gpu_params(a: LlamaArgs, tp: int, kv_heads: int, start: int, end: int) -> _Held:
+    """What one TP rank of layers [start, end) holds, with ``kv_heads`` KV heads per rank."""
     h, d, heads, inter = a.hidden_size, a.head_dim, a.num_heads // tp, a.intermediate_size // tp
     qkv_out = (heads + 2 * kv_heads) * d
     linear = h * qkv_out + heads * d * h + h * 2 * inter + inter * h
@@ -102,7 +112,7 @@ def _gpu_params(a: LlamaArgs, tp: int, kv_heads: int, start: int, end: int) -> t
         rest += embedding
     if end == a.num_layers:
         rest += h + (0 if a.tie_word_embeddings and start == 0 else embedding)
-    return n * linear, n * channels, rest
+    return _Held(n * linear, n * channels, rest)
 
 
 @dataclass(frozen=True)
@@ -198,9 +208,10 @@ def gpu_shares(
     shares = []
     for stage, (start, end) in enumerate(stage_bounds(shape, layout.pp)):
         if shape.args is not None:
-            linear, channels, other = _gpu_params(shape.args, layout.tp, kv_heads, start, end)
-            scales = 0 if quantization == "none" else channels * SCALE_BYTES_PER_CHANNEL
-            num_params, weight_bytes = linear + other, linear * weight + other * act + scales
+            held = _gpu_params(shape.args, layout.tp, kv_heads, start, end)
+            scales = 0 if quantization == "none" else held.channels * SCALE_BYTES_PER_CHANNEL
+            num_params = held.linear + held.other
+            weight_bytes = held.linear * weight + held.other * act + scales
         else:
             num_params = shape.num_params * (end - start) // (shape.num_layers * layout.tp)
             weight_bytes = num_params * weight
