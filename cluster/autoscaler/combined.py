@@ -57,12 +57,15 @@ class CombinedPolicy:
         self.config = config
         if "scheduled" in self.parts and config.scheduled is None:
             raise ValueError("scheduled: the section is missing; the scheduled policy needs its seasons")
-        self.predictor = Predictor(config) if "predictive" in self.parts else None
         self.reactive: ReactiveConfig = config.reactive or ReactiveConfig()
-        if "scheduled" not in self.parts:
+        if "scheduled" in self.parts:
+            sized = [s.profile for s in (config.scheduled.default, *config.scheduled.seasons)]
+        else:
             section = getattr(config, self._bounds_section())
             if section is None or section.profile is None:
                 raise ValueError(f"{self._bounds_section()}.profile: missing; without scheduled it names the profile")
+            sized = [section.profile]
+        self.predictor = Predictor(config, list(dict.fromkeys(sized))) if "predictive" in self.parts else None
 
     def _bounds_section(self) -> str:
         """Without ``scheduled``: the section that names the profile and bounds."""

@@ -47,9 +47,9 @@ class EngineCostModel:
         for name in ("base_s", "per_decode_row_s", "per_prefill_token_s", "per_prefill_pair_s", "per_decode_pair_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"cost model {name} must be a finite number >= 0, got {value}")
+                raise ValueError(f"{name}: {value} must be a finite number >= 0")
         if self.per_prefill_token_s <= 0:
-            raise ValueError(f"cost model per_prefill_token_s must be > 0, got {self.per_prefill_token_s}")
+            raise ValueError(f"per_prefill_token_s: {self.per_prefill_token_s} must be > 0")
 
     def step_s(self, num_decode_rows: int, num_prefill_tokens: int, num_decode_pairs: int = 0,
                num_prefill_pairs: int = 0) -> float:
@@ -85,7 +85,7 @@ class ReplicaCapacity:
         for name in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"capacity {name} must be a finite number > 0, got {value}")
+                raise ValueError(f"{name}: {value} must be a finite number > 0")
 
     def busy_fraction(self, prefill_tokens_per_s: float, decode_tokens_per_s: float) -> float:
         return prefill_tokens_per_s / self.prefill_tokens_per_s + decode_tokens_per_s / self.decode_tokens_per_s

@@ -99,14 +99,16 @@ def zero_allowed(obs: Observation, state: ForecastState, config) -> tuple[bool, 
 class Predictor:
     """Replicas of a profile for the forecast load; shared by ``predictive`` and ``combined``."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, profiles: list[str]) -> None:
+        """``profiles``: those it may be asked to size; each needs a measured capacity."""
         self.config = config
         self.settings: PredictiveConfig = config.predictive or PredictiveConfig()
+        for profile in profiles:
+            if config.profiles[profile].capacity is None:
+                raise ValueError(f"profiles.{profile}.capacity: missing; the predictive policy sizes replicas by it")
 
     def replicas_needed(self, obs: Observation, state: ForecastState, profile: str) -> tuple[int, str]:
         capacity = self.config.profiles[profile].capacity
-        if capacity is None:
-            raise ValueError(f"profiles.{profile}.capacity: missing; the predictive policy sizes replicas by it")
         peak = forecast(state.history, obs.time, obs.cold_start_s + self.settings.horizon_s, self.config.forecast,
                         Load.of(obs))
         busy = capacity.busy_fraction(peak.prefill_tokens_per_s, peak.decode_tokens_per_s)
@@ -120,11 +122,11 @@ class PredictivePolicy:
     name = "predictive"
 
     def __init__(self, config) -> None:
-        self.predictor = Predictor(config)
-        s = self.predictor.settings
+        s = config.predictive or PredictiveConfig()
         if s.profile is None:
             raise ValueError("predictive.profile: missing; alone, the predictive policy needs the profile it sizes")
         self.profile = s.profile
+        self.predictor = Predictor(config, [s.profile])
 
     def initial_state(self) -> ForecastState:
         return ForecastState(empty_history())
