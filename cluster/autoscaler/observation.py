@@ -31,6 +31,14 @@ def check_replica_bounds(min_replicas: int, max_replicas: int) -> None:
         raise ValueError(f"max_replicas: {max_replicas} is below min_replicas {min_replicas}")
 
 
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values by nearest rank: the smallest value with at least a
+    fraction q of the values at or below it (q*n is rounded to 9 digits first, so 0.9 of 10
+    values is the 9th, not the 10th)."""
+    k = max(1, math.ceil(round(q * len(ordered), 9)))
+    return ordered[min(len(ordered), k) - 1]
+
+
 @dataclass(frozen=True)
 class Percentiles:
     """Summary of a distribution (seconds for latencies, tokens for lengths)."""
@@ -46,11 +54,8 @@ class Percentiles:
         if not values:
             return None
         s = sorted(values)
-
-        def rank(q: float) -> float:
-            return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))])
-
-        return cls(mean=sum(s) / len(s), p50=rank(0.5), p90=rank(0.9), p99=rank(0.99))
+        return cls(mean=sum(s) / len(s), p50=float(nearest_rank(s, 0.5)), p90=float(nearest_rank(s, 0.9)),
+                   p99=float(nearest_rank(s, 0.99)))
 
 
 @dataclass(frozen=True)
