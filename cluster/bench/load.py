@@ -126,15 +126,13 @@ async def run_session(session: Session, ctx: PointContext, ticket: Ticket) -> No
         messages = (*history, ("user", turn.text))
         request = BenchRequest(f"bench-{ctx.point.label}-{ticket.index}", messages, turn.osl)
         out = await measure(ctx.backend, request, ctx.t0, ctx.clock)
-        if out.prompt_tokens is not None:
-            isl = out.prompt_tokens
-        elif k == 0 and ctx.backend.target.endpoint == "completions":
-            isl = turn.num_tokens
-        else:
-            isl = ctx.count_prompt(messages)
+        single = k == 0 and ctx.backend.target.endpoint == "completions"
+        isl_target = turn.num_tokens if single else ctx.count_prompt(messages)
+        isl = out.prompt_tokens if out.prompt_tokens is not None else isl_target
         ctx.on_record(RequestRecord(
             target=ctx.backend.target.name, point=ctx.point.label, session_id=session.session_id, turn=k,
-            pattern=turn.pattern, warmup=ticket.warmup, start_s=out.start_s, isl=isl, osl_target=turn.osl,
+            pattern=turn.pattern, warmup=ticket.warmup, start_s=out.start_s, isl=isl, isl_target=isl_target,
+            osl_target=turn.osl,
             osl=out.completion_tokens if out.completion_tokens is not None else out.num_tokens,
             ttft_s=out.ttft_s, itl_s=out.itl_s, e2e_s=out.e2e_s,
             error_code=out.error.code if out.error else None, error_message=out.error.message if out.error else None,

@@ -39,6 +39,17 @@ def _series(records: Sequence[RequestRecord]) -> dict[str, list[RequestRecord]]:
     return {(f"{t}, {p}" if multi else p): rs for (t, p), rs in groups.items()}
 
 
+def _legend(ax, below: bool = False, **kwargs) -> None:
+    """A legend if anything is labelled, else a note that nothing succeeded (so the plot still reads)."""
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        ax.text(0.5, 0.5, "no successful requests to show", transform=ax.transAxes, ha="center", va="center")
+    elif below:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncols=2, **kwargs)
+    else:
+        ax.legend(fontsize=8, **kwargs)
+
+
 def _colors(n: int) -> list:
     from matplotlib import colormaps
 
@@ -47,18 +58,23 @@ def _colors(n: int) -> list:
 
 
 def plot_isl_osl(records: Sequence[RequestRecord], path: Path) -> None:
-    ok = [r for r in records if not r.warmup and r.ok]
-    first = ok[0].target if ok else ""
-    ok = [r for r in ok if r.target == first]
+    """Of the first series only: every load point sends the same seeded workload again."""
+    groups = group([r for r in records if not r.warmup and r.ok])
+    (target, point), ok = next(iter(groups.items()), (("", ""), []))
     fig, ax = _figure(7.0, 5.5)
     isl, osl = np.array([r.isl for r in ok]), np.array([r.osl for r in ok])
     if len(ok):
+        from matplotlib.ticker import MaxNLocator
+
         bins = [_bins(isl), _bins(osl)]
         _, _, _, image = ax.hist2d(isl, osl, bins=bins, cmin=1, cmap="viridis")
-        fig.colorbar(image, ax=ax, label="requests in the cell")
+        fig.colorbar(image, ax=ax, label="requests in the cell", ticks=MaxNLocator(integer=True))
+    else:
+        _legend(ax)
     ax.set_xlabel("input length, ISL (tokens)")
     ax.set_ylabel("output length received, OSL (tokens)")
-    ax.set_title(f"Request lengths: input vs output tokens\n{len(ok)} requests sent to {first}, all load points")
+    ax.set_title(f"Request lengths: input vs output tokens\n{len(ok)} successful requests to {target} at {point} "
+                 "(the workload every load point sends)")  # fmt: skip
     ax.grid(alpha=0.3)
     fig.savefig(path)
 
@@ -91,7 +107,7 @@ def plot_ttft_vs_isl(records: Sequence[RequestRecord], path: Path) -> None:
                  "cost under this load)")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax, below=True)
     fig.savefig(path)
 
 
@@ -119,7 +135,7 @@ def plot_itl_vs_position(records: Sequence[RequestRecord], path: Path, min_reque
                  f"(positions that at least {min_requests} requests reached)")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    _legend(ax, below=True)
     fig.savefig(path)
 
 
@@ -152,6 +168,8 @@ def plot_e2e_by_pattern(records: Sequence[RequestRecord], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     if handles:
         ax.legend([h for h, _ in handles], [n for _, n in handles], fontsize=8, title="series", loc="upper left")
+    else:
+        _legend(ax)
     fig.savefig(path)
 
 
@@ -176,7 +194,7 @@ def plot_throughput_vs_latency(summaries: Sequence[PointSummary], path: Path) ->
         ax.set_ylim(bottom=0)
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="solid: median, dashed: p90")
+        _legend(ax, title="solid: median, dashed: p90")
     left.set_title("TTFT against throughput")
     right.set_title("ITL against throughput")
     fig.suptitle("Throughput against latency across the sweep (one marker per load point: c = concurrency, "

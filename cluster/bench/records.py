@@ -37,7 +37,9 @@ class RequestRecord:
     """Sent during warm-up: written, but left out of every statistic."""
     start_s: float
     isl: int
-    """Input tokens: the server's count when it reports usage, else the bench tokenizer's."""
+    """Input tokens: the server's count when it reports usage, else ``isl_target``."""
+    isl_target: int
+    """Input tokens of the prompt sent, by the bench's tokenizer."""
     osl_target: int
     osl: int
     """Output tokens received."""

@@ -22,7 +22,7 @@ from kvtide.cluster.bench.backends import TargetConfig, make_backend
 from kvtide.cluster.bench.load import Budget, LoadPoint, PointContext, StopRule, run_point
 from kvtide.cluster.bench.progress import Progress
 from kvtide.cluster.bench.records import RequestRecord, write_records
-from kvtide.cluster.bench.stats import SLO, PointSummary, summarize
+from kvtide.cluster.bench.stats import SLO, PointSummary, dist, summarize
 from kvtide.cluster.bench.workloads import Workload
 
 RECORDS, SUMMARY, CONFIG = "records.jsonl", "summary.json", "config.json"
@@ -103,15 +103,28 @@ async def _run_one(config: RunConfig, backend, point: LoadPoint, workload: Workl
 
     cpu0, t0 = time.process_time(), time.perf_counter()
     ctx = PointContext(backend, point, Budget(config.stop, t0, time.perf_counter), t0, count_prompt, on_record)
+    lags: list[float] = []
+    monitor = asyncio.create_task(_loop_lag(lags))
     try:
         await run_point(workload.sessions(), ctx, config.seed)
     finally:
+        monitor.cancel()
         progress.close()
         write_records(config.out_dir / RECORDS, records)
     cpu = time.process_time() - cpu0
     summary = summarize(records, config.slo)
     tokens = sum(r.osl for r in records)  # warm-up too: the CPU time covers them
-    return dataclasses.replace(summary, client_cpu_s=cpu, client_cpu_us_per_token=cpu / tokens * 1e6 if tokens else None)
+    return dataclasses.replace(summary, client_cpu_s=cpu, client_cpu_us_per_token=cpu / tokens * 1e6 if tokens else None,
+                               client_loop_lag_ms=dist(lags, 1000))  # fmt: skip
+
+
+async def _loop_lag(out: list[float], interval_s: float = 0.05) -> None:
+    """How late the event loop wakes a sleeper: a busy client delays every token it reads by
+    about this much, so a high lag means the client, not the server, set the latencies."""
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(interval_s)
+        out.append(max(0.0, time.perf_counter() - t - interval_s))
 
 
 def _write_config(config: RunConfig, workload: str, max_len: int | None) -> None:

@@ -137,6 +137,8 @@ class PointSummary:
     client_cpu_s: float | None = None
     """CPU time the bench process spent on this point (user + system)."""
     client_cpu_us_per_token: float | None = None
+    client_loop_lag_ms: Dist | None = None
+    """How late the bench's event loop woke a 50 ms sleeper: the client's own delay."""
 
 
 def summarize(records: Sequence[RequestRecord], slo: SLO = SLO()) -> PointSummary:
@@ -183,7 +185,7 @@ def group(records: Sequence[RequestRecord]) -> dict[tuple[str, str], list[Reques
 def summary_from_dict(row: dict) -> PointSummary:
     """Inverse of ``dataclasses.asdict`` on a ``PointSummary`` (summary.json)."""
     row = dict(row)
-    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "client_loop_lag_ms"):
         row[key] = Dist(**row[key]) if row.get(key) else None
     row["ttft_fit"] = Fit(**row["ttft_fit"]) if row.get("ttft_fit") else None
     row["goodput"] = Goodput(**row["goodput"]) if row.get("goodput") else None

@@ -94,7 +94,8 @@ def read_mooncake(path: Path) -> Trace:
 
 def read_azure(path: Path) -> Trace:
     """Azure LLM inference trace 2023 (``azure2023_code.csv``: pattern ``azure-code``)."""
-    rows = list(csv.DictReader(Path(path).open(newline="")))
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: no requests")
     stem = Path(path).stem
@@ -113,7 +114,8 @@ def read_trace(path: Path, fmt: str = "auto", block_tokens: int = MOONCAKE_BLOCK
         if path.suffix == ".csv":
             fmt = "azure"
         else:
-            first = next((json.loads(line) for line in path.open() if line.strip()), {})
+            with path.open() as f:
+                first = next((json.loads(line) for line in f if line.strip()), {})
             fmt = "mooncake" if "input_length" in first else "bench"
     readers = {"bench": lambda: read_bench_jsonl(path, block_tokens), "mooncake": lambda: read_mooncake(path),
                "azure": lambda: read_azure(path)}  # fmt: skip
