@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PROMPT ?= Write a haiku about the tide.
 
-.PHONY: setup install test test-fast run generate chat proto bench wheel clean
+.PHONY: setup install kernels test test-fast run generate chat proto bench wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,22 +26,27 @@ setup: $(VENV)/.stamp
 install: setup
 	$(BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
 
-test: install
+# The compiled CPU kernels, built once into kvtide's cache (~/.cache/kvtide/extensions, or
+# $$KVTIDE_CACHE_DIR/extensions); a second run only checks they are there.
+kernels: install
+	$(BIN)/python -m kvtide.kernels.cpu_build
+
+test: kernels
 	$(BIN)/pytest
 
-test-fast: install
+test-fast: kernels
 	$(BIN)/pytest -m "not slow"
 
 # The main command: serve SmolLM2 over gRPC (127.0.0.1:50051) and the OpenAI HTTP API
 # (http://127.0.0.1:8000/v1) until Ctrl-C. SERVE_ARGS adds options (--replicas 2, --api-key ...).
 SERVE_ARGS ?=
-run: install
+run: kernels
 	$(BIN)/kvtide serve --model smollm2-135m $(SERVE_ARGS)
 
-generate: install
+generate: kernels
 	$(BIN)/kvtide generate --model smollm2-135m "$(PROMPT)"
 
-chat: install
+chat: kernels
 	$(BIN)/kvtide chat --model smollm2-135m
 
 # Regenerate the gRPC code from proto/kvtide.proto (tests/unit/test_proto.py checks it is current).
@@ -52,7 +57,7 @@ proto: setup
 	cp build/proto/kvtide/proto/kvtide_pb2.py build/proto/kvtide/proto/kvtide_pb2.pyi \
 		build/proto/kvtide/proto/kvtide_pb2_grpc.py proto/
 
-bench: install
+bench: kernels
 	$(BIN)/python bench/engine_throughput.py
 
 # The wheel that cluster nodes and the container install (deploy/): dist/kvtide-<version>-py3-none-any.whl.

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 import torch
 
+from kvtide.cluster.diagnostics import ray_logs_hint
 from kvtide.cluster.placement import ReplicaPlacement, ReplicaShape, place_replica
 from kvtide.cluster.worker_actor import WorkerActor, WorkerReady
 from kvtide.workers.model_loader import read_hf_config
@@ -83,19 +84,28 @@ class RayExecutor:
                         )
                     )
             address = ray.get(self._workers[0].rendezvous_address.remote(), timeout=timeout_s)
-            refs = [w.init.remote(address, timeout_s) for w in self._workers]
-            self.reports: list[WorkerReady] = ray.get(refs, timeout=timeout_s)
-        except GetTimeoutError as e:
-            self.shutdown()
-            raise TimeoutError(
-                f"the {shape.tp} x {shape.pp} shards did not start within {timeout_s} s"
-            ) from e
+            self.reports: list[WorkerReady] = self._wait_ready(
+                [w.init.remote(address, timeout_s) for w in self._workers], timeout_s
+            )
         except BaseException:
             self.shutdown()
             raise
         self._last = (shape.pp - 1) * shape.tp  # rank whose execute() returns the logits
         self.max_in_flight = shape.pp if max_in_flight is None else max_in_flight
         """Steps in flight at once: one micro-batch per pipeline stage by default."""
+
+    def _wait_ready(self, refs: list, timeout_s: float) -> list[WorkerReady]:
+        """Every shard's report; a timeout names the shards still starting and where to look."""
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+            late = ", ".join(f"({self._shard(refs.index(r))})" for r in pending)
+            raise TimeoutError(
+                f"shards {late} of this {self.shape.tp} x {self.shape.pp} replica did not finish starting "
+                f"(joining their process group, loading their weights, building the CPU kernels if missing) "
+                f"within {timeout_s:g} s; see {ray_logs_hint()}"
+            ) from None
 
     def __enter__(self) -> RayExecutor:
         return self
@@ -158,7 +168,10 @@ class RayExecutor:
 
     def _timeout(self, refs: list, pending: list) -> TimeoutError:
         late = ", ".join(f"({self._shard(refs.index(r))})" for r in pending)
-        return TimeoutError(f"step did not finish within {self.step_timeout_s} s on shards {late}")
+        return TimeoutError(
+            f"a step did not finish within {self.step_timeout_s:g} s on shards {late} (their start-up, kernel "
+            f"builds included, was already done); see {ray_logs_hint()}"
+        )
 
 
 class RayStep:

@@ -105,8 +105,11 @@ def start_redis(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0)
         "--logfile", str(Path(workdir.name) / "redis.log"),
         "--daemonize", "no",
     ]
+    # NOTE: its own session: a Ctrl-C in the terminal signals the whole foreground process group,
+    # and Redis must outlive the drain that still publishes to it; it dies with its parent.
     process = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent  # noqa: PLW1509
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509
     )
     server = RedisServer(host, port, process, workdir)
     client = redis.Redis(host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)

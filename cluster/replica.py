@@ -236,7 +236,12 @@ class Replica:
             deltas = [d async for d in self._async.generate([1, 2, 3], params)]
             return bool(deltas) and deltas[-1].finish_reason in ("length", "stop")
 
-        return await asyncio.wait_for(probe(), timeout_s)
+        try:
+            return await asyncio.wait_for(probe(), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"the probe step (1 token through the engine and every shard) did not finish within {timeout_s:g} s"
+            ) from None
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -27,6 +27,7 @@ import ray
 import uvicorn
 
 from kvtide.cluster.cluster_state import ClusterState
+from kvtide.cluster.diagnostics import ray_logs_hint
 from kvtide.cluster.frontend import GrpcServer, start_grpc_server
 from kvtide.cluster.gateway import FrontendConfig, Gateway, ModelSpec
 from kvtide.cluster.placement import remove_groups
@@ -74,6 +75,22 @@ class ServeConfig:
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+HEALTH_PROBE_TIMEOUT_S = 60.0
+"""One 1-token step through every shard, once they reported ready (loaded and built)."""
+
+
+class StartupError(RuntimeError):
+    """``kvtide serve`` could not start; the message says what did not finish and where to look."""
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's text: Ray wraps a replica's constructor error in two layers."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return str(cause or exc).strip().splitlines()[-1]
 
 
 class _Uvicorn(uvicorn.Server):
@@ -156,10 +173,27 @@ class Server:
                 placement_owner=f"{self.placement_owner}/replica-{i}", **cfg.engine_options,
             )  # fmt: skip
         for rid, actor in self._actors.items():
-            await asyncio.wait_for(actor.health.remote(), cfg.replica_start_timeout_s)
+            await self._wait_ready(rid, actor)
             info = await actor.info.remote()
             logger.info("%s ready: tp=%d pp=%d, %d KV blocks of %d tokens",
                         rid, info.tp, info.pp, info.num_blocks, info.block_size)  # fmt: skip
+
+    async def _wait_ready(self, rid: str, actor) -> None:
+        """The replica's start (its shards start within ``replica_start_timeout_s``, kernel
+        builds included) and then one real step through every shard."""
+        cfg = self.config
+        timeout_s = cfg.replica_start_timeout_s + HEALTH_PROBE_TIMEOUT_S + 30.0
+        try:
+            ok = await asyncio.wait_for(actor.health.remote(HEALTH_PROBE_TIMEOUT_S), timeout_s)
+        except asyncio.TimeoutError:
+            raise StartupError(
+                f"{rid} did not become ready within {timeout_s:g} s (loading {cfg.model} on "
+                f"{cfg.tp * cfg.pp} shard(s), then one probe step); see {ray_logs_hint()}"
+            ) from None
+        except ray.exceptions.RayError as exc:
+            raise StartupError(f"{rid} failed to start: {_root_cause(exc)}") from exc
+        if not ok:
+            raise StartupError(f"{rid} started but its probe step did not finish; see {ray_logs_hint()}")
 
     async def _start_cluster_state(self) -> Router:
         """The router, fed by ``ClusterState``: from Redis when there is one (each replica

@@ -6,8 +6,8 @@ sequence's blocks directly, one (sequence, KV head) pair per task on torch's int
 pool, with a running max and sum (online softmax) so nothing is gathered or padded. Same
 signature as the twin; the tests compare the two.
 
-Build: ``torch.utils.cpp_extension.load_inline`` with the machine's C++ compiler, into torch's
-extension cache (``TORCH_EXTENSIONS_DIR``). ``available()`` says whether it built.
+Build: with the machine's C++ compiler, once, into kvtide's cache (``cpu_build``: at setup, or
+when a shard starts); ``available()`` says whether it is built and loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from kvtide.kernels import cpu_build
+from kvtide.kernels.cpu_build import CppExtension
 logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
@@ -83,30 +85,32 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
 """
 
 
+EXTENSION = CppExtension(
+    name="cpu_attention",
+    source=_SOURCE,
+    functions=("paged_decode_attention",),
+    cflags=("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"),
+)
+
+
 @functools.cache
 def _module():
-    from torch.utils.cpp_extension import load_inline
-
-    return load_inline(
-        name="kvtide_cpu_attention_v1",
-        cpp_sources=[_SOURCE],
-        functions=["paged_decode_attention"],
-        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"],
-        verbose=False,
-    )
+    """The built extension, building it first (bounded, in a child process) if it is missing."""
+    if not cpu_build.is_built(EXTENSION):
+        (result,) = cpu_build.build([EXTENSION])
+        if result.error is not None:
+            raise RuntimeError(result.error)
+    return cpu_build.load(EXTENSION)
 
 
 @functools.cache
 def available() -> bool:
-    """True when the kernel compiled (or was already in the cache) on this machine.
-
-    Cached: a failed build is not retried (and not re-warned) by every engine that resolves
-    its backend in this process.
-    """
+    """True when the kernel is built and loaded in this process (``cpu_build.prepare`` does it at
+    start-up). Cached: a failed build is tried, and reported, once per process."""
     try:
         _module()
-    except Exception as exc:  # no compiler, no ninja: the torch twin serves instead
-        logger.warning("CPU attention kernel unavailable (%s); using the torch path", exc)
+    except Exception as exc:  # no compiler, a failed or timed-out build: the torch twin serves
+        logger.warning("the CPU attention kernel is unavailable (%s); its torch twin serves", exc)
         return False
     return True
 

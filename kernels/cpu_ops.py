@@ -12,8 +12,8 @@ Numerics: rounding follows the twins' op order (fp32 statistics for the norm; ``
 y*sin`` for rotary, with floating-point contraction off so no FMA changes the rounding), so
 greedy output stays equal to the reference implementations.
 
-Build: ``torch.utils.cpp_extension.load_inline`` on first use, cached in torch's extension
-directory; ``available()`` says whether it built.
+Build: with the machine's C++ compiler, once, into kvtide's cache (``cpu_build``: at setup, or
+when a shard starts); ``available()`` says whether they are built and loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import logging
 
 import torch
 
+from kvtide.kernels import cpu_build
+from kvtide.kernels.cpu_build import CppExtension
 from kvtide.kernels.norm_rope_ref import rotary_embedding_ref as rotary_embedding_ref_rows
 
 logger = logging.getLogger(__name__)
@@ -126,27 +128,32 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
 """
 
 
+EXTENSION = CppExtension(
+    name="cpu_ops",
+    source=_SOURCE,
+    functions=("fused_add_rms_norm", "rotary_embedding", "write_kv"),
+    cflags=("-O3", "-march=native", "-ffp-contract=off"),
+)
+
+
 @functools.cache
 def _module():
-    from torch.utils.cpp_extension import load_inline
-
-    return load_inline(
-        name="kvtide_cpu_ops_v1",
-        cpp_sources=[_SOURCE],
-        functions=["fused_add_rms_norm", "rotary_embedding", "write_kv"],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off"],
-        verbose=False,
-    )
+    """The built extension, building it first (bounded, in a child process) if it is missing."""
+    if not cpu_build.is_built(EXTENSION):
+        (result,) = cpu_build.build([EXTENSION])
+        if result.error is not None:
+            raise RuntimeError(result.error)
+    return cpu_build.load(EXTENSION)
 
 
 @functools.cache
 def available() -> bool:
-    """True when the kernels compiled (or were already cached) on this machine; cached, so a
-    failed build is tried (and warned about) once per process."""
+    """True when the kernel is built and loaded in this process (``cpu_build.prepare`` does it at
+    start-up). Cached: a failed build is tried, and reported, once per process."""
     try:
         _module()
-    except Exception as exc:  # no compiler, no ninja: the torch twins serve instead
-        logger.warning("CPU fused ops unavailable (%s); using the torch path", exc)
+    except Exception as exc:  # no compiler, a failed or timed-out build: the torch twin serves
+        logger.warning("the CPU fused ops are unavailable (%s); their torch twins serve", exc)
         return False
     return True
 

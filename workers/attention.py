@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtide.kernels import cpu_attention, cpu_ops
+from kvtide.kernels import cpu_attention, cpu_build, cpu_ops
 from kvtide.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -101,7 +101,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
     torch path.
 
     NOTE: the C++ kernel reads fp32 caches only; an int8/fp8 cache decodes through the torch
-    twin, which dequantizes the gathered blocks.
+    twin, which dequantizes the gathered blocks. So does every cache when the kernel did not
+    build (``cpu_attention.available()`` said why, once).
     """
 
     name = "cpu"
@@ -116,7 +117,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def decode(
         self, q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=None, v_scale=None, out=None
     ) -> torch.Tensor:
-        if k_scale is not None or k_cache.dtype != torch.float32:
+        if k_scale is not None or k_cache.dtype != torch.float32 or not cpu_attention.available():
             return super().decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, out)
         result = cpu_attention.paged_decode_attention_cpu(
             q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale
@@ -167,9 +168,11 @@ def get_attention_backend(name: str) -> TorchAttentionBackend:
 
 
 def default_attention_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """``triton`` on CUDA; ``cpu`` for fp32 on a CPU whose compiler built the kernel; else ``torch``."""
+    """``triton`` on CUDA; ``cpu`` for fp32 on a CPU where the kernel is built or can be (the shard
+    builds it before it reports ready, and its torch twin serves if that fails); else ``torch``.
+    Never compiles: the process that resolves a config may not be the one that runs it."""
     if device.type == "cuda":
         return "triton"
-    if device.type == "cpu" and dtype == torch.float32 and cpu_attention.available():
+    if device.type == "cpu" and dtype == torch.float32 and cpu_build.buildable(cpu_attention.EXTENSION):
         return "cpu"
     return "torch"

@@ -24,6 +24,8 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from kvtide.kernels.cpu_build import cache_root
+
 CONVERTER_VERSION = 1
 """Bump when the converter's output changes, so cached conversions are redone."""
 
@@ -41,8 +43,8 @@ KNOWN_MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("KVTIDE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "kvtide" / "models"
+    """``$KVTIDE_CACHE_DIR/models`` (default ``~/.cache/kvtide/models``)."""
+    return cache_root() / "models"
 
 
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kvtide.kernels import cpu_build
 from kvtide.kernels.kv_quant import allocate_kv_cache
 from kvtide.workers.attention import get_attention_backend
 from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM
@@ -73,6 +74,9 @@ class ShardRunner:
         self.links = links
         # NOTE: the activations' dtype, not a parameter's: quantized weights are int8/fp8.
         self.device, self.dtype = next(model.parameters()).device, model.dtype
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            # NOTE: before the shard reports ready: a step never waits on a compiler.
+            cpu_build.prepare()
         self.backend = get_attention_backend(attention_backend)
         attn = model.layers[0].self_attn
         shape = (num_blocks, attn.num_kv_heads, block_size, attn.head_dim)
