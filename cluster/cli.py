@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvtide.cluster import size_cmd
 from kvtide.cluster.threads import configure_threads
 
 
@@ -141,7 +142,13 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve_forever(config))
+    from kvtide.cluster.serve import StartupError
+
+    try:
+        asyncio.run(serve_forever(config))
+    except StartupError as exc:
+        print(f"kvtide: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's deadline per request, admission wait included (gRPC: the earlier of this "
                         "and the client's); past it DEADLINE_EXCEEDED / HTTP 504 (default: none)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
+    size_cmd.add_parser(sub)
     args = parser.parse_args(argv)
     configure_threads(args.threads)  # before anything imports torch
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
