@@ -77,9 +77,18 @@ class Season:
         object.__setattr__(self, "days", tuple(self.days))
         object.__setattr__(self, "extra_replicas", MappingProxyType(dict(self.extra_replicas)))
 
+    @property
+    def start_minute(self) -> int:
+        """Minutes after local midnight at which the window opens."""
+        return _minutes("start", self.start)
+
+    @property
+    def end_minute(self) -> int:
+        return _minutes("end", self.end)
+
     def contains(self, local: datetime) -> bool:
         """Whether the window holds ``local`` (a time in the schedule's timezone)."""
-        start, end = _minutes("start", self.start), _minutes("end", self.end)
+        start, end = self.start_minute, self.end_minute
         minute = local.hour * 60 + local.minute
         today, yesterday = DAYS[local.weekday()], DAYS[(local.weekday() - 1) % 7]
         if start < end:

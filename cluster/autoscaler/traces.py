@@ -27,7 +27,8 @@ from typing import Any
 @dataclass(frozen=True)
 class Arrival:
     arrival_s: float
-    """Seconds after the trace's start."""
+    """Seconds: as the trace writes them (``arrival_s``; Mooncake's ``timestamp`` in ms), or
+    after the first request for Azure's wall-clock stamps."""
     isl: int
     osl: int
     service: str = ""
@@ -118,12 +119,11 @@ def read_lengths(path: str | Path) -> tuple[list[int], list[int]]:
 
 
 def read_arrivals(path: str | Path) -> list[Arrival]:
-    """Timed requests, sorted by arrival, times from the first arrival."""
+    """Timed requests, sorted by arrival."""
     rows = list(_rows(path))
     if not rows:
         raise ValueError(f"{path}: no requests")
     missing = sum(1 for t, *_ in rows if t is None)
     if missing:
         raise ValueError(f"{path}: {missing} of {len(rows)} requests have no arrival time")
-    start = min(t for t, *_ in rows)
-    return sorted((Arrival(t - start, i, o, s) for t, i, o, s in rows), key=lambda a: a.arrival_s)
+    return sorted((Arrival(t, i, o, s) for t, i, o, s in rows), key=lambda a: a.arrival_s)
