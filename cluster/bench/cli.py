@@ -65,8 +65,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--out", help="run directory (default: bench_runs/<date-time>)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     o.add_argument("--profile", action="store_true",
-                   help="also write engine_profile.json: prefill cost per input token, decode step time by "
-                        "batch size (needs a --concurrency sweep)")  # fmt: skip
+                   help="also write engine_profile.json for `kvtide size --profile`: prefill cost per input "
+                        "token, decode step time by batch size (needs a --concurrency sweep)")  # fmt: skip
+    o.add_argument("--profile-engine", default="device=cpu,tp=1,pp=1,dtype=float32",
+                   help="what the measured server runs on, written into the profile (its API does not say): "
+                        "device=...,tp=...,pp=...,dtype=...")  # fmt: skip
     sub = p.add_subparsers(dest="bench_command", metavar="{report}")
     r = sub.add_parser("report", help="write RUN_DIR/report.md (and redraw its plots) from a finished run")
     r.add_argument("run_dir", type=Path)
@@ -122,6 +125,7 @@ def run(args) -> int:
 
 
 def _run_bench(args) -> int:
+    from kvtide.cluster.bench.profile import parse_engine_shape
     from kvtide.cluster.bench.report import format_table, write_report
     from kvtide.cluster.bench.run import RunConfig
     from kvtide.cluster.bench.run import run as run_bench
@@ -136,13 +140,14 @@ def _run_bench(args) -> int:
         out_dir=out, slo=parse_slo(args.slo), seed=args.seed, max_model_len=args.max_model_len,
         progress=not args.no_progress, command=args.command_line or _command_line(),
     )  # fmt: skip
+    shape = parse_engine_shape(args.profile_engine) if args.profile else None
     make_workload, count_prompt = make_workload_factory(args)
     summaries = run_bench(config, make_workload, count_prompt)
     print(format_table(summaries))
-    if args.profile:
+    if shape is not None:
         from kvtide.cluster.bench.profile import write_profile
 
-        print(f"engine profile: {write_profile(out, summaries, args.model)}")
+        print(f"engine profile: {write_profile(out, summaries, args.model, shape)}")
     print(f"report: {write_report(out)}")
     return 0
 

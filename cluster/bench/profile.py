@@ -1,58 +1,79 @@
-"""An engine cost profile measured by a bench run, for ``kvtide size`` and the fleet simulator.
-
-``engine_profile.json`` (schema ``kvtide.engine_profile/1``)::
-
-    {"schema": "kvtide.engine_profile/1", "model": "smollm2-135m", "target": "grpc",
-     "prefill_s_per_token": 0.00071,      # TTFT slope at the lightest load point, s per input token
-     "prefill_overhead_s": 0.012,         # its intercept: fixed cost of a request's first step
-     "prefill_r2": 0.97, "prefill_load_point": "concurrency=1",
-     "decode_step_s": {"1": 0.021, "8": 0.034},   # median ITL at each closed-loop concurrency
-     "source": "kvtide bench, RUN_DIR"}
+"""The engine cost profile a bench run measures, for ``kvtide size --profile`` and the fleet
+simulator: ``engine_profile.json`` in the format of ``workers.roofline.EngineProfileMeasurement``
+(model, device, tp, pp, dtype, prefill_s_per_token, decode_step_s by batch size).
 
 Method: in a closed loop of c users each request streams while c - 1 others do, so the
 median inter-token gap at concurrency c is the engine's decode step time at a batch of about
 c (a few of the c may be in prefill at any moment, which the median mostly skips). Prefill
-cost is the TTFT-against-ISL slope at the lightest load point, where queueing is least.
+cost per input token is the TTFT-against-ISL slope at the lightest load point, where queueing
+is least. The server's device, layout and dtype are not visible over its API, so the caller
+says them (``--profile-engine``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvtide.cluster.bench.stats import PointSummary
+from kvtide.workers.roofline import EngineProfileMeasurement
 
-SCHEMA = "kvtide.engine_profile/1"
+
+@dataclass(frozen=True)
+class EngineShape:
+    """What the measured server ran on."""
+
+    device: str = "cpu"
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "float32"
 
 
-def engine_profile(summaries: Sequence[PointSummary], model: str) -> dict:
-    """Of the first target's points. Raises ``ValueError`` when nothing fits a profile."""
+def parse_engine_shape(text: str) -> EngineShape:
+    """``"device=H100 SXM 80GB,tp=2,pp=1,dtype=bfloat16"`` (any subset; the rest default)."""
+    values: dict[str, object] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in ("device", "tp", "pp", "dtype"):
+            raise ValueError(f"unknown key {key!r} in --profile-engine; known: device, tp, pp, dtype")
+        if key in ("tp", "pp"):
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--profile-engine {key} must be an integer >= 1, got {value!r}")
+            values[key] = int(value)
+        else:
+            values[key] = value
+    return EngineShape(**values)
+
+
+def _concurrency(s: PointSummary) -> int:
+    return int(float(s.point.split("=", 1)[1]))
+
+
+def engine_profile(summaries: Sequence[PointSummary], model: str, shape: EngineShape) -> EngineProfileMeasurement:
+    """From the first target's closed-loop points. Raises ``ValueError`` saying what is missing."""
     if not summaries:
         raise ValueError("no load points to profile")
     target = summaries[0].target
-    points = [s for s in summaries if s.target == target]
-    closed = [s for s in points if s.point.startswith("concurrency=")]
+    closed = sorted((s for s in summaries if s.target == target and s.point.startswith("concurrency=")),
+                    key=_concurrency)  # fmt: skip
     if not closed:
         raise ValueError("an engine profile needs closed-loop points (--concurrency 1,4,16): its decode step "
                          "times are the median ITL at each concurrency")  # fmt: skip
-    steps = {str(int(float(s.point.split("=")[1]))): s.itl_ms.p50 / 1000 for s in closed if s.itl_ms}
-    lightest = min(closed, key=lambda s: float(s.point.split("=")[1]))
+    steps = tuple((_concurrency(s), s.itl_ms.p50 / 1000) for s in closed if s.itl_ms and s.itl_ms.p50 > 0)
+    if not steps:
+        raise ValueError("no load point measured an inter-token gap (every OSL was 1 token?)")
+    lightest = closed[0]
     fit = lightest.ttft_fit
-    return {
-        "schema": SCHEMA,
-        "model": model,
-        "target": target,
-        "prefill_s_per_token": None if fit is None else fit.ms_per_1k_tokens / 1e6,
-        "prefill_overhead_s": None if fit is None else fit.intercept_ms / 1000,
-        "prefill_r2": None if fit is None else fit.r2,
-        "prefill_load_point": lightest.point,
-        "decode_step_s": steps,
-    }
+    if fit is None or fit.ms_per_1k_tokens <= 0:
+        slope = "no fit" if fit is None else f"a slope of {fit.ms_per_1k_tokens:.1f} ms per 1k tokens"
+        raise ValueError(f"TTFT against ISL at {lightest.point} gives {slope}; an engine profile needs a positive "
+                         "prefill cost: use prompts of several lengths (--mix all) and enough requests")  # fmt: skip
+    return EngineProfileMeasurement(model, shape.device, shape.tp, shape.pp, shape.dtype,
+                                    fit.ms_per_1k_tokens / 1e6, steps)  # fmt: skip
 
 
-def write_profile(run_dir: Path, summaries: Sequence[PointSummary], model: str) -> Path:
-    profile = engine_profile(summaries, model) | {"source": f"kvtide bench, {run_dir}"}
+def write_profile(run_dir: Path, summaries: Sequence[PointSummary], model: str, shape: EngineShape) -> Path:
     path = Path(run_dir) / "engine_profile.json"
-    path.write_text(json.dumps(profile, indent=1))
+    path.write_text(engine_profile(summaries, model, shape).to_json())
     return path

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from kvtide.cluster.bench.profile import engine_profile
+from kvtide.cluster.bench.profile import EngineShape, engine_profile, parse_engine_shape
 from kvtide.cluster.bench.records import RequestRecord
 from kvtide.cluster.bench.stats import SLO, dist, parse_slo, summarize, summary_from_dict, ttft_fit
 
@@ -94,13 +94,26 @@ def test_all_warmup_is_an_error():
 
 def test_engine_profile_reads_decode_steps_and_prefill_from_a_concurrency_sweep():
     points = []
-    for c, step in ((1, 0.02), (4, 0.03), (16, 0.06)):
+    for c, step in ((16, 0.06), (1, 0.02), (4, 0.03)):
         rs = [rec(isl=n, ttft_s=(10 + (0.3 if c == 1 else 0.9) * n) / 1000, itl=step, point=f"concurrency={c}")
               for n in (100, 500, 900)]  # fmt: skip
         points.append(summarize(rs))
-    p = engine_profile(points, "m")
-    assert p["decode_step_s"] == pytest.approx({"1": 0.02, "4": 0.03, "16": 0.06})
-    assert p["prefill_s_per_token"] == pytest.approx(0.0003) and p["prefill_load_point"] == "concurrency=1"
-    assert p["prefill_overhead_s"] == pytest.approx(0.010)
+    p = engine_profile(points, "m", EngineShape("H100 SXM 80GB", 2, 1, "bfloat16"))
+    assert [b for b, _ in p.decode_step_s] == [1, 4, 16]
+    assert [s for _, s in p.decode_step_s] == pytest.approx([0.02, 0.03, 0.06])
+    assert p.prefill_s_per_token == pytest.approx(0.0003)  # the slope at concurrency 1, the lightest
+    assert (p.model, p.device, p.tp, p.pp, p.dtype) == ("m", "H100 SXM 80GB", 2, 1, "bfloat16")
+    assert type(p).from_json(p.to_json()) == p  # what `kvtide size --profile` reads
     with pytest.raises(ValueError, match="needs closed-loop points"):
-        engine_profile([summarize([rec(point="rate=2")])], "m")
+        engine_profile([summarize([rec(point="rate=2")])], "m", EngineShape())
+    flat = [summarize([rec(isl=100, point="concurrency=1"), rec(isl=200, point="concurrency=1")])]
+    with pytest.raises(ValueError, match=r"gives a slope of -?0.0 ms per 1k tokens; an engine profile needs a positive"):
+        engine_profile(flat, "m", EngineShape())
+
+
+def test_profile_engine_option_parses_and_names_bad_keys():
+    assert parse_engine_shape("device=L4,tp=2") == EngineShape("L4", 2, 1, "float32")
+    with pytest.raises(ValueError, match="unknown key 'gpu' in --profile-engine"):
+        parse_engine_shape("gpu=L4")
+    with pytest.raises(ValueError, match="--profile-engine tp must be an integer >= 1, got '0'"):
+        parse_engine_shape("tp=0")
