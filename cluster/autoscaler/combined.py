@@ -5,8 +5,8 @@ The combination rule, in order:
 1. **Season** (``scheduled``): the season in force names the profile P, the floor and the
    ceiling, and the extra replicas of other profiles. Without ``scheduled``, P and the bounds
    come from the ``predictive`` section (else ``reactive``, else ``scale_to_zero``).
-2. **Current** count: replicas of P; when there are none (the season just turned), the
-   replicas of every profile but the extras, since those are the fleet that rolls to P.
+2. **Current** count: replicas of P; when there are none (the season just turned), every
+   replica less the season's extras, since those are the fleet that rolls to P.
 3. **Base** count: ``predictive``'s forecast count for P. Without ``predictive``: the current
    count when ``reactive`` is there, else the season's ``replicas``.
 4. **Correction** (``reactive``): under up pressure, at least current + its step (its
@@ -89,7 +89,8 @@ class CombinedPolicy:
     def decide(self, obs: Observation, state: CombinedState) -> Decision:
         profile, floor, ceiling, fixed, extras, where = self._season(obs)
         forecast_state = observe(state.forecast, obs, self.config)
-        current = obs.replicas.get(profile, 0) or sum(n for p, n in obs.replicas.items() if p not in extras)
+        extra_now = sum(min(n, obs.replicas.get(p, 0)) for p, n in extras.items())
+        current = obs.replicas.get(profile, 0) or max(0, obs.num_replicas - extra_now)
         why = [where]
         if self.predictor is not None:
             base, text = self.predictor.replicas_needed(obs, forecast_state, profile)

@@ -305,6 +305,11 @@ def test_combined_at_a_season_change_takes_the_old_profiles_fleet_as_current():
     policy = _combined("scheduled + reactive", seasons=seasons)
     d = policy.decide(obs(T0.replace(hour=18), ttft=5.0, replicas={"small": 4}), policy.initial_state()).target
     assert dict(d.replicas) == {"long": 5}
+    # The old fleet's profile may also be the new season's extra: one of its replicas stays as such.
+    seasons["seasons"][0]["extra_replicas"] = {"small": 1}
+    policy = _combined("scheduled + reactive", seasons=seasons)
+    d = policy.decide(obs(T0.replace(hour=18), ttft=5.0, replicas={"small": 4}), policy.initial_state()).target
+    assert dict(d.replicas) == {"long": 4, "small": 1}  # current 4 - 1 extra = 3, + the step of 1
 
 
 def test_combined_goes_to_zero_only_through_scale_to_zero():
