@@ -2,7 +2,8 @@
 
 A backend turns a ``BenchRequest`` into a stream of ``Chunk``s and nothing else: timing is
 the load generator's job, so both backends are measured the same way. Failures are raised as
-``StreamError`` (code: the gRPC code name, or the HTTP status / the error event's code).
+``StreamError`` (code: the gRPC code name, or the HTTP status / the error event's code). The
+HTTP backend lives in ``http_backend.py`` (it imports httpx, which gRPC-only runs do not need).
 """
 
 from __future__ import annotations

@@ -144,11 +144,15 @@ def _run_bench(args) -> int:
     make_workload, count_prompt = make_workload_factory(args)
     summaries = run_bench(config, make_workload, count_prompt)
     print(format_table(summaries))
+    print(f"report: {write_report(out)}")
     if shape is not None:
         from kvtide.cluster.bench.profile import write_profile
 
-        print(f"engine profile: {write_profile(out, summaries, args.model, shape)}")
-    print(f"report: {write_report(out)}")
+        try:
+            print(f"engine profile: {write_profile(out, summaries, args.model, shape)}")
+        except ValueError as exc:  # the run and its report stand; only the profile is missing
+            print(f"kvtide bench: no engine profile: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

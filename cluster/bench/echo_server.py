@@ -32,11 +32,15 @@ class EchoConfig:
     """Before the first token; None: one interval."""
     default_tokens: int = 16
     """Tokens when the request sends no max_tokens."""
+    prefill_s_per_word: float = 0.0
+    """Added to the first token's delay per whitespace-separated word of the prompt: a fake
+    prefill cost, so TTFT grows with the input as on a real server."""
     max_model_len: int = 8192
 
     def __post_init__(self) -> None:
-        if self.interval_s < 0 or (self.ttft_s is not None and self.ttft_s < 0):
-            raise ValueError(f"echo intervals must be >= 0, got interval_s={self.interval_s}, ttft_s={self.ttft_s}")
+        if min(self.interval_s, self.ttft_s or 0.0, self.prefill_s_per_word) < 0:
+            raise ValueError(f"echo delays must be >= 0, got interval_s={self.interval_s}, ttft_s={self.ttft_s}, "
+                             f"prefill_s_per_word={self.prefill_s_per_word}")  # fmt: skip
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -100,14 +104,17 @@ class EchoServer:
             choice = {"index": 0, "finish_reason": "length"}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             return await _json(writer, 200, {"choices": [choice], "usage": {"completion_tokens": n}})
-        await self._stream(writer, n, chat, request.get("echo_fail_after"))
+        prompt = request.get("prompt") or " ".join(str(m.get("content", "")) for m in request.get("messages", ()))
+        prefill = self.config.prefill_s_per_word * len(str(prompt).split())
+        await self._stream(writer, n, chat, request.get("echo_fail_after"), prefill)
 
-    async def _stream(self, writer: asyncio.StreamWriter, n: int, chat: bool, fail_after: int | None) -> None:
+    async def _stream(self, writer: asyncio.StreamWriter, n: int, chat: bool, fail_after: int | None,
+                      prefill_s: float) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         kind = "chat.completion.chunk" if chat else "text_completion"
         start, c = loop.time(), self.config
-        first = c.interval_s if c.ttft_s is None else c.ttft_s
+        first = (c.interval_s if c.ttft_s is None else c.ttft_s) + prefill_s
         for i in range(n):
             if fail_after is not None and i >= int(fail_after):
                 writer.write(_event({"error": {"message": "echo_fail_after asked for it", "code": 500}}))
@@ -148,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--interval-ms", type=float, default=20.0)
-    p.add_argument("--ttft-ms", type=float, default=None)
+    p.add_argument("--ttft-ms", type=float, default=None, help="before the first token (default: one interval)")
+    p.add_argument("--prefill-ms-per-word", type=float, default=0.0, help="added to TTFT per word of the prompt")
     args = p.parse_args(argv)
     ttft = None if args.ttft_ms is None else args.ttft_ms / 1000
+    config = EchoConfig(args.interval_ms / 1000, ttft, prefill_s_per_word=args.prefill_ms_per_word / 1000)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port, EchoConfig(args.interval_ms / 1000, ttft)))
+        asyncio.run(_serve(args.host, args.port, config))
     return 0
 
 

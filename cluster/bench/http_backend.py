@@ -44,16 +44,13 @@ class _Pools:
 
     def acquire(self) -> int:
         """The index of a pool with a free connection, else of the least busy one."""
-        for i, n in enumerate(self.in_flight):
-            if n < POOL_SIZE:
-                break
-        else:
-            if len(self.clients) < self._max_pools:
-                self.clients.append(self._new())
-                self.in_flight.append(0)
-                i = len(self.clients) - 1
-            else:
-                i = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
+        i = next((i for i, n in enumerate(self.in_flight) if n < POOL_SIZE), None)
+        if i is None and len(self.clients) < self._max_pools:
+            self.clients.append(self._new())
+            self.in_flight.append(0)
+            i = len(self.clients) - 1
+        elif i is None:
+            i = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
         self.in_flight[i] += 1
         return i
 

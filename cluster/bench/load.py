@@ -14,7 +14,6 @@ since the start, whichever comes first. Requests already running when it stops f
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -180,7 +179,3 @@ async def run_point(sessions: Iterator[Session], ctx: PointContext, seed: int) -
         await open_loop(sessions, poisson_arrivals(point.value, np.random.default_rng([seed, 1])), ctx)
     else:
         await open_loop(sessions, None, ctx)
-
-
-def take_sessions(sessions: Iterator[Session], n: int) -> list[Session]:
-    return list(itertools.islice(sessions, n))

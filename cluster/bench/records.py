@@ -119,7 +119,8 @@ async def measure(backend: Backend, request: BenchRequest, t0: float,
             if chunk.text:
                 texts.append(chunk.text)
             if chunk.completion_tokens is not None:
-                prompt_tokens, completion_tokens, cached = chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens
+                prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                cached = chunk.cached_tokens
     except StreamError as exc:
         error = exc
     end = clock()

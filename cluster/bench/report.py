@@ -101,7 +101,7 @@ def write_report(run_dir: Path) -> Path:
         "# kvtide bench report", "",
         f"Run started {config['started']}. Made by:", "", "```", config["command"], "```", "",
         f"- **Workload:** {config['workload']}.",
-        f"- **Targets:** " + "; ".join(targets) + ".",
+        "- **Targets:** " + "; ".join(targets) + ".",
         f"- **Load points:** {', '.join(config['points'])}; at each, {amount or 'the whole trace'} after "
         f"{stop['warmup']} warm-up requests (excluded from every number: {num_warmup} in all). Seed {config['seed']}.",
         f"- **SLO for goodput** (per request: a request is good if it met every bound): "

@@ -114,7 +114,8 @@ async def _run_one(config: RunConfig, backend, point: LoadPoint, workload: Workl
     cpu = time.process_time() - cpu0
     summary = summarize(records, config.slo)
     tokens = sum(r.osl for r in records)  # warm-up too: the CPU time covers them
-    return dataclasses.replace(summary, client_cpu_s=cpu, client_cpu_us_per_token=cpu / tokens * 1e6 if tokens else None,
+    per_token = cpu / tokens * 1e6 if tokens else None
+    return dataclasses.replace(summary, client_cpu_s=cpu, client_cpu_us_per_token=per_token,
                                client_loop_lag_ms=dist(lags, 1000))  # fmt: skip
 
 

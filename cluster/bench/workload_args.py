@@ -25,7 +25,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload (seeded: the same --seed sends the same prompts)")
     w.add_argument("--workload", choices=WORKLOADS, default="mix")
     w.add_argument("--mix", default="all",
-                   help="mix: patterns and weights, e.g. long-short=1,short-long=2 (all: the four, equally)")  # fmt: skip
+                   help="mix: patterns and weights, e.g. long-short=1,short-long=2 "
+                        "(all: the four, equally)")  # fmt: skip
     w.add_argument("--short-isl", type=int, default=128, help="input tokens of the short patterns")
     w.add_argument("--long-isl", type=int, default=1024, help="input tokens of the long patterns")
     w.add_argument("--short-osl", type=int, default=32, help="output tokens of the short patterns")
@@ -44,7 +45,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="bench JSONL: tokens per hash_ids block (Mooncake: 512)")  # fmt: skip
     w.add_argument("--trace-start-s", type=float, default=0.0, help="trace: replay from this trace time")
     w.add_argument("--trace-duration-s", type=float, help="trace: replay this much trace time (default: all)")
-    w.add_argument("--trace-sample", type=float, default=1.0, help="trace: keep each request with this probability")
+    w.add_argument("--trace-sample", type=float, default=1.0,
+                   help="trace: keep each request with this probability")  # fmt: skip
     w.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply arrival times (0.1: 10x faster)")
     w.add_argument("--length-scale", type=float, default=1.0,
                    help="trace: multiply ISL, OSL and the prefix block size")  # fmt: skip

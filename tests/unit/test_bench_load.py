@@ -44,7 +44,8 @@ class FakeBackend:
                 if self.fail_on and self.fail_on in request.messages[-1][1] and i == 1:
                     raise StreamError("500", "fake failure")
                 yield Chunk(1, f" t{i}")
-            yield Chunk(0, prompt_tokens=len(render_transcript(request.messages).split()), completion_tokens=request.osl)
+            words = len(render_transcript(request.messages).split())
+            yield Chunk(0, prompt_tokens=words, completion_tokens=request.osl)
         finally:
             self.in_flight -= 1
 
