@@ -9,11 +9,14 @@ The combination rule, in order:
    replica less the season's extras, since those are the fleet that rolls to P.
 3. **Base** count: ``predictive``'s forecast count for P. Without ``predictive``: the current
    count when ``reactive`` is there, else the season's ``replicas``.
-4. **Correction** (``reactive``): under up pressure, at least current + its step (its
-   cooldowns and starting-replica rule apply). Alone with the season (no ``predictive``) it
-   also steps down and holds as it does alone. With ``predictive``, reactive never pulls the
-   count down, but a decrease waits ``down_cooldown_s`` after the last change, which stops
-   the forecast's noise from flapping the fleet.
+4. **Correction** (``reactive``): reactive keeps a level, starting at the current count. Up
+   pressure raises it to current + its step (its cooldowns and starting-replica rule
+   apply); calm lowers it by its down step once ``down_cooldown_s`` has passed since the
+   last change; in its hysteresis band it holds. The count is the level (without
+   ``predictive``) or max(base, level): reactive never pulls the count below the forecast,
+   and what it added on a breach stays until the signals are calm, so the forecast cannot
+   take it back at once and flap the fleet. Any decrease also waits ``down_cooldown_s``
+   after the last change.
 5. **Bounds**: clamp to [floor, ceiling].
 6. **Zero**: the count may reach 0 only through ``scale_to_zero`` (a floor of 0 and
    ``zero_allowed``: idle long enough, no queue, no traffic forecast within the cold start);
@@ -35,6 +38,7 @@ from kvtide.cluster.autoscaler.reactive import (
     ReactiveState,
     assess,
     down_allowed,
+    down_step,
     up_step,
 )
 
@@ -99,18 +103,22 @@ class CombinedPolicy:
             base = current
         else:
             base = fixed
-        count = base
+        count, level = base, None
         if "reactive" in self.parts:
+            level = current if state.reactive.level is None else state.reactive.level
             pressure = assess(obs, self.reactive, self.config.slo)
             if pressure.direction > 0:
                 step, action = up_step(obs, state.reactive, self.reactive, current)
-                count = max(count, current + step)
+                if step:
+                    level = max(level, current) + step
                 why.append(f"reactive up ({pressure.why}): {action}")
-            elif self.predictor is None and pressure.direction < 0:
+            elif pressure.direction < 0:
                 allowed, action = down_allowed(obs, state.reactive, self.reactive)
-                count = current - 1 if allowed else current
+                if allowed:
+                    level = max(0, level - down_step(self.reactive, level))
                 why.append(f"reactive {action} ({pressure.why})")
-            if count < current and self.predictor is not None:
+            count = level if self.predictor is None else max(base, level)
+            if count < current:
                 allowed, action = down_allowed(obs, state.reactive, self.reactive)
                 if not allowed:
                     count = current
@@ -124,4 +132,7 @@ class CombinedPolicy:
             why.append(("to zero: " if allowed else "stay up: ") + text)
         why.append(f"{current} -> {count} in [{floor}, {ceiling}]")
         target = Target({profile: count, **extras}, "; ".join(why))
-        return Decision(target, CombinedState(forecast_state, state.reactive.changed(obs.time, current, count)))
+        if level is not None:
+            level = min(max(level, floor), ceiling)
+        reactive = state.reactive.changed(obs.time, current, count, level)
+        return Decision(target, CombinedState(forecast_state, reactive))

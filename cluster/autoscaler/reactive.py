@@ -11,9 +11,10 @@ Each observation is one of three pressures (``assess``):
 
 Up adds ``max(1, ceil(step_up * current))`` replicas once ``up_cooldown_s`` has passed since
 the last change and no replica of the fleet is still starting (their capacity is on its way:
-adding more for the same breach overshoots). Down removes one once ``down_cooldown_s`` has
-passed since the last change in either direction. The state is the last change's time and
-direction.
+adding more for the same breach overshoots). Down removes ``max(1, ceil(step_down *
+current))`` once ``down_cooldown_s`` has passed since the last change in either direction.
+The state is the last change's time and direction, and (combined.py) the level reactive
+last asked for.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ReactiveConfig:
     slo_up: float = 1.0
     slo_down: float = 0.5
     step_up: float = 0.25
+    step_down: float = 0.0
     up_cooldown_s: float = 60.0
     down_cooldown_s: float = 300.0
 
@@ -65,7 +67,7 @@ class ReactiveConfig:
                 raise ValueError(f"{low}: {lo} must be >= 0 and below {high} {hi} (the gap is the hysteresis)")
         if self.kv_usage_up > 1:
             raise ValueError(f"kv_usage_up: {self.kv_usage_up} is above 1")
-        for name in ("step_up", "up_cooldown_s", "down_cooldown_s"):
+        for name in ("step_up", "step_down", "up_cooldown_s", "down_cooldown_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: {value} must be a finite number >= 0")
@@ -76,12 +78,14 @@ class ReactiveState:
     last_change: datetime | None = None
     last_direction: int = 0
     """+1 up, -1 down, 0 never changed."""
+    level: int | None = None
+    """Combined with other policies: the count reactive holds up (None: not yet set)."""
 
-    def changed(self, when: datetime, before: int, after: int) -> ReactiveState:
+    def changed(self, when: datetime, before: int, after: int, level: int | None = None) -> ReactiveState:
         """The state after the fleet went from ``before`` to ``after`` replicas at ``when``."""
         if after == before:
-            return self
-        return ReactiveState(when, 1 if after > before else -1)
+            return ReactiveState(self.last_change, self.last_direction, level)
+        return ReactiveState(when, 1 if after > before else -1, level)
 
 
 class Pressure(NamedTuple):
@@ -138,6 +142,10 @@ def down_allowed(obs: Observation, state: ReactiveState, config: ReactiveConfig)
     return True, "scale down"
 
 
+def down_step(config: ReactiveConfig, current: int) -> int:
+    return max(1, math.ceil(config.step_down * current))
+
+
 @register_policy("reactive")
 class ReactivePolicy:
     name = "reactive"
@@ -161,7 +169,7 @@ class ReactivePolicy:
             count = current + step
         elif pressure.direction < 0:
             allowed, action = down_allowed(obs, state, s)
-            count = current - 1 if allowed else current
+            count = current - down_step(s, current) if allowed else current
         count = min(s.max_replicas, max(s.min_replicas, count))
         reason = f"{pressure.why}; {action}: {current} -> {count}"
         return Decision(Target({profile: count}, reason), state.changed(obs.time, current, count))

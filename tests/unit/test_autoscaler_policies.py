@@ -288,6 +288,17 @@ def test_combined_reactive_corrects_upward_only():
     assert calm.total == 4  # calm, but reactive never pulls below predictive
 
 
+def test_combined_keeps_what_reactive_added_until_the_signals_are_calm():
+    policy = _combined()
+    d = policy.decide(obs(rate=1.0, ttft=5.0, replicas={"small": 3}), policy.initial_state())
+    assert d.target.total == 4 and d.state.reactive.level == 4
+    later = T0 + timedelta(seconds=400)  # past the down cooldown; predictive alone would say 2 (the floor)
+    band = policy.decide(obs(later, rate=1.0, ttft=1.5, replicas={"small": 4}), d.state).target
+    assert band.total == 4  # TTFT p90 1.5 s: between 0.5 x SLO and the SLO, reactive holds its level
+    calm = policy.decide(obs(later, rate=1.0, ttft=0.2, replicas={"small": 4}), d.state)
+    assert calm.target.total == 3 and calm.state.reactive.level == 3  # one down step per cooldown
+
+
 def test_combined_decreases_wait_for_the_down_cooldown():
     policy = _combined()
     d = policy.decide(obs(rate=4.0, replicas={"small": 2}), policy.initial_state())
