@@ -40,12 +40,14 @@ def _series(records: Sequence[RequestRecord]) -> dict[str, list[RequestRecord]]:
 
 
 def _legend(ax, below: bool = False, **kwargs) -> None:
-    """A legend if anything is labelled, else a note that nothing succeeded (so the plot still reads)."""
-    handles, _ = ax.get_legend_handles_labels()
+    """A legend if anything is labelled, else a note that nothing succeeded (so the plot still
+    reads). ``below``: under the axes, outside them, so it never hides a point."""
+    handles, labels = ax.get_legend_handles_labels()
     if not handles:
         ax.text(0.5, 0.5, "no successful requests to show", transform=ax.transAxes, ha="center", va="center")
     elif below:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncols=2, **kwargs)
+        two = len(handles) > 4 and max(map(len, labels)) <= 60
+        ax.figure.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=2 if two else 1, **kwargs)
     else:
         ax.legend(fontsize=8, **kwargs)
 
@@ -87,24 +89,25 @@ def _bins(values: np.ndarray, most: int = 40) -> np.ndarray:
 
 
 def plot_ttft_vs_isl(records: Sequence[RequestRecord], path: Path) -> None:
-    fig, ax = _figure()
+    fig, ax = _figure(10.0, 6.0)
     series = _series(records)
     for color, (name, rs) in zip(_colors(len(series)), series.items(), strict=True):
         pts = [(r.isl, r.ttft_s * 1000) for r in rs if r.ttft_s is not None]
         if not pts:
             continue
         x, y = np.array(pts).T
-        ax.scatter(x, y, s=12, alpha=0.6, color=color, label=f"{name}: requests")
         fit = ttft_fit(rs)
+        label = f"{name}: no fit (one input length)"
+        if fit is not None:
+            label = f"{name}: {fit.ms_per_1k_tokens:.0f} ms per 1k tokens (+{fit.intercept_ms:.0f} ms, R² {fit.r2:.2f})"
+        ax.scatter(x, y, s=12, alpha=0.6, color=color, label=label)
         if fit is not None:
             xs = np.linspace(x.min(), x.max(), 50)
-            ax.plot(xs, fit.intercept_ms + fit.ms_per_1k_tokens * xs / 1000, color=color, lw=2,
-                    label=f"{name}: fit, {fit.ms_per_1k_tokens:.0f} ms per 1k input tokens "
-                          f"(+{fit.intercept_ms:.0f} ms, R² {fit.r2:.2f})")  # fmt: skip
+            ax.plot(xs, fit.intercept_ms + fit.ms_per_1k_tokens * xs / 1000, color=color, lw=2)
     ax.set_xlabel("input length, ISL (tokens)")
     ax.set_ylabel("time to first token, TTFT (ms)")
-    ax.set_title("Time to first token against input length\n(line: least-squares fit; its slope is the prefill "
-                 "cost under this load)")  # fmt: skip
+    ax.set_title("Time to first token against input length\n(dots: requests; lines: least-squares fits, whose "
+                 "slope is the prefill cost under that load)")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     _legend(ax, below=True)
@@ -114,7 +117,7 @@ def plot_ttft_vs_isl(records: Sequence[RequestRecord], path: Path) -> None:
 def plot_itl_vs_position(records: Sequence[RequestRecord], path: Path, min_requests: int = 3) -> None:
     """Gap i (x = i + 2) is between output tokens i + 1 and i + 2; positions reached by fewer
     than ``min_requests`` requests are not drawn (a band of one request says nothing)."""
-    fig, ax = _figure()
+    fig, ax = _figure(10.0, 6.0)
     series = _series(records)
     for color, (name, rs) in zip(_colors(len(series)), series.items(), strict=True):
         longest = max((len(r.itl_s) for r in rs), default=0)
@@ -127,12 +130,12 @@ def plot_itl_vs_position(records: Sequence[RequestRecord], path: Path, min_reque
             lo, mid, hi = np.percentile(gaps, (10, 50, 90))
             p10.append(lo), p50.append(mid), p90.append(hi)
         if xs:
-            ax.plot(xs, p50, color=color, lw=1.5, label=f"{name}: median over requests")
-            ax.fill_between(xs, p10, p90, color=color, alpha=0.2, label=f"{name}: 10th-90th percentile")
+            ax.plot(xs, p50, color=color, lw=1.5, label=name)
+            ax.fill_between(xs, p10, p90, color=color, alpha=0.2)
     ax.set_xlabel("output token position (the gap before this token)")
     ax.set_ylabel("inter-token latency (ms)")
-    ax.set_title("Inter-token latency against output position\n"
-                 f"(positions that at least {min_requests} requests reached)")  # fmt: skip
+    ax.set_title("Inter-token latency against output position\n(line: median, band: 10th to 90th percentile, over "
+                 f"the requests that reached the position; at least {min_requests})")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     _legend(ax, below=True)
@@ -142,7 +145,7 @@ def plot_itl_vs_position(records: Sequence[RequestRecord], path: Path, min_reque
 def plot_e2e_by_pattern(records: Sequence[RequestRecord], path: Path) -> None:
     series = _series(records)
     patterns = list(dict.fromkeys(r.pattern for rs in series.values() for r in rs))
-    fig, ax = _figure(max(7.0, 1.6 * len(patterns) * max(1, len(series)) ** 0.5 + 3), 5.0)
+    fig, ax = _figure(min(14.0, max(7.0, 1.2 * len(patterns) * max(1, len(series)) ** 0.5 + 3)), 5.0)
     width = 0.8 / max(1, len(series))
     handles = []
     for k, (color, (name, rs)) in enumerate(zip(_colors(len(series)), series.items(), strict=True)):

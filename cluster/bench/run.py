@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -146,8 +148,14 @@ def _write_config(config: RunConfig, workload: str, max_len: int | None) -> None
     body = {"command": config.command, "workload": workload, "targets": targets,
             "points": [p.label for p in config.points], "stop": plain(config.stop), "slo": plain(config.slo),
             "seed": config.seed, "max_model_len": max_len,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine()}  # fmt: skip
     (config.out_dir / CONFIG).write_text(json.dumps(body, indent=1))
+
+
+def _machine() -> str:
+    """The client machine, for the report: on a shared box its load moves every latency."""
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"{platform.node()}, {os.cpu_count()} CPUs, load average {load} (1, 5, 15 min) at the start"
 
 
 def run(config: RunConfig, make_workload: WorkloadFactory, count_prompt) -> list[PointSummary]:
