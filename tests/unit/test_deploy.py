@@ -63,21 +63,24 @@ def _words(command: str, substitutions: dict[str, str]) -> list[str]:
     return list(lexer)
 
 
+def _is_operator(word: str) -> bool:
+    return set(word) <= set("();<>|&")
+
+
 def _program(words: list[str], *name: str) -> list[str] | None:
-    """The arguments of the first ``name...`` invocation in ``words``, up to the next shell
-    operator; None if there is none."""
+    """The arguments of the first command ``name...`` in ``words`` (at the start, after a shell
+    operator, ``nohup`` or ``exec``), up to the next operator; None if there is none."""
     for i in range(len(words) - len(name) + 1):
-        if words[i : i + len(name)] == list(name):
+        at_command = i == 0 or _is_operator(words[i - 1]) or words[i - 1] in ("nohup", "exec")
+        if at_command and words[i : i + len(name)] == list(name):
             rest = words[i + len(name) :]
-            end = next((j for j, w in enumerate(rest) if set(w) <= set("();<>|&")), len(rest))
-            return rest[:end]
+            return rest[: next((j for j, w in enumerate(rest) if _is_operator(w)), len(rest))]
     return None
 
 
-def _redis(words: list[str], substitutions: dict[str, str]) -> tuple[str, int]:
-    """(bind address, port) of the redis-server that ``words`` start, the binary kvtide finds."""
-    (binary,) = [p for text, p in substitutions.items() if "find_redis_server()" in text]
-    args = _program(words, binary)
+def _redis(words: list[str]) -> tuple[str, int]:
+    """(bind address, port) of the redis-server that ``words`` start."""
+    args = _program(words, "redis-server")
     assert args is not None, "no redis-server started"
     return args[args.index("--bind") + 1], int(args[args.index("--port") + 1])
 
@@ -204,7 +207,7 @@ def test_head_starts_ray_then_redis_then_kvtide_serve(name, monkeypatch):
     ray_head = next(i for i, w in enumerate(commands) if (args := _program(w, "ray", "start")) and "--head" in args)
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in _program(commands[ray_head], "ray", "start")
     serve = next(i for i, w in enumerate(commands) if _program(w, "kvtide", "serve") is not None)
-    redis = next(i for i, w in enumerate(commands) if "--bind" in w)
+    redis = next(i for i, w in enumerate(commands) if _program(w, "redis-server") is not None)
     assert ray_head < redis < serve
     words = commands[serve]
     assert "nohup" in words and "&" in words and ">" in words, "kvtide serve must run in the background, logged"
@@ -212,7 +215,7 @@ def test_head_starts_ray_then_redis_then_kvtide_serve(name, monkeypatch):
     assert args.address == "auto"
     assert args.redis_url, "beyond loopback kvtide serve needs --redis-url: its embedded Redis is loopback-only"
     url = urlsplit(args.redis_url)
-    bind, port = _redis(commands[redis], subst)
+    bind, port = _redis(commands[redis])
     assert (url.hostname, url.port) == (bind.lower(), port), "kvtide serve must use the Redis the head started"
 
 
@@ -253,14 +256,13 @@ def test_kuberay_cluster_runs_the_image_and_kvtide_serve(monkeypatch):
     # The containers' commands replace KubeRay's, so each must run the `ray start` it generated.
     assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
     (script,) = head["args"]
-    subst = {}
-    words = _words(script, subst)
+    words = _words(script, {})
     assert _program(words, "/bin/bash", "-c", "${KUBERAY_GEN_RAY_START_CMD//--block/}") == [], "Ray, not blocking"
     assert all(_program(_words(w["args"][0], {}), "exec", "/bin/bash", "-c", "$KUBERAY_GEN_RAY_START_CMD") == []
                for w in workers)  # fmt: skip
-    args = _serve_args(_program(words, "exec", "kvtide", "serve"), monkeypatch)
+    args = _serve_args(_program(words, "kvtide", "serve"), monkeypatch)
     assert args.address == "auto" and args.host == "0.0.0.0"
-    bind, port = _redis(words, subst)
+    bind, port = _redis(words)
     assert (urlsplit(args.redis_url).hostname, urlsplit(args.redis_url).port) == (bind.lower(), port)
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert (ports["http"], ports["grpc"]) == (args.http_port, args.grpc_port)
