@@ -83,13 +83,14 @@ class TextCorpus:
             i = (i + 1) % self.num_units
         return "".join(pieces)
 
-    def block_offset(self, block_id: int, seed: int) -> int:
-        """Where prefix block ``block_id``'s text starts: a pure function of (seed, id), so the
-        same id gives the same text in every request and every run with that seed."""
-        digest = hashlib.sha256(f"{seed}:{block_id}".encode()).digest()
+    def block_offset(self, block_id: int, seed: int, salt: int = 0) -> int:
+        """Where prefix block ``block_id``'s text starts: a pure function of (seed, salt, id), so
+        the same id gives the same text in every request with that seed and salt."""
+        digest = hashlib.sha256(f"{seed}:{salt}:{block_id}".encode()).digest()
         return int.from_bytes(digest[:8], "little") % self.num_units
 
-    def blocks_text(self, block_ids: Sequence[int], block_tokens: int, num_tokens: int, seed: int) -> str:
+    def blocks_text(self, block_ids: Sequence[int], block_tokens: int, num_tokens: int, seed: int,
+                    salt: int = 0) -> str:  # fmt: skip
         """A prompt of ``num_tokens`` made of prefix blocks: block j holds ``block_tokens``
         tokens of block ``block_ids[j]``'s text, the last one only what is left.
 
@@ -104,7 +105,7 @@ class TextCorpus:
         parts = []
         for j, block in enumerate(block_ids):
             size = min(block_tokens, num_tokens - j * block_tokens)
-            parts.append(self.text(self.block_offset(block, seed), size))
+            parts.append(self.text(self.block_offset(block, seed, salt), size))
         return "".join(parts)
 
 

@@ -38,7 +38,7 @@ def _ms(d: Dist | None, key: str) -> str:
 
 def table_rows(summaries: Sequence[PointSummary]) -> tuple[list[str], list[list[str]]]:
     head = ["target", "load", "ok/sent", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
-            "TPOT p50 ms", "E2E p50/p90 s", "TTFT ms/1k ISL", "goodput req/s (good %)",
+            "TPOT p50 ms", "E2E p50/p90 s", "TTFT ms/1k ISL", "prefix cached %", "goodput req/s (good %)",
             "client CPU µs/token", "client loop lag p99 ms"]  # fmt: skip
     rows = []
     for s in summaries:
@@ -51,7 +51,8 @@ def table_rows(summaries: Sequence[PointSummary]) -> tuple[list[str], list[list[
             " / ".join(_ms(s.ttft_ms, k) for k in ("p50", "p90", "p99")),
             " / ".join(_ms(s.itl_ms, k) for k in ("p50", "p90", "p99")),
             _ms(s.tpot_ms, "p50"), e2e,
-            "-" if s.ttft_fit is None else f"{s.ttft_fit.ms_per_1k_tokens:.0f}", good, cpu,
+            "-" if s.ttft_fit is None else f"{s.ttft_fit.ms_per_1k_tokens:.0f}",
+            "-" if s.prefix_cache_hit is None else f"{s.prefix_cache_hit:.0%}", good, cpu,
             _ms(s.client_loop_lag_ms, "p99"),
         ])  # fmt: skip
     return head, rows
@@ -111,7 +112,9 @@ def write_report(run_dir: Path) -> Path:
         "", "## Summary", "",
         "Latencies over successful requests: TTFT = send to first token; ITL = every gap between tokens, "
         "pooled; TPOT = a request's mean gap after its first token; E2E = send to last token. Throughput over "
-        "the window from the first request's start to the last one's end. Client CPU: this bench process's "
+        "the window from the first request's start to the last one's end. Prefix cached: the share of input "
+        "tokens the server says it served from its prefix cache (every load point sends fresh text, so this is "
+        "sharing inside the workload). Client CPU: this bench process's "
         "CPU time per output token received; client loop lag: how late its event loop woke a 50 ms timer "
         "(both its own overhead: a lag near the latencies measured means the client set them).", "",
         markdown_table(summaries), "",

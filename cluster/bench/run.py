@@ -85,7 +85,8 @@ async def run_async(config: RunConfig, make_workload: WorkloadFactory,
         _write_config(config, workload.describe(), max_len)
         for backend in backends:
             for point in config.points:
-                summaries.append(await _run_one(config, backend, point, workload, count_prompt))
+                salt = len(summaries)  # fresh text for every target and load point (see workloads.py)
+                summaries.append(await _run_one(config, backend, point, workload, count_prompt, salt))
     finally:
         for b in backends:
             await b.aclose()
@@ -93,7 +94,8 @@ async def run_async(config: RunConfig, make_workload: WorkloadFactory,
     return summaries
 
 
-async def _run_one(config: RunConfig, backend, point: LoadPoint, workload: Workload, count_prompt) -> PointSummary:
+async def _run_one(config: RunConfig, backend, point: LoadPoint, workload: Workload, count_prompt,
+                   salt: int) -> PointSummary:  # fmt: skip
     records: list[RequestRecord] = []
     label = f"{backend.target.name} {point.label}"
     budget_total = None if config.stop.num_requests is None else config.stop.num_requests + config.stop.warmup
@@ -108,7 +110,7 @@ async def _run_one(config: RunConfig, backend, point: LoadPoint, workload: Workl
     lags: list[float] = []
     monitor = asyncio.create_task(_loop_lag(lags))
     try:
-        await run_point(workload.sessions(), ctx, config.seed)
+        await run_point(workload.sessions(salt), ctx, config.seed)
     finally:
         monitor.cancel()
         progress.close()

@@ -12,6 +12,8 @@ Definitions (latencies in ms):
   of window, and the good fraction is good / measured requests (failures count as not good).
 - The TTFT slope is the least-squares line TTFT = a + b * ISL over successful requests,
   reported as b in ms per 1k input tokens, with a and R^2.
+- Prefix-cache hits: input tokens the server says it served from its prefix cache, as a share
+  of the input tokens of the successful requests that reported it (None when none did).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class PointSummary:
     e2e_ms: Dist | None
     ttft_fit: Fit | None
     goodput: Goodput | None
+    prefix_cache_hit: float | None = None
     client_cpu_s: float | None = None
     """CPU time the bench process spent on this point (user + system)."""
     client_cpu_us_per_token: float | None = None
@@ -149,6 +152,8 @@ def summarize(records: Sequence[RequestRecord], slo: SLO = SLO()) -> PointSummar
     window = max(r.end_s for r in measured) - min(r.start_s for r in measured)
     window = max(window, 1e-9)
     out_tokens = sum(r.osl for r in ok)
+    reported = [r for r in ok if r.cached_tokens is not None]
+    hit = sum(r.cached_tokens for r in reported) / max(1, sum(r.isl for r in reported)) if reported else None
     goodput = None
     if not slo.empty:
         good = sum(slo.met_by(r) for r in measured)
@@ -171,6 +176,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO = SLO()) -> PointSummar
         e2e_ms=dist([r.e2e_s for r in ok], 1000),
         ttft_fit=ttft_fit(ok),
         goodput=goodput,
+        prefix_cache_hit=hit,
     )
 
 

@@ -23,7 +23,7 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtide.cluster.bench.corpus import OffsetDraw, TextCorpus
-from kvtide.cluster.bench.workloads import FixedSessions, Session, Turn
+from kvtide.cluster.bench.workloads import Session, Turn
 
 MOONCAKE_BLOCK_TOKENS = 512
 
@@ -207,19 +207,29 @@ def write_bench_jsonl(path: Path, requests: Sequence[TraceRequest]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def trace_workload(scaled: ScaledTrace, corpus: TextCorpus, count_tokens: Callable[[str], int], seed: int,
-                   description: str) -> FixedSessions:  # fmt: skip
+@dataclass(frozen=True)
+class TraceWorkload:
     """One single-turn session per request, sent at its (scaled) arrival time. Prompts with
-    ``hash_ids`` are made of their blocks' text; the others get fresh corpus text."""
-    offsets = OffsetDraw(corpus.num_units, np.random.default_rng(seed))
-    block = scaled.trace.block_tokens
-    sessions = []
-    for i, r in enumerate(scaled.trace.requests):
-        if r.prompt is not None:
-            text, isl = r.prompt, count_tokens(r.prompt)
-        elif r.hash_ids:
-            text, isl = corpus.blocks_text(r.hash_ids, block, r.isl, seed), r.isl
-        else:
-            text, isl = corpus.text(offsets(), r.isl), r.isl
-        sessions.append(Session(i, (Turn(text, isl, r.osl, r.pattern),), arrival_s=r.arrival_s))
-    return FixedSessions(tuple(sessions), description)
+    ``hash_ids`` are made of their blocks' text; ``prompt`` is sent as is; the rest get fresh
+    corpus text."""
+
+    scaled: ScaledTrace
+    corpus: TextCorpus
+    count_tokens: Callable[[str], int]
+    seed: int
+    description: str
+
+    def sessions(self, salt: int = 0) -> Iterator[Session]:
+        offsets = OffsetDraw(self.corpus.num_units, np.random.default_rng([self.seed, 1, salt]))
+        block = self.scaled.trace.block_tokens
+        for i, r in enumerate(self.scaled.trace.requests):
+            if r.prompt is not None:
+                text, isl = r.prompt, self.count_tokens(r.prompt)
+            elif r.hash_ids:
+                text, isl = self.corpus.blocks_text(r.hash_ids, block, r.isl, self.seed, salt), r.isl
+            else:
+                text, isl = self.corpus.text(offsets(), r.isl), r.isl
+            yield Session(i, (Turn(text, isl, r.osl, r.pattern),), arrival_s=r.arrival_s)
+
+    def describe(self) -> str:
+        return self.description

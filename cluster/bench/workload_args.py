@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvtide.cluster.bench.backends import render_transcript
 from kvtide.cluster.bench.corpus import load_corpus
-from kvtide.cluster.bench.traces import TraceScaling, describe_scaling, read_trace, scale_trace, trace_workload
+from kvtide.cluster.bench.traces import TraceScaling, TraceWorkload, describe_scaling, read_trace, scale_trace
 from kvtide.cluster.bench.workloads import (
     MultiTurn,
     PatternMix,
@@ -106,6 +106,6 @@ def make_workload_factory(args) -> tuple[Callable[[int | None], Workload], Calla
         scaled = scale_trace(trace, scaling)
         if not scaled.trace.requests:
             raise ValueError(f"no request of {args.trace} is left after the window and the sample")
-        return trace_workload(scaled, corpus, count_text, args.seed, describe_scaling(trace, scaled, scaling))
+        return TraceWorkload(scaled, corpus, count_text, args.seed, describe_scaling(trace, scaled, scaling))
 
     return make, count_prompt

@@ -4,6 +4,10 @@ A session is one user's conversation: one turn for the ISL/OSL patterns, the sha
 workload and trace replay, several for multi-turn chats (each turn's prompt then carries the
 previous turns and the answers the server actually gave, as a chat client does). The same
 seed gives the same sessions in the same order, whatever the load mode or the server.
+
+The *salt* changes only the text: the lengths, patterns, arrival times and prefix structure
+come from the seed alone, the words from (seed, salt). A run gives each load point and target
+its own salt, so no point finds the prompts of an earlier one in the server's prefix cache.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ class Session:
 
 
 class Workload(Protocol):
-    def sessions(self) -> Iterator[Session]:
-        """The sessions in order; the same every call (seeded). May be endless."""
+    def sessions(self, salt: int = 0) -> Iterator[Session]:
+        """The sessions in order; the same every call with the same salt. May be endless."""
         ...
 
     def describe(self) -> str:
@@ -81,6 +85,11 @@ def _jittered(rng: np.random.Generator, nominal: int, jitter: float) -> int:
     return max(1, round(nominal * rng.uniform(1 - jitter, 1 + jitter)))
 
 
+def _text_rng(seed: int, salt: int) -> np.random.Generator:
+    """Separate from the structure's generator, so the salt never changes a length."""
+    return np.random.default_rng([seed, 1, salt])
+
+
 def _check_jitter(jitter: float) -> None:
     if not 0 <= jitter < 1:
         raise ValueError(f"length jitter must be in [0, 1), got {jitter}")
@@ -100,9 +109,9 @@ class PatternMix:
         if not self.mix or any(w <= 0 for _, w in self.mix):
             raise ValueError(f"a pattern mix needs patterns with positive weights, got {self.mix}")
 
-    def sessions(self) -> Iterator[Session]:
+    def sessions(self, salt: int = 0) -> Iterator[Session]:
         rng = np.random.default_rng(self.seed)
-        offsets = OffsetDraw(self.corpus.num_units, rng)
+        offsets = OffsetDraw(self.corpus.num_units, _text_rng(self.seed, salt))
         weights = np.array([w for _, w in self.mix], dtype=float)
         weights /= weights.sum()
         for i in itertools.count():
@@ -135,13 +144,13 @@ class SharedPrefix:
             if getattr(self, name) < 1:
                 raise ValueError(f"shared-prefix {name} must be >= 1, got {getattr(self, name)}")
 
-    def prefix(self, k: int) -> str:
-        return self.corpus.text(self.corpus.block_offset(k, self.seed), self.prefix_tokens)
+    def prefix(self, k: int, salt: int = 0) -> str:
+        return self.corpus.text(self.corpus.block_offset(k, self.seed, salt), self.prefix_tokens)
 
-    def sessions(self) -> Iterator[Session]:
+    def sessions(self, salt: int = 0) -> Iterator[Session]:
         rng = np.random.default_rng(self.seed)
-        offsets = OffsetDraw(self.corpus.num_units, rng)
-        prefixes = [self.prefix(k) for k in range(self.num_prefixes)]
+        offsets = OffsetDraw(self.corpus.num_units, _text_rng(self.seed, salt))
+        prefixes = [self.prefix(k, salt) for k in range(self.num_prefixes)]
         for i in itertools.count():
             k = int(rng.integers(self.num_prefixes))
             q, osl = _jittered(rng, self.question_tokens, self.jitter), _jittered(rng, self.osl, self.jitter)
@@ -174,9 +183,9 @@ class MultiTurn:
         if self.think_time_s < 0:
             raise ValueError(f"multi-turn think_time_s must be >= 0, got {self.think_time_s}")
 
-    def sessions(self) -> Iterator[Session]:
+    def sessions(self, salt: int = 0) -> Iterator[Session]:
         rng = np.random.default_rng(self.seed)
-        offsets = OffsetDraw(self.corpus.num_units, rng)
+        offsets = OffsetDraw(self.corpus.num_units, _text_rng(self.seed, salt))
         for i in itertools.count():
             turns = []
             for t in range(self.num_turns):
@@ -187,20 +196,6 @@ class MultiTurn:
     def describe(self) -> str:
         return (f"multi-turn chats: {self.num_turns} turns, each a ~{self.user_tokens}-token user message after "
                 f"the whole conversation so far, OSL ~{self.osl}, think time {self.think_time_s:g} s")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class FixedSessions:
-    """A finite list of sessions (trace replay builds one)."""
-
-    items: tuple[Session, ...]
-    description: str
-
-    def sessions(self) -> Iterator[Session]:
-        return iter(self.items)
-
-    def describe(self) -> str:
-        return self.description
 
 
 def parse_mix(text: str, patterns: dict[str, Pattern]) -> tuple[tuple[Pattern, float], ...]:

@@ -62,6 +62,8 @@ def test_bench_measures_grpc_and_http_side_by_side_and_reports(server, tmp_path,
     assert prompts["kvtide-grpc"] == prompts["kvtide-http"]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 4 and all(s["num_ok"] == 3 and s["output_tokens_per_s"] > 0 for s in summary)
+    # every load point and target sent fresh text: none was served from an earlier one's cache
+    assert all(s["prefix_cache_hit"] is not None and s["prefix_cache_hit"] < 0.5 for s in summary)
     report = (out / "report.md").read_text()
     for name, title in PLOTS.items():
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

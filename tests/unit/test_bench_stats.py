@@ -82,6 +82,13 @@ def test_parse_slo_and_its_errors():
         parse_slo("ttft_ms=fast")
 
 
+def test_prefix_cache_share_counts_only_requests_that_report_it():
+    a = dataclasses.replace(rec(isl=100), cached_tokens=64)
+    b = dataclasses.replace(rec(isl=300), cached_tokens=0)
+    assert summarize([a, b, rec(isl=1000)]).prefix_cache_hit == pytest.approx(64 / 400)
+    assert summarize([rec()]).prefix_cache_hit is None
+
+
 def test_summary_survives_json_round_trip():
     s = summarize([rec(isl=100, start_s=0), rec(isl=900, ttft_s=0.5, start_s=1)], SLO(ttft_ms=300))
     assert summary_from_dict(dataclasses.asdict(s)) == s

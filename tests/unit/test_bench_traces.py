@@ -13,10 +13,10 @@ from kvtide.cluster.bench.traces import (
     Trace,
     TraceRequest,
     TraceScaling,
+    TraceWorkload,
     describe_scaling,
     read_trace,
     scale_trace,
-    trace_workload,
     write_bench_jsonl,
 )
 
@@ -128,7 +128,7 @@ def test_trace_workload_builds_prompts_from_blocks_prompts_and_fresh_text():
     trace = Trace((TraceRequest(0.0, 20, 4, (7, 8)), TraceRequest(0.5, 12, 3, (7, 9)),
                    TraceRequest(1.0, 0, 2, prompt="say hi now"), TraceRequest(2.0, 6, 2)), 10, "t")  # fmt: skip
     scaled = scale_trace(trace, TraceScaling())
-    w = trace_workload(scaled, corpus, lambda text: len(text.split()), seed=0, description="d")
+    w = TraceWorkload(scaled, corpus, lambda text: len(text.split()), seed=0, description="d")
     s = list(w.sessions())
     assert [x.arrival_s for x in s] == [0.0, 0.5, 1.0, 2.0]
     turns = [x.turns[0] for x in s]
@@ -137,3 +137,7 @@ def test_trace_workload_builds_prompts_from_blocks_prompts_and_fresh_text():
     assert turns[0].text.split()[:10] == turns[1].text.split()[:10]  # block 7 shared
     assert turns[0].text.split()[10:12] != turns[1].text.split()[10:12]
     assert turns[2].text == "say hi now" and w.describe() == "d"
+    salted = [x.turns[0] for x in w.sessions(salt=1)]  # another load point: other words, same shape
+    assert [(t.num_tokens, t.osl) for t in salted] == [(t.num_tokens, t.osl) for t in turns]
+    assert salted[0].text != turns[0].text and salted[2].text == turns[2].text
+    assert salted[0].text.split()[:10] == salted[1].text.split()[:10]

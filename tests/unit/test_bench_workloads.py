@@ -98,6 +98,21 @@ def test_same_seed_same_sessions_other_seed_other_sessions(corpus):
     assert [s.turns for s in first(7)] != [s.turns for s in first(8)]
 
 
+def test_salt_changes_the_words_and_nothing_else(corpus):
+    """Each load point gets its own salt: none finds an earlier point's prompts in the cache."""
+    patterns = standard_patterns(64, 512, 8, 64)
+    mix = PatternMix(corpus, parse_mix("all", patterns), seed=4)
+    a, b = (list(itertools.islice(mix.sessions(salt), 20)) for salt in (0, 1))
+    assert [(t.num_tokens, t.osl, t.pattern) for s in a for t in s.turns] == [
+        (t.num_tokens, t.osl, t.pattern) for s in b for t in s.turns
+    ]
+    assert all(x.turns[0].text[:40] != y.turns[0].text[:40] for x, y in zip(a, b, strict=True))
+    shared = SharedPrefix(corpus, num_prefixes=2, prefix_tokens=50, question_tokens=10, osl=4, seed=4)
+    assert shared.prefix(0, salt=0) != shared.prefix(0, salt=1)
+    assert all(s.turns[0].text.startswith((shared.prefix(0, 1), shared.prefix(1, 1)))
+               for s in itertools.islice(shared.sessions(salt=1), 10))  # fmt: skip
+
+
 def test_mix_weights_set_pattern_frequencies(corpus):
     patterns = standard_patterns(16, 32, 4, 8)
     mix = PatternMix(corpus, parse_mix("short-short=3,long-long=1", patterns), seed=0)
