@@ -62,6 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--slo", help="per-request SLO for goodput: ttft_ms=...,tpot_ms=...,e2e_ms=... (any subset)")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--note", action="append", default=[],
+                   help="a line for the report, repeatable (e.g. how the server was started)")  # fmt: skip
     o.add_argument("--out", help="run directory (default: bench_runs/<date-time>)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     o.add_argument("--profile", action="store_true",
@@ -138,7 +140,7 @@ def _run_bench(args) -> int:
         targets=_targets(args), points=_points(args),
         stop=StopRule(num_requests=num, duration_s=args.duration_s, warmup=args.warmup),
         out_dir=out, slo=parse_slo(args.slo), seed=args.seed, max_model_len=args.max_model_len,
-        progress=not args.no_progress, command=args.command_line or _command_line(),
+        progress=not args.no_progress, command=args.command_line or _command_line(), notes=tuple(args.note),
     )  # fmt: skip
     shape = parse_engine_shape(args.profile_engine) if args.profile else None
     make_workload, count_prompt = make_workload_factory(args)

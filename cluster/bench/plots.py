@@ -60,23 +60,27 @@ def _colors(n: int) -> list:
 
 
 def plot_isl_osl(records: Sequence[RequestRecord], path: Path) -> None:
-    """Of the first series only: every load point sends the same seeded workload again."""
-    groups = group([r for r in records if not r.warmup and r.ok])
-    (target, point), ok = next(iter(groups.items()), (("", ""), []))
-    fig, ax = _figure(7.0, 5.5)
+    """The first target's measured requests over all its load points (each point sends the
+    same lengths, so a sweep of k points counts each length k times)."""
+    ok = [r for r in records if not r.warmup and r.ok]
+    target = ok[0].target if ok else ""
+    ok = [r for r in ok if r.target == target]
+    num_points = len({r.point for r in ok})
+    fig, ax = _figure(8.0, 5.5)
     isl, osl = np.array([r.isl for r in ok]), np.array([r.osl for r in ok])
     if len(ok):
         from matplotlib.ticker import MaxNLocator
 
-        bins = [_bins(isl), _bins(osl)]
-        _, _, _, image = ax.hist2d(isl, osl, bins=bins, cmin=1, cmap="viridis")
+        counts, _, _ = np.histogram2d(isl, osl, bins=[_bins(isl), _bins(osl)])
+        _, _, _, image = ax.hist2d(isl, osl, bins=[_bins(isl), _bins(osl)], cmin=1, cmap="viridis",
+                                   vmin=1, vmax=max(2, counts.max()))  # fmt: skip
         fig.colorbar(image, ax=ax, label="requests in the cell", ticks=MaxNLocator(integer=True))
     else:
         _legend(ax)
     ax.set_xlabel("input length, ISL (tokens)")
     ax.set_ylabel("output length received, OSL (tokens)")
-    ax.set_title(f"Request lengths: input vs output tokens\n{len(ok)} successful requests to {target} at {point} "
-                 "(the workload every load point sends)")  # fmt: skip
+    ax.set_title(f"Request lengths: input vs output tokens\n{len(ok)} successful requests to {target}, "
+                 f"{num_points} load point(s) sending the same lengths")  # fmt: skip
     ax.grid(alpha=0.3)
     fig.savefig(path)
 
@@ -183,9 +187,9 @@ def plot_throughput_vs_latency(summaries: Sequence[PointSummary], path: Path) ->
         pts = sorted((s for s in summaries if s.target == target), key=lambda s: s.output_tokens_per_s)
         x = [s.output_tokens_per_s for s in pts]
         for ax, key in ((left, "ttft_ms"), (right, "itl_ms")):
-            for pct, style in (("p50", "-"), ("p90", "--")):
+            for pct, style, marker in (("p50", "-", "o"), ("p90", "--", "s")):
                 y = [getattr(getattr(s, key), pct) if getattr(s, key) else np.nan for s in pts]
-                ax.plot(x, y, style, marker="o", color=color, label=f"{target} {pct}")
+                ax.plot(x, y, style, marker=marker, color=color, label=f"{target} {pct}")
             for s, xi in zip(pts, x, strict=True):
                 d = getattr(s, key)
                 if d is not None:
@@ -195,7 +199,7 @@ def plot_throughput_vs_latency(summaries: Sequence[PointSummary], path: Path) ->
         ax.set_xlabel("output throughput (tokens/s, all requests together)")
         ax.set_ylabel(what)
         ax.set_ylim(bottom=0)
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, 1.12 * (max((s.output_tokens_per_s for s in summaries), default=0.0) or 1.0))  # label room
         ax.grid(alpha=0.3)
         _legend(ax, title="solid: median, dashed: p90")
     left.set_title("TTFT against throughput")

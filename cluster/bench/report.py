@@ -109,6 +109,7 @@ def write_report(run_dir: Path) -> Path:
         f"{config['slo_text'] if 'slo_text' in config else _slo_text(config['slo'])}.",
         f"- **Context length** used to fit requests: {config['max_model_len'] or 'unknown'} tokens.",
         f"- **Bench client machine:** {config.get('machine', 'not recorded')}.",
+        *(f"- {note}" for note in config.get("notes", ())),
         "", "## Summary", "",
         "Latencies over successful requests: TTFT = send to first token; ITL = every gap between tokens, "
         "pooled; TPOT = a request's mean gap after its first token; E2E = send to last token. Throughput over "

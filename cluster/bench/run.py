@@ -43,6 +43,8 @@ class RunConfig:
     progress: bool = True
     command: str = ""
     """The command line, quoted, for the report."""
+    notes: tuple[str, ...] = ()
+    """Lines for the report (how the server was started, what else ran)."""
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -150,7 +152,8 @@ def _write_config(config: RunConfig, workload: str, max_len: int | None) -> None
     body = {"command": config.command, "workload": workload, "targets": targets,
             "points": [p.label for p in config.points], "stop": plain(config.stop), "slo": plain(config.slo),
             "seed": config.seed, "max_model_len": max_len,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine()}  # fmt: skip
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine(),
+            "notes": list(config.notes)}  # fmt: skip
     (config.out_dir / CONFIG).write_text(json.dumps(body, indent=1))
 
 

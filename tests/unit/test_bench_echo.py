@@ -60,7 +60,8 @@ def _bench(url: str, tokenizer_dir: Path, out: Path, *extra: str) -> int:
 def test_sweep_writes_complete_records_summary_plots_report_and_profile(echo_url, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "run"
     rc = _bench(echo_url, tokenizer_dir, out, "--concurrency", "1,4", "--num-requests", "10", "--warmup", "2",
-                "--long-isl", "400", "--slo", "ttft_ms=5000,tpot_ms=1000", "--profile", "--label", "echo")  # fmt: skip
+                "--long-isl", "400", "--slo", "ttft_ms=5000,tpot_ms=1000", "--profile", "--label", "echo",
+                "--note", "Server: the echo server.")  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
     assert "echo    concurrency=1" in printed and "concurrency=4" in printed and "report.md" in printed
@@ -75,7 +76,7 @@ def test_sweep_writes_complete_records_summary_plots_report_and_profile(echo_url
     assert all(s["num_ok"] == 10 and s["goodput"]["num_good"] == 10 for s in summary)
     assert all(s["client_cpu_s"] > 0 and s["client_loop_lag_ms"]["count"] >= 1 for s in summary)
     report = (out / "report.md").read_text()
-    assert "--concurrency 1,4" in report and "ttft_ms <= 5000" in report
+    assert "--concurrency 1,4" in report and "ttft_ms <= 5000" in report and "- Server: the echo server." in report
     for name, title in PLOTS.items():
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
