@@ -29,6 +29,14 @@ _CAPTIONS = {
 }
 
 
+_OSL_CONTROL = {
+    "both": "max_tokens, ignore_eos and min_tokens",
+    "ignore_eos": "max_tokens and ignore_eos",
+    "min_tokens": "max_tokens and min_tokens",
+    "none": "max_tokens only (the server may stop early at EOS)",
+}
+
+
 def _ms(d: Dist | None, key: str) -> str:
     if d is None:
         return "-"
@@ -93,7 +101,7 @@ def write_report(run_dir: Path) -> Path:
     paths = write_plots(records, summaries, run_dir / "plots")
     num_warmup = sum(r.warmup for r in records)
     targets = [f"`{t['label'] or t['backend']}`: {t['backend']} at `{t['url']}`, endpoint {t['endpoint']}, "
-               f"model `{t['model'] or '(served)'}`, OSL enforced by max_tokens + {t['osl_control']}"
+               f"model `{t['model'] or '(served)'}`, OSL enforced by {_OSL_CONTROL[t['osl_control']]}"
                for t in config["targets"]]  # fmt: skip
     stop = config["stop"]
     amount = (f"{stop['num_requests']} requests" if stop["num_requests"] else "") + (

@@ -121,7 +121,7 @@ class PatternMix:
 
     def describe(self) -> str:
         total = sum(w for _, w in self.mix)
-        parts = [f"{p.name} (ISL {p.isl}, OSL {p.osl}, {w / total:.0%})" for p, w in self.mix]
+        parts = [f"{p.name} (ISL {p.isl}, OSL {p.osl}: {w / total:.0%} of requests)" for p, w in self.mix]
         return f"ISL/OSL patterns, lengths ±{self.jitter:.0%} uniform: " + ", ".join(parts)
 
 
