@@ -40,7 +40,10 @@ class _Pools:
         size = min(POOL_SIZE, t.max_connections)
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         timeout = httpx.Timeout(t.request_timeout_s, connect=30.0)
-        return httpx.AsyncClient(base_url=t.url.rstrip("/"), headers=self._headers, limits=limits, timeout=timeout)
+        # NOTE: verify=False for plain http only: it skips loading the CA bundle (~30 ms a pool).
+        verify = t.url.startswith("https://")
+        return httpx.AsyncClient(base_url=t.url.rstrip("/"), headers=self._headers, limits=limits, timeout=timeout,
+                                 verify=verify)  # fmt: skip
 
     def acquire(self) -> int:
         """The index of a pool with a free connection, else of the least busy one."""
