@@ -50,6 +50,7 @@ from kvtide.workers.engine import Engine
 from kvtide.workers.quantization import weight_bytes
 from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.step_inputs import pack_batch
+from kvtide.workers.tokenizer import Tokenizer
 
 ROWS = {
     "fp32": ("fp32", {}),
@@ -151,7 +152,7 @@ def main() -> None:
             results.append((name, None))
             continue
         if not token_ids:
-            token_ids = engine.tokenizer.encode(Path(ARGS.text).read_text())
+            token_ids = Tokenizer.from_dir(engine.config.model_dir).encode(Path(ARGS.text).read_text())
         outputs = greedy(engine, ARGS.new_tokens)  # first: perplexity() bypasses the block pool
         ppl, count = perplexity(engine, token_ids, ARGS.window, ARGS.chunk)
         mib = weight_bytes(engine.runner.executor.model) / 2**20

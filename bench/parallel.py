@@ -54,8 +54,8 @@ import ray
 import torch
 import torch.distributed as dist
 
-from kvtide.cluster.executor import RayExecutor
-from kvtide.cluster.placement import ReplicaShape
+from kvtide.cluster.replica.executor import RayExecutor
+from kvtide.cluster.replica.placement import ReplicaShape
 from kvtide.workers.attention import default_attention_backend
 from kvtide.workers.config import (
     EngineConfig,
@@ -201,7 +201,10 @@ def run_group(model_dir, shapes: dict[str, ReplicaShape], backend, num_blocks, s
         startup = dict.fromkeys(local, 0.0)
         for label, shape in shapes.items():
             t0 = time.perf_counter()
-            ex = stack.enter_context(RayExecutor(model_dir, shape, num_blocks, BLOCK_SIZE, STARTUP_TIMEOUT_S, attention_backend=backend))
+            config = EngineConfig.from_kwargs(model=str(model_dir), num_blocks=num_blocks, block_size=BLOCK_SIZE,
+                                              attention_backend=backend)  # fmt: skip
+            resolved = resolve(config, str(model_dir), read_hf_config(model_dir))
+            ex = stack.enter_context(RayExecutor(resolved, shape, STARTUP_TIMEOUT_S))
             forwards[label], startup[label] = (lambda step, ex=ex: ex.execute(step.delta)), time.perf_counter() - t0
         labels = list(forwards)
         times = {label: [] for label in labels}
@@ -308,9 +311,7 @@ def engine_runs(model_dir, backend: str) -> dict[str, tuple[list[float], list[fl
     out = {label: ([], []) for label, _, _ in ENGINE_RUNS}
     with contextlib.ExitStack() as stack:
         executors = {
-            key: stack.enter_context(RayExecutor(
-                model_dir, shape, num_blocks, BLOCK_SIZE, STARTUP_TIMEOUT_S, attention_backend=backend,
-            ))
+            key: stack.enter_context(RayExecutor(resolved, shape, STARTUP_TIMEOUT_S))
             for key, shape in ENGINE_SHAPES.items()
         }
         for r in range(ARGS.engine_rounds):

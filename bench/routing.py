@@ -27,18 +27,21 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import ray
 
-from kvtide.cluster.cluster_state import ClusterState
-from kvtide.cluster.redis_server import start_redis
-from kvtide.cluster.replica import ReplicaActor
-from kvtide.cluster.state_store import StateStore
+from kvtide.cluster.frontend.cluster_state import ClusterState
+from kvtide.cluster.frontend.ray_handles import RayReplicaHandle
+from kvtide.cluster.replica.actor import ReplicaActor
+from kvtide.cluster.replica.spec import ReplicaSpec
+from kvtide.cluster.state.redis_server import start_redis
+from kvtide.cluster.state.store import StateStore
 from kvtide.router import Router, policy_names
-from kvtide.workers.sampling_params import SamplingParams
+from kvtide.workers import EngineRequest, SamplingParams
 from routing_workload import (
     RunStats,
     Workload,
@@ -83,10 +86,7 @@ async def run_policy(policy: str, actors: dict, url: str, workload: Workload, bl
     router = Router(policy, block_size=block_size, seed=seed)
     store = StateStore(url)
 
-    async def snapshot(rid: str):
-        return await actors[rid].kv_snapshot.remote()
-
-    state = ClusterState(router, store, snapshot)
+    state = ClusterState(router, {rid: RayReplicaHandle(rid, a) for rid, a in actors.items()}, store)
     state.start()
     deadline = time.monotonic() + 30
     while not (router.replica_ids() == sorted(actors) and all(router.mode(r).value == "exact" for r in actors)):
@@ -98,6 +98,7 @@ async def run_policy(policy: str, actors: dict, url: str, workload: Workload, bl
     params = SamplingParams(temperature=0.0, max_tokens=cfg.output_tokens, min_tokens=cfg.output_tokens)
     run = PolicyRun(policy)
     users = iter(range(cfg.num_users))
+    request_ids = itertools.count()
 
     async def one(prompt: list[int]) -> list[int]:
         d = router.choose(prompt, cfg.output_tokens)
@@ -107,7 +108,8 @@ async def run_policy(policy: str, actors: dict, url: str, workload: Workload, bl
         first = None
         tokens: list[int] = []
         last = None
-        async for ref in actors[d.replica_id].generate.options(num_returns="streaming").remote(prompt, params):
+        request = EngineRequest(f"r{next(request_ids)}", tuple(prompt), params)
+        async for ref in actors[d.replica_id].generate.options(num_returns="streaming").remote(request):
             last = await ref
             if first is None:
                 first = time.perf_counter() - start
@@ -146,14 +148,15 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"redis: {redis_server.url}; ray: local on {LOOPBACK}")
         actors = {
             f"replica-{i}": ReplicaActor.options(num_cpus=0).remote(
-                "smollm2-135m", cpus_per_shard=1.0, num_blocks=args.num_blocks, block_size=block_size
+                ReplicaSpec.load("smollm2-135m", cpus_per_shard=1.0, num_blocks=args.num_blocks, block_size=block_size)
             )
             for i in range(args.num_replicas)
         }
         try:
             warm = SamplingParams(temperature=0.0, max_tokens=2)
-            for actor in actors.values():  # first steps build kernels and warm caches
-                async for ref in actor.generate.options(num_returns="streaming").remote(list(range(1000, 1100)), warm):
+            for i, actor in enumerate(actors.values()):  # warm caches; the first step is slower
+                request = EngineRequest(f"warm-{i}", tuple(range(1000, 1100)), warm)
+                async for ref in actor.generate.options(num_returns="streaming").remote(request):
                     await ref
             regs = await asyncio.gather(*(a.start_publishing.remote(redis_server.url, rid) for rid, a in actors.items()))
             print(f"replicas: {[r.replica_id for r in regs]}, {args.num_blocks} KV blocks x {block_size} tokens each")

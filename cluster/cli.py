@@ -6,10 +6,9 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from kvtide.cluster import size_cmd
+from kvtide.cluster import local_cmds, size_cmd
 from kvtide.cluster.threads import configure_threads
 
 
@@ -32,85 +31,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _build(args):
-    from kvtide.workers.engine import Engine
-    from kvtide.workers.sampling_params import SamplingParams
+def engine_config(args):
+    """The ``EngineConfig`` the engine flags describe (validated when it is resolved)."""
+    from kvtide.workers import EngineConfig
 
-    engine = Engine.load(
-        args.model,
-        max_model_len=args.max_model_len,
-        kv_cache_memory_gib=args.kv_cache_gib,
-        block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching,
-        kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
-    )
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-    return engine, params
-
-
-def _stream(engine, request_id: str, prompt, params) -> str:
-    """Run one request to completion, printing text as it arrives."""
-    engine.add_request(request_id, prompt, params)
-    pieces, tokens, t0 = [], 0, time.perf_counter()
-    while engine.has_unfinished_requests():
-        for d in engine.step():
-            tokens += len(d.token_ids)
-            pieces.append(d.text)
-            sys.stdout.write(d.text)
-            sys.stdout.flush()
-    elapsed = time.perf_counter() - t0
-    sys.stdout.write("\n")
-    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tok/s]", file=sys.stderr)
-    return "".join(pieces)
-
-
-def cmd_generate(args) -> int:
-    if args.server:
-        return _generate_remote(args)
-    engine, params = _build(args)
-    prompt = args.prompt
-    if not args.raw:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    try:
-        _stream(engine, "generate", prompt, params)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _generate_remote(args) -> int:
-    """``generate --server``: the same request through a running ``kvtide serve`` over gRPC."""
-    import grpc
-
-    from kvtide.cluster.client import KvtideClient
-
-    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    if args.seed is not None:
-        params["seed"] = args.seed
-    messages = [{"role": "user", "content": args.prompt}]
-    tokens, t0 = 0, time.perf_counter()
-    with KvtideClient(args.server, api_key=args.api_key or os.environ.get("KVTIDE_API_KEY")) as client:
-        stream = client.generate(args.prompt, **params) if args.raw else client.chat(messages, **params)
-        try:
-            for delta in stream:
-                tokens += len(delta.token_ids)
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-        except grpc.RpcError as exc:
-            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
-    elapsed = time.perf_counter() - t0
-    sys.stdout.write("\n")
-    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tok/s]", file=sys.stderr)
-    return 0
+    options = {"model": args.model, "kv_cache_memory_gib": args.kv_cache_gib, "block_size": args.block_size,
+               "enable_prefix_caching": not args.no_prefix_caching, "kv_cache_dtype": args.kv_cache_dtype,
+               "quantization": args.quantization, "max_model_len": args.max_model_len}  # fmt: skip
+    return EngineConfig.from_kwargs(**options)
 
 
 def cmd_serve(args) -> int:
@@ -120,18 +48,13 @@ def cmd_serve(args) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import asyncio
 
-    from kvtide.cluster.gateway import FrontendConfig
-    from kvtide.cluster.serve import ServeConfig, serve_forever
+    from kvtide.cluster.frontend.requests import FrontendConfig
+    from kvtide.cluster.serve import ServeConfig, StartupError, serve_forever
 
     api_keys = tuple(k for k in (args.api_key or os.environ.get("KVTIDE_API_KEY", "")).split(",") if k)
-    engine_options = {"kv_cache_memory_gib": args.kv_cache_gib, "block_size": args.block_size,
-                      "enable_prefix_caching": not args.no_prefix_caching,
-                      "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}  # fmt: skip
-    if args.max_model_len is not None:
-        engine_options["max_model_len"] = args.max_model_len
     try:
         config = ServeConfig(
-            model=args.model, num_replicas=args.replicas, tp=args.tp, pp=args.pp, engine_options=engine_options,
+            engine=engine_config(args), num_replicas=args.replicas, tp=args.tp, pp=args.pp,
             host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, address=args.address,
             redis_url=args.redis_url, routing_policy=args.routing_policy,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
@@ -142,36 +65,11 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from kvtide.cluster.serve import StartupError
-
     try:
         asyncio.run(serve_forever(config))
     except StartupError as exc:
         print(f"kvtide: error: {exc}", file=sys.stderr)
         return 1
-    return 0
-
-
-def cmd_chat(args) -> int:
-    engine, params = _build(args)
-    history: list[dict[str, str]] = []
-    print("kvtide chat: type a message, Ctrl-D to quit.", file=sys.stderr)
-    for turn in range(1_000_000):
-        try:
-            line = input("> ")
-        except EOFError:
-            return 0
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.apply_chat_template(history)
-        try:
-            reply = _stream(engine, f"chat-{turn}", prompt, params)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            history.pop()
-            continue
-        history.append({"role": "assistant", "content": reply})
     return 0
 
 
@@ -185,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--api-key", help="bearer token for --server (default: $KVTIDE_API_KEY)")
     _engine_args(g)
     _sampling_args(g)
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=local_cmds.cmd_generate)
     c = sub.add_parser("chat", help="interactive chat through the model's chat template")
     _engine_args(c)
     _sampling_args(c)
-    c.set_defaults(func=cmd_chat)
+    c.set_defaults(func=local_cmds.cmd_chat)
     s = sub.add_parser("serve", help="serve the model over gRPC and the OpenAI HTTP API until Ctrl-C")
     _engine_args(s)
     s.add_argument("--replicas", type=int, default=1, help="model replicas (each TP x PP Ray workers)")
@@ -213,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_serve)
     size_cmd.add_parser(sub)
     args = parser.parse_args(argv)
-    configure_threads(args.threads)  # before anything imports torch
+    configure_threads(getattr(args, "threads", None))  # before anything imports torch
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

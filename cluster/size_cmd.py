@@ -67,8 +67,8 @@ def _params(text: str) -> int:
 
 
 def _shape(args):
-    from kvtide.workers.model_shapes import KNOWN_CONFIGS
-    from kvtide.workers.sizing import ModelShape
+    from kvtide.workers import KNOWN_CONFIGS
+    from kvtide.workers import ModelShape
 
     by_hand = [args.params, args.layers, args.kv_heads, args.head_dim]
     if args.model and any(v is not None for v in by_hand):
@@ -113,7 +113,7 @@ def _check(args) -> None:
 
 
 def _gpu(args):
-    from kvtide.workers.gpu_catalog import get_gpu
+    from kvtide.workers import get_gpu
 
     gpu = get_gpu(args.gpu)
     if args.gpu_cost_per_hour is not None:
@@ -128,8 +128,7 @@ def _gb(n: float) -> str:
 
 
 def _defaults(args) -> argparse.Namespace:
-    from kvtide.workers.config import SchedulerConfig
-    from kvtide.workers.roofline import BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY
+    from kvtide.workers import BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY, SchedulerConfig
 
     defaults = {
         "max_num_batched_tokens": SchedulerConfig.max_num_batched_tokens,
@@ -144,7 +143,7 @@ def _defaults(args) -> argparse.Namespace:
 def run(args) -> int:
     import torch
 
-    from kvtide.workers.sizing import KV_CACHE_DTYPES, GpuMemory, ParallelLayout, plan_kv_cache
+    from kvtide.workers import KV_CACHE_DTYPES, GpuMemory, ParallelLayout, plan_kv_cache
 
     args = _defaults(args)
     _check(args)
@@ -210,12 +209,12 @@ def _print_memory(name: str, shape, gpu, args, plan) -> None:
 
 
 def _print_speed(args, shape, layout, gpu, plan, dtype, quantization: str) -> None:
-    from kvtide.workers.roofline import (
+    from kvtide.workers import (
         EngineProfileMeasurement,
         cost_per_million_output_tokens,
         measured,
         peak_flops,
-        roofline,
+        roofline_speed,
     )
 
     if args.profile:
@@ -227,7 +226,7 @@ def _print_speed(args, shape, layout, gpu, plan, dtype, quantization: str) -> No
         peak = peak_flops(gpu, dtype, quantization)
         if quantization == "fp8" and gpu.fp8_flops is None:
             print(f"note: {gpu.name} has no FP8 tensor cores: fp8 weights are upcast, at bf16 FLOP/s")
-        speed = roofline(
+        speed = roofline_speed(
             shape, layout, tuple(s.share for s in plan.stages), gpu, peak, isl=args.isl, osl=args.osl,
             batch=args.batch, max_num_batched_tokens=args.max_num_batched_tokens,
             compute_efficiency=args.mfu, bandwidth_efficiency=args.mbu,

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingParams(_message.Message):
-    __slots__ = ("n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed", "logprobs", "skip_special_tokens")
+    __slots__ = ("n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "seed", "logprobs", "skip_special_tokens", "bad_words_token_ids")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class SamplingParams(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BAD_WORDS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     n: int
     max_tokens: int
     min_tokens: int
@@ -51,7 +52,8 @@ class SamplingParams(_message.Message):
     seed: int
     logprobs: int
     skip_special_tokens: bool
-    def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., include_stop_str_in_output: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
+    bad_words_token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., include_stop_str_in_output: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ..., bad_words_token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -183,24 +185,54 @@ class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReplicaStatus(_message.Message):
+    __slots__ = ("replica_id", "routing_mode", "load", "in_flight", "blocks_indexed", "blocks_guessed")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_MODE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_INDEXED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_GUESSED_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    routing_mode: str
+    load: LoadReport
+    in_flight: int
+    blocks_indexed: int
+    blocks_guessed: int
+    def __init__(self, replica_id: _Optional[str] = ..., routing_mode: _Optional[str] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., in_flight: _Optional[int] = ..., blocks_indexed: _Optional[int] = ..., blocks_guessed: _Optional[int] = ...) -> None: ...
+
+class StateStoreStatus(_message.Message):
+    __slots__ = ("url", "up", "num_outages", "num_resyncs")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESYNCS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    up: bool
+    num_outages: int
+    num_resyncs: int
+    def __init__(self, url: _Optional[str] = ..., up: _Optional[bool] = ..., num_outages: _Optional[int] = ..., num_resyncs: _Optional[int] = ...) -> None: ...
+
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("replicas", "routing_policy", "routing_mode", "num_queued", "num_in_flight", "draining")
+    __slots__ = ("replicas", "routing_policy", "routing_mode", "num_queued", "num_in_flight", "draining", "state_store")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     ROUTING_MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_FIELD_NUMBER: _ClassVar[int]
     NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
-    replicas: _containers.RepeatedCompositeFieldContainer[LoadReport]
+    STATE_STORE_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     routing_policy: str
     routing_mode: str
     num_queued: int
     num_in_flight: int
     draining: bool
-    def __init__(self, replicas: _Optional[_Iterable[_Union[LoadReport, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., routing_mode: _Optional[str] = ..., num_queued: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    state_store: StateStoreStatus
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., routing_mode: _Optional[str] = ..., num_queued: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., state_store: _Optional[_Union[StateStoreStatus, _Mapping]] = ...) -> None: ...
 
 class ReplicaRegistration(_message.Message):
-    __slots__ = ("replica_id", "model", "block_size", "hash_seed", "hash_version", "num_blocks", "max_model_len", "tp", "pp")
+    __slots__ = ("replica_id", "model", "block_size", "hash_seed", "hash_version", "num_blocks", "max_model_len", "tp", "pp", "incarnation", "vocab_size", "max_num_seqs")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +242,9 @@ class ReplicaRegistration(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     block_size: int
@@ -219,33 +254,34 @@ class ReplicaRegistration(_message.Message):
     max_model_len: int
     tp: int
     pp: int
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[bytes] = ..., hash_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ...) -> None: ...
+    incarnation: str
+    vocab_size: int
+    max_num_seqs: int
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[bytes] = ..., hash_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., incarnation: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("replica_id", "num_running", "num_waiting", "num_free_blocks", "num_blocks", "kv_cache_usage", "num_preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "last_event_id", "timestamp_s")
+    __slots__ = ("replica_id", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "kv_cache_usage", "num_preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "timestamp_s")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     num_running: int
     num_waiting: int
     num_free_blocks: int
-    num_blocks: int
+    num_total_blocks: int
     kv_cache_usage: float
     num_preemptions: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
-    last_event_id: int
     timestamp_s: float
-    def __init__(self, replica_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., last_event_id: _Optional[int] = ..., timestamp_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, replica_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., timestamp_s: _Optional[float] = ...) -> None: ...
 
 class BlocksStored(_message.Message):
     __slots__ = ("block_hashes", "parent_hash")

@@ -15,7 +15,9 @@ from kvtide.router.types import (
     ReplicaId,
     ReplicaLoad,
     ReplicaRegistration,
+    ReplicaRouteStatus,
     RouteDecision,
+    RouterStatus,
     RoutingMode,
 )
 
@@ -28,7 +30,9 @@ __all__ = [
     "ReplicaId",
     "ReplicaLoad",
     "ReplicaRegistration",
+    "ReplicaRouteStatus",
     "RouteDecision",
+    "RouterStatus",
     "Router",
     "RoutingMode",
     "cost",

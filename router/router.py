@@ -1,7 +1,7 @@
 """The router: which replica serves a prompt, from what the replicas hold and how busy they are.
 
 The frontend feeds it (registrations, load reports, KV events, snapshots on a gap) and asks
-it ``choose()`` per request. It never does I/O; ``kvtide.cluster.cluster_state`` is the
+it ``choose()`` per request. It never does I/O; ``kvtide.cluster.frontend.cluster_state`` is the
 shell that reads Redis and calls these methods.
 
 A replica is in exact mode while its KV events arrive in order: ``apply_events`` gets every
@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from kvtide.proto.block_hash import HASH_VERSION, BlockHash, hash_full_blocks
 from kvtide.proto.kv_events import (
@@ -35,7 +35,9 @@ from kvtide.router.types import (
     NoReplicaError,
     ReplicaLoad,
     ReplicaRegistration,
+    ReplicaRouteStatus,
     RouteDecision,
+    RouterStatus,
     RoutingMode,
 )
 
@@ -237,30 +239,19 @@ class Router:
             self._index.record(chosen.replica_id, hashes, now + self.approx_ttl_s, now)
         return RouteDecision(chosen.replica_id, chosen.cached_blocks, choice.cost, chosen.mode.value)
 
-    def status(self) -> dict:
-        """Plain data for the status API and metrics: per replica its mode (and ``exact`` as
-        1/0), load, in-flight count and indexed blocks; the policy; the OSL estimate."""
+    def status(self) -> RouterStatus:
+        """For the status API and metrics: per replica its mode, load, in-flight count and
+        indexed blocks; the policy; the OSL estimate."""
         now = self._clock()
-        replicas = {}
-        for rid in sorted(self._replicas):
-            r = self._replicas[rid]
-            mode = self._mode(r, now)
-            replicas[rid] = {
-                "mode": mode.value,
-                "exact": mode.gauge,
-                "model": r.registration.model,
-                "load": asdict(r.load),
-                "in_flight": r.in_flight,
-                "blocks_indexed": self._index.num_exact(rid),
-                "blocks_guessed": self._index.num_approximate(rid, now),
-                "next_event_id": r.next_event_id,
-            }
-        return {
-            "policy": self.policy_name,
-            "block_size": self.block_size,
-            "observed_osl_quantile": self._osl.observed_quantile(),
-            "replicas": replicas,
-        }
+        replicas = tuple(
+            ReplicaRouteStatus(
+                replica_id=rid, mode=self._mode(r, now), model=r.registration.model, load=r.load,
+                in_flight=r.in_flight, blocks_indexed=self._index.num_exact(rid),
+                blocks_guessed=self._index.num_approximate(rid, now), next_event_id=r.next_event_id,
+            )  # fmt: skip
+            for rid, r in sorted(self._replicas.items())
+        )
+        return RouterStatus(self.policy_name, self.block_size, self._osl.observed_quantile(), replicas)
 
     # ---- internals ---------------------------------------------------------------------
 

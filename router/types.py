@@ -30,7 +30,8 @@ class RoutingMode(str, Enum):
 
 @dataclass(frozen=True)
 class ReplicaRegistration:
-    """What a replica announces; the hash parameters must match the router's."""
+    """What a replica announces (proto ``ReplicaRegistration``); the hash parameters must match
+    the router's, and the limits are what the frontend checks requests against."""
 
     replica_id: str
     block_size: int
@@ -42,11 +43,17 @@ class ReplicaRegistration:
     """Changes when the replica restarts under the same id: its event ids start again at 0,
     so the router must forget what it knew (a re-registration with the same incarnation is
     only a heartbeat)."""
+    max_model_len: int = 0
+    vocab_size: int = 0
+    max_num_seqs: int = 0
+    tp: int = 1
+    pp: int = 1
 
 
 @dataclass(frozen=True)
 class ReplicaLoad:
-    """A snapshot of a replica's engine (``EngineStats`` plus the cache size)."""
+    """A snapshot of a replica's engine (proto ``LoadReport``), made by the replica alone and
+    read by the router, the metrics and the status API."""
 
     num_running: int
     num_waiting: int
@@ -56,6 +63,10 @@ class ReplicaLoad:
     kv_cache_usage: float
     """Fraction of blocks held by requests, in [0, 1]."""
     num_preemptions: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    timestamp_s: float = 0.0
+    """Wall clock (unix seconds) when it was taken; 0 when unknown."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,43 @@ class RouteDecision:
     """The policy's cost for the chosen replica (0 for policies that do not price)."""
     mode: str
     """``RoutingMode`` value of the chosen replica when it was chosen."""
+
+
+@dataclass(frozen=True)
+class ReplicaRouteStatus:
+    """What the router knows of one replica."""
+
+    replica_id: str
+    mode: RoutingMode
+    model: str
+    load: ReplicaLoad
+    in_flight: int
+    """Requests this router sent there that have not finished."""
+    blocks_indexed: int
+    """Blocks known from the replica's KV events (exact)."""
+    blocks_guessed: int
+    """Blocks guessed from the router's own recent decisions (approximate, with expiry)."""
+    next_event_id: int | None
+
+    @property
+    def exact(self) -> int:
+        """1 in exact mode, 0 in approximate: the metric's value."""
+        return self.mode.gauge
+
+
+@dataclass(frozen=True)
+class RouterStatus:
+    policy: str
+    block_size: int
+    observed_osl_quantile: float | None
+    replicas: tuple[ReplicaRouteStatus, ...]
+    """By replica id."""
+
+    def replica(self, replica_id: str) -> ReplicaRouteStatus:
+        for r in self.replicas:
+            if r.replica_id == replica_id:
+                return r
+        raise KeyError(f"replica {replica_id!r} is not registered; registered: {[r.replica_id for r in self.replicas]}")
 
 
 class NoReplicaError(RuntimeError):

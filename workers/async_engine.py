@@ -1,26 +1,40 @@
 """asyncio front of an ``Engine``: a stream per request, cancellation, a stepping thread.
 
 The engine steps on its own thread so the event loop stays free to accept requests and
-aborts while a step runs. The loop never touches the engine's state: it validates and
-tokenizes (pure), then hands requests and aborts over a thread-safe queue; the stepping
-thread applies them between steps, so an abort frees its blocks before the next step.
+aborts while a step runs. The loop never touches the engine's state: it hands requests and
+aborts over a thread-safe queue as typed commands; the stepping thread applies them between
+steps, so an abort frees its blocks before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from kvtide.workers.engine import Engine
+from kvtide.workers.engine_request import EngineRequest, check_request
 from kvtide.workers.outputs import CompletionDelta
-from kvtide.workers.request import Request
-from kvtide.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Add:
+    request: EngineRequest
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+    index: int | None = None
+    """One choice, or all of them (None)."""
+
+
+_Command = _Add | _Abort
 
 
 class EngineDeadError(RuntimeError):
@@ -31,35 +45,32 @@ class AsyncEngine:
     def __init__(self, engine: Engine, idle_wait_s: float = 0.5) -> None:
         self.engine = engine
         self._idle_wait_s = idle_wait_s
-        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._ids = itertools.count()
         self._stop = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kvtide-engine", daemon=True)
         self._thread.start()
 
-    async def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[CompletionDelta]:
+    async def generate(self, request: EngineRequest) -> AsyncIterator[CompletionDelta]:
         """Stream the deltas of every choice until all have finished.
 
-        Raises ValueError for bad input before anything is queued. Cancelling the consumer
-        (or closing the generator early) aborts the request in the engine.
+        A request not checked against this engine's limits is checked here, before anything is
+        queued (``ValueError``). Cancelling the consumer (or closing the generator early)
+        aborts the request in the engine.
         """
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request.request_id
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request: Request = self.engine.make_request(request_id, prompt, params)
+        if request.checked != self.engine.limits:
+            request = check_request(request_id, request.prompt_token_ids, request.params, self.engine.limits)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send("add", request)
+        self._commands.put(_Add(request))
+        self._wake.set()
         remaining = request.params.n
         try:
             while remaining:
@@ -72,10 +83,12 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if remaining:
-                self._send("abort", request_id)
+                self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._send("abort", request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort a request (or only its choice ``index``) before the engine's next step."""
+        self._commands.put(_Abort(request_id, index))
+        self._wake.set()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop stepping; every open stream ends with ``EngineDeadError``."""
@@ -88,23 +101,23 @@ class AsyncEngine:
 
     # -- the stepping thread ---------------------------------------------------------------
 
-    def _send(self, kind: str, payload: object) -> None:
-        self._commands.put((kind, payload))
-        self._wake.set()
-
     def _apply_commands(self) -> None:
         while True:
             try:
-                kind, payload = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                try:
-                    self.engine.add(payload)  # type: ignore[arg-type]
-                except ValueError as exc:  # e.g. a request id already in the engine
-                    self._deliver(payload.request_id, exc)  # type: ignore[attr-defined]
-            else:
-                self.engine.abort_request(payload)  # type: ignore[arg-type]
+            match command:
+                case _Add(request):
+                    try:
+                        self.engine.add(request)
+                    except ValueError as exc:  # e.g. a request id already in the engine
+                        self._deliver(request.request_id, exc)
+                case _Abort(request_id, index):
+                    ended = self.engine.abort_request(request_id, index)
+                    if index is not None:  # one choice: its stream still waits for the others
+                        for i in ended:
+                            self._deliver(request_id, CompletionDelta(request_id, i, (), finish_reason="abort"))
 
     def _run(self) -> None:
         try:

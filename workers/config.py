@@ -16,6 +16,7 @@ import torch
 from kvtide.kernels.kv_quant import KV_CACHE_DTYPES, is_quantized, kv_bytes_per_row
 from kvtide.workers.attention import default_attention_backend, get_attention_backend
 from kvtide.workers.quantization import QUANTIZATIONS
+from kvtide.workers.tokenizer import eos_token_ids
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -110,11 +111,11 @@ class ResolvedConfig:
     block_size: int
     bytes_per_block: int
     eos_token_ids: frozenset[int]
-    """From the model's config.json (the tokenizer may add more)."""
+    """From config.json, tokenizer_config.json and generation_config.json."""
     vocab_size: int
     attention_backend: str
-    kv_cache_dtype: torch.dtype | None = None
-    """Storage dtype of the KV cache (None: the model's ``dtype``)."""
+    kv_cache_dtype: torch.dtype
+    """Storage dtype of the KV cache: the model's ``dtype``, or int8 / fp8 (quantized)."""
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -122,7 +123,7 @@ class ResolvedConfig:
 
     def describe_kv_cache(self) -> str:
         """One line for logs: dtype, blocks, tokens and bytes of the KV cache."""
-        dtype = self.kv_cache_dtype or self.dtype
+        dtype = self.kv_cache_dtype
         kind = str(dtype).removeprefix("torch.")
         if is_quantized(dtype):
             kind += " + fp32 scale per token and KV head"
@@ -130,6 +131,15 @@ class ResolvedConfig:
             f"KV cache ({kind}): {self.num_blocks} blocks x {self.block_size} tokens = "
             f"{self.num_blocks * self.block_size} tokens, {self.kv_cache_bytes / 2**20:.1f} MiB"
         )
+
+
+def resolve_engine(config: EngineConfig) -> ResolvedConfig:
+    """Locate ``config.model.model`` (converting a GGUF once, into the cache) and ``resolve``."""
+    from kvtide.workers.model_files import resolve_model
+    from kvtide.workers.model_loader import read_hf_config
+
+    model_dir = resolve_model(config.model.model)
+    return resolve(config, str(model_dir), read_hf_config(model_dir))
 
 
 def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> ResolvedConfig:
@@ -195,14 +205,14 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
         num_blocks=num_blocks,
         block_size=cc.block_size,
         bytes_per_block=bytes_per_block,
-        eos_token_ids=_eos_ids(hf_config.get("eos_token_id")),
+        eos_token_ids=_eos_ids(hf_config.get("eos_token_id")) | eos_token_ids(model_dir),
         vocab_size=hf_config["vocab_size"],
         attention_backend=(
             default_attention_backend(device, dtype)
             if mc.attention_backend == "auto"
             else get_attention_backend(mc.attention_backend).name
         ),
-        kv_cache_dtype=kv_dtype,
+        kv_cache_dtype=kv_dtype or dtype,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.tokenizer import Tokenizer
 
 _PROMPT_CONTEXT_TOKENS = 5
@@ -27,8 +28,11 @@ class IncrementalDetokenizer:
     ``tokens[prefix_offset:]`` adds past it is new. If that ends in U+FFFD, the last token
     ended inside a UTF-8 sequence and the window waits for more. Each push costs O(new tokens).
 
-    NOTE: text that might be the start of a stop string is held back; ``flush`` releases it
-    once the request ends for another reason. After a stop string matches, push raises.
+    Stop strings are checked here and only here: the engine emits token ids. When one matches
+    the caller finishes the choice (``finish_reason="stop"``) and aborts it in the engine.
+
+    NOTE: text that might be the start of a stop string is held back; ``flush`` (or a ``final``
+    push) releases it once the request ends for another reason.
     """
 
     def __init__(
@@ -58,6 +62,11 @@ class IncrementalDetokenizer:
         """Decoded text not yet released because it may begin a stop string."""
         self._released: list[str] = []
         self._stopped: str | None = None
+        self.num_tokens_pushed = 0
+        """Output tokens pushed so far."""
+        self.num_tokens_to_stop: int | None = None
+        """Output tokens up to and including the one that completed the stop string: what the
+        choice keeps (the engine may have run a step or two past it)."""
 
     @property
     def output_text(self) -> str:
@@ -82,15 +91,34 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = 0, len(self._tokens)
         return full_text[len(prefix_text) :]
 
-    def push(self, token_ids: Sequence[int]) -> DetokenizedDelta:
+    @classmethod
+    def for_request(
+        cls, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> IncrementalDetokenizer:
+        """One choice's detokenizer, with the request's stop strings and text options."""
+        return cls(
+            tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )  # fmt: skip
+
+    def push(self, token_ids: Sequence[int], final: bool = False) -> DetokenizedDelta:
+        """The text ``token_ids`` release; ``final`` (the engine finished the choice) releases
+        whatever was held back too. A push after a stop string matched releases nothing."""
         if self._stopped is not None:
-            raise RuntimeError(f"push after the stop string {self._stopped!r} ended the request")
+            return DetokenizedDelta("", self._stopped)
         # One token at a time, so text before a character left incomplete at the end is released.
         new_text = []
-        for token_id in token_ids:
+        for i, token_id in enumerate(token_ids):
             self._tokens.append(token_id)
             new_text.append(self._decode_new(final=False))
-        return self._release("".join(new_text))
+            if self._find_stop(self._held + "".join(new_text)) is not None:
+                self.num_tokens_to_stop = self.num_tokens_pushed + i + 1
+                break
+        self.num_tokens_pushed += len(token_ids)
+        delta = self._release("".join(new_text))
+        if final and delta.stop_string is None:
+            delta = DetokenizedDelta(delta.text + self.flush())
+        return delta
 
     def flush(self) -> str:
         """Release everything held back: the request is finishing for a reason other than stop.

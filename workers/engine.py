@@ -1,4 +1,9 @@
-"""The engine of one replica: Scheduler + KV cache manager + ModelRunner, stepped in a loop."""
+"""The engine of one replica: Scheduler + KV cache manager + ModelRunner, stepped in a loop.
+
+Token ids in, token ids out: the engine never sees text. Whoever has the text (the frontend's
+gateway, the offline ``LLM``) tokenizes, detokenizes and checks stop strings, and aborts a
+choice whose stop string it found (vLLM v1's split between engine core and output processor).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,10 @@ import torch
 
 from kvtide.proto.kv_events import KvEvent
 from kvtide.workers.block_pool import KvSnapshot
-from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve
-from kvtide.workers.detokenizer import IncrementalDetokenizer
+from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve_engine
+from kvtide.workers.engine_request import CHILD_SEPARATOR, EngineRequest, RequestLimits, check_request
 from kvtide.workers.kv_cache_manager import KVCacheManager
-from kvtide.workers.model_files import resolve_model
-from kvtide.workers.model_loader import load_model, read_hf_config
+from kvtide.workers.model_loader import load_model
 from kvtide.workers.model_runner import Executor, LocalExecutor, ModelRunner, StepHandle
 from kvtide.workers.models.llama import LlamaForCausalLM
 from kvtide.workers.outputs import CompletionDelta
@@ -25,12 +29,8 @@ from kvtide.workers.sampler import SampledToken, SamplingRow
 from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.scheduler import Scheduler, StepPlan
 from kvtide.workers.shard import ShardRunner
-from kvtide.workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-_CHILD_SEP = "\x1f"
-
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
@@ -49,16 +49,14 @@ class Engine:
     Not thread-safe: one thread drives it (``AsyncEngine`` wraps it for asyncio).
     """
 
-    def __init__(
-        self,
-        config: ResolvedConfig,
-        executor: Executor,
-        tokenizer: Tokenizer | None = None,
-    ) -> None:
+    def __init__(self, config: ResolvedConfig, executor: Executor) -> None:
         self.config = config
-        self.tokenizer = tokenizer
-        self.eos_token_ids = config.eos_token_ids | (tokenizer.eos_token_ids if tokenizer else frozenset())
+        self.eos_token_ids = config.eos_token_ids
         self.vocab_size = config.vocab_size
+        self.limits = RequestLimits(
+            config.max_model_len, config.vocab_size, config.engine.scheduler.max_num_seqs,
+            config.num_blocks, config.block_size,
+        )  # fmt: skip
         cc = config.engine.cache
         self.kv = KVCacheManager(
             config.num_blocks,
@@ -72,7 +70,6 @@ class Engine:
         self._in_flight: deque[tuple[StepPlan, StepHandle]] = deque()
         self._rng = random.Random(config.engine.seed)
         self._rows: dict[RequestId, SamplingRow] = {}
-        self._detok: dict[RequestId, IncrementalDetokenizer] = {}
         self._prefix_queried = 0
         self._prefix_hits = 0
 
@@ -80,90 +77,56 @@ class Engine:
     def load(cls, model: str = "smollm2-135m", config: EngineConfig | None = None, **kwargs) -> Engine:
         """Build from a model name or path; ``kwargs`` are flat ``EngineConfig`` options."""
         config = config or EngineConfig.from_kwargs(model=model, **kwargs)
-        model_dir = resolve_model(config.model.model)
-        resolved = resolve(config, str(model_dir), read_hf_config(model_dir))
+        resolved = resolve_engine(config)
         net = load_model(
-            model_dir, resolved.dtype, resolved.device, quantization=config.model.quantization
+            resolved.model_dir, resolved.dtype, resolved.device, quantization=config.model.quantization
         )
-        tokenizer = Tokenizer.from_dir(model_dir)
         logger.info(resolved.describe_kv_cache())
-        return cls.from_model(net, resolved, tokenizer)
+        return cls.from_model(net, resolved)
 
     @classmethod
-    def from_model(
-        cls, model: LlamaForCausalLM, config: ResolvedConfig, tokenizer: Tokenizer | None = None
-    ) -> Engine:
+    def from_model(cls, model: LlamaForCausalLM, config: ResolvedConfig) -> Engine:
         """A single-shard engine around an already-built model."""
         shard = ShardRunner(
             model, config.num_blocks, config.block_size, kv_dtype=config.kv_cache_dtype,
             attention_backend=config.attention_backend,
         )
-        return cls(config, LocalExecutor(shard, config.block_size), tokenizer)
+        return cls(config, LocalExecutor(shard, config.block_size))
 
     # -- requests ------------------------------------------------------------------------
 
-    def make_request(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
-    ) -> Request:
-        """Validate and tokenize; raises ValueError naming the field, value and limit.
-
-        Pure with respect to the engine's state, so it may run on another thread than step().
-        """
-        params = params or SamplingParams()
-        if not isinstance(request_id, str) or not request_id or _CHILD_SEP in request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt is text but this engine has no tokenizer; pass token ids")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-        if not token_ids:
-            raise ValueError("prompt must contain at least 1 token, got 0")
-        for i, t in enumerate(token_ids):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise ValueError(
-                    f"prompt token {i} is {t!r}; token ids must be integers in [0, {self.vocab_size})"
-                )
-        params.check_vocab(self.vocab_size)
-        max_seqs = self.config.engine.scheduler.max_num_seqs
-        if params.n > max_seqs:
-            raise ValueError(
-                f"n is too large: {params.n}. This engine runs at most {max_seqs} sequences "
-                "at once (max_num_seqs)"
-            )
-        max_len = self.config.max_model_len
-        if len(token_ids) + params.max_tokens > max_len:
-            raise ValueError(
-                f"max_tokens is too large: {params.max_tokens}. This model's maximum context length "
-                f"is {max_len} tokens and your request has {len(token_ids)} input tokens"
-            )
-        need = self.kv.num_blocks_needed(len(token_ids) + params.max_tokens)
-        if need > self.config.num_blocks:
-            raise ValueError(
-                f"request needs {need} KV blocks ({len(token_ids)} prompt + {params.max_tokens} "
-                f"max_tokens) but the whole cache has {self.config.num_blocks}; it can never fit"
-            )
-        return Request(RequestId(request_id), token_ids, params)
-
-    def add(self, request: Request) -> None:
-        """Queue a request built by ``make_request``."""
-        self.scheduler.add(request)
-        seed = request.params.seed
-        self._rows[request.request_id] = self._new_row(request, seed if seed is not None else self._rng.randrange(2**63))
-        if self.tokenizer is not None:
-            self._detok[request.request_id] = self._new_detok(request)
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request. One checked against this engine's limits is taken as is; any other
+        is checked here first (the engine's guard): raises ``ValueError``, changing nothing."""
+        if request.checked != self.limits:
+            request = check_request(request.request_id, request.prompt_token_ids, request.params, self.limits)
+        if request.request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        r = Request(RequestId(request.request_id), list(request.prompt_token_ids), request.params)
+        self.scheduler.add(r)
+        seed = r.params.seed
+        self._rows[r.request_id] = self._new_row(r, seed if seed is not None else self._rng.randrange(2**63))
 
     def add_request(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams | None = None
     ) -> None:
-        self.add(self.make_request(request_id, prompt, params))
+        if isinstance(prompt_token_ids, str):
+            raise ValueError("the engine takes token ids, not text; tokenize first (LLM does it for you)")
+        self.add(check_request(request_id, prompt_token_ids, params or SamplingParams(), self.limits))
 
-    def abort_request(self, request_id: str) -> None:
-        """Abort a request and all its choices; their blocks are free when this returns."""
-        ids = [rid for rid in self.scheduler.requests if _parent_of(rid) == request_id]
-        for request in self.scheduler.abort(ids):
+    def abort_request(self, request_id: str, index: int | None = None) -> list[int]:
+        """Abort a request and all its choices, or only choice ``index``; their blocks are free
+        when this returns. Returns the indices of the choices it ended (none if they had
+        finished already)."""
+        if index is None:
+            ids = [rid for rid in self.scheduler.requests if _parent_of(rid) == request_id]
+        else:
+            ids = [rid for rid in (request_id if index == 0 else f"{request_id}{CHILD_SEPARATOR}{index}",)
+                   if rid in self.scheduler.requests]  # fmt: skip
+        aborted = self.scheduler.abort(ids)
+        for request in aborted:
             self._forget(request)
+        return [r.index for r in aborted]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -238,7 +201,7 @@ class Engine:
         computed from scratch later."""
         self._in_flight.clear()  # the same failure ends them: their shards are gone or suspect
         deltas = [
-            self._finish(r, RequestStatus.FINISHED_ERROR, (), "", detail=detail)
+            self._finish(r, RequestStatus.FINISHED_ERROR, (), detail=detail)
             for r in list(self.scheduler.running)
         ]
         self.runner.reset()
@@ -251,15 +214,8 @@ class Engine:
         request.append_output_token(t)
         p = request.params
         logprobs = (token,) if p.logprobs is not None else ()
-        text, stop_string = "", None
-        detok = self._detok.get(request.request_id)
-        if detok is not None:
-            d = detok.push((t,))
-            text, stop_string = d.text, d.stop_string
         status, stop_reason = None, None
-        if stop_string is not None:
-            status, stop_reason = RequestStatus.FINISHED_STOPPED, stop_string
-        elif request.num_output_tokens >= p.min_tokens and (
+        if request.num_output_tokens >= p.min_tokens and (
             (t in self.eos_token_ids and not p.ignore_eos) or t in p.stop_token_ids
         ):
             status = RequestStatus.FINISHED_STOPPED
@@ -267,23 +223,19 @@ class Engine:
         elif request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.config.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
-            return self._delta(request, (t,), text, logprobs)
-        return self._finish(request, status, (t,), text, logprobs, stop_reason)
+            return self._delta(request, (t,), logprobs)
+        return self._finish(request, status, (t,), logprobs, stop_reason)
 
-    def _finish(self, request, status, token_ids, text, logprobs=(), stop_reason=None, detail=None):
-        detok = self._detok.get(request.request_id)
-        if detok is not None and not isinstance(stop_reason, str):
-            text += detok.flush()  # a stop string already cut the text where it belongs
+    def _finish(self, request, status, token_ids, logprobs=(), stop_reason=None, detail=None):
         self.scheduler.finish(request, status)
         self._forget(request)
-        return self._delta(request, token_ids, text, logprobs, status.value, stop_reason, detail)
+        return self._delta(request, token_ids, logprobs, status.value, stop_reason, detail)
 
-    def _delta(self, request, token_ids, text, logprobs, finish_reason=None, stop_reason=None, error=None):
+    def _delta(self, request, token_ids, logprobs, finish_reason=None, stop_reason=None, error=None):
         return CompletionDelta(
             request_id=request.parent_id or request.request_id,
             index=request.index,
             token_ids=token_ids,
-            text=text,
             logprobs=logprobs,
             finish_reason=finish_reason,
             stop_reason=stop_reason,
@@ -294,7 +246,6 @@ class Engine:
 
     def _forget(self, request: Request) -> None:
         self.runner.forget(request.request_id)
-        self._detok.pop(request.request_id, None)
         self._rows.pop(request.request_id, None)
 
     def _new_row(self, request: Request, seed: int) -> _Row:
@@ -305,16 +256,6 @@ class Engine:
         )
         return _Row(request.params, request.prompt_token_ids, request.output_token_ids, gen, stop_ids, seed)
 
-    def _new_detok(self, request: Request) -> IncrementalDetokenizer:
-        p = request.params
-        return IncrementalDetokenizer(
-            self.tokenizer,
-            request.prompt_token_ids,
-            skip_special_tokens=p.skip_special_tokens,
-            stop=p.stop,
-            include_stop_str_in_output=p.include_stop_str_in_output,
-        )
-
     def _sampling_row(self, request: Request) -> SamplingRow:
         row = self._rows.get(request.request_id)
         if row is None:
@@ -322,8 +263,6 @@ class Engine:
             # choice i of a seeded request is seeded with seed + i.
             parent = self._rows[request.parent_id]
             row = self._rows[request.request_id] = self._new_row(request, parent.seed + request.index)
-            if self.tokenizer is not None:
-                self._detok[request.request_id] = self._new_detok(request)
         return row
 
 
@@ -333,8 +272,8 @@ class _Row(SamplingRow):
 
 
 def _child_id(parent: Request, index: int) -> RequestId:
-    return RequestId(f"{parent.request_id}{_CHILD_SEP}{index}")
+    return RequestId(f"{parent.request_id}{CHILD_SEPARATOR}{index}")
 
 
 def _parent_of(rid: str) -> str:
-    return rid.split(_CHILD_SEP, 1)[0]
+    return rid.split(CHILD_SEPARATOR, 1)[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -21,10 +20,9 @@ from typing import Any
 import gguf
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
-from tokenizers.models import BPE
 
 from kvtide.kernels.cpu_build import cache_root
+from kvtide.workers.gguf_tokenizer import GgufMetadata, build_tokenizer, write_tokenizer_configs
 
 CONVERTER_VERSION = 1
 """Bump when the converter's output changes, so cached conversions are redone."""
@@ -115,38 +113,17 @@ _LAYER_TENSORS = {
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-class _Metadata:
-    """A GGUF file's key-value metadata as Python values, each parsed once."""
-
-    def __init__(self, reader: gguf.GGUFReader):
-        self._fields = reader.fields
-        self._values: dict[str, Any] = {}
-        self.arch = self.require("general.architecture")
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key not in self._fields:
-            return default
-        if key not in self._values:
-            self._values[key] = self._fields[key].contents()
-        return self._values[key]
-
-    def require(self, key: str) -> Any:
-        if key not in self._fields:
-            raise ValueError(f"GGUF file lacks the metadata key {key!r}")
-        return self.get(key)
-
-
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Write a Hugging Face-format directory for a Llama- or Qwen2-architecture GGUF file."""
     reader = gguf.GGUFReader(gguf_path)
-    meta = _Metadata(reader)
+    meta = GgufMetadata(reader)
     arch = _ARCHITECTURES.get(meta.arch)
     if arch is None:
         raise ValueError(
             f"unsupported GGUF architecture {meta.arch!r} in {str(gguf_path)!r}; "
             f"supported: {', '.join(sorted(_ARCHITECTURES))}"
         )
-    tokenizer = _build_tokenizer(meta)  # first: an unsupported tokenizer fails before the slow part
+    tokenizer = build_tokenizer(meta)  # first: an unsupported tokenizer fails before the slow part
     tensors = {t.name: t for t in reader.tensors}
     config = _hf_config(meta, arch, tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,10 +132,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     del weights
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    _write_tokenizer_configs(meta, config, out_dir)
+    write_tokenizer_configs(meta, config, out_dir)
 
 
-def _hf_config(meta: _Metadata, arch: _Architecture, tensors: dict[str, Any]) -> dict[str, Any]:
+def _hf_config(meta: GgufMetadata, arch: _Architecture, tensors: dict[str, Any]) -> dict[str, Any]:
     a = meta.arch
     if "rope_freqs.weight" in tensors:
         raise ValueError("GGUF file stores rope_freqs (Llama 3.1-style RoPE scaling), which is not supported")
@@ -192,7 +169,7 @@ def _hf_config(meta: _Metadata, arch: _Architecture, tensors: dict[str, Any]) ->
     return config
 
 
-def _rope_scaling(meta: _Metadata) -> dict[str, Any] | None:
+def _rope_scaling(meta: GgufMetadata) -> dict[str, Any] | None:
     kind = meta.get(f"{meta.arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
@@ -256,104 +233,3 @@ def _unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     out = w.shape[0]
     return w.reshape(num_heads, out // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-
-# Split regexes for GGUF `tokenizer.ggml.pre` values whose merges were not learned on GPT-2's
-# split. Others (gpt2, smollm, ...) get the plain byte-level split, as transformers gives them.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_TOKENIZER_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    spelling = {b: chr(b) for b in [*printable, *range(ord("®"), ord("ÿ") + 1)]}
-    extra = 0
-    for b in range(256):
-        if b not in spelling:
-            spelling[b] = chr(256 + extra)
-            extra += 1
-    return spelling
-
-
-def _build_tokenizer(meta: _Metadata) -> Tokenizer:
-    """A byte-level BPE ``tokenizers.Tokenizer`` from a GGUF file's tokenizer metadata."""
-    model = meta.require("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2 (byte-level BPE)")
-    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
-    token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
-    # NOTE: every real token is spelled in the byte alphabet; llama.cpp writes a few (special
-    # tokens with other characters) in plain UTF-8, which transformers respells the same way.
-    vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-        for i, t in enumerate(tokens)
-    }
-    merges = [tuple(m.split(" ")) for m in meta.require("tokenizer.ggml.merges")]
-    tok = Tokenizer(
-        BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
-    )
-    split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    tok.decoder = decoders.ByteLevel()
-    # NOTE: added tokens must be spelled as in the vocabulary, or they would get new ids past it.
-    # A control token outside the byte alphabet is a llama.cpp mislabel; transformers skips it too.
-    pairs = [(t, k) for t, k in zip(tokens, token_types, strict=True) if set(t) <= alphabet]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in pairs if k == _CONTROL])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in pairs if k == _USER_DEFINED])
-    return tok
-
-
-def _write_tokenizer_configs(meta: _Metadata, config: dict[str, Any], out_dir: Path) -> None:
-    tokens = meta.require("tokenizer.ggml.tokens")
-
-    def token(key: str) -> str | None:
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        return None if token_id is None else tokens[token_id]
-
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": meta.get("tokenizer.chat_template"),
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "model_max_length": config["max_position_embeddings"],
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    eos = config["eos_token_id"]
-    # Llama 3-style files name the end-of-turn tokens apart from eos; generation stops at any.
-    extra = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
-    eos_ids = list(dict.fromkeys(i for i in (eos, *extra) if i is not None))
-    generation_config = {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-    }
-    (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")

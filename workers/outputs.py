@@ -1,4 +1,5 @@
-"""What the engine hands back each step: per-choice deltas."""
+"""What the engine hands back each step (per-choice deltas of token ids, never text), and what
+the offline ``LLM`` returns (its text made by the one detokenizer, ``IncrementalDetokenizer``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ class CompletionDelta:
     index: int
     """Choice index (0 .. n-1)."""
     token_ids: tuple[int, ...]
-    text: str
-    """Newly released text ("" when the engine has no tokenizer)."""
     logprobs: tuple[SampledToken, ...] = ()
     """One entry per new token, when the request asked for logprobs."""
     finish_reason: str | None = None

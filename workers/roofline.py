@@ -121,7 +121,7 @@ def _attention_flops(shape: ModelShape, layout: ParallelLayout, share: GpuShare,
     return 4 * (share.layer_end - share.layer_start) * heads * shape.head_dim * context
 
 
-def roofline(
+def roofline_speed(
     shape: ModelShape,
     layout: ParallelLayout,
     shares: tuple[GpuShare, ...],

@@ -46,6 +46,22 @@ class TokenizerConfig:
         )
 
 
+def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+    """Every id that ends generation (``Tokenizer.eos_token_ids``), read from the config files
+    alone: what an engine needs of the tokenizer, without building one."""
+    model_dir = Path(model_dir)
+    config = TokenizerConfig.from_dir(model_dir)
+    ids = set(config.generation_eos_token_ids)
+    if config.eos_token is not None:
+        raw = _read_json(model_dir / "tokenizer.json")
+        added = {t["content"]: t["id"] for t in raw.get("added_tokens", ())}
+        vocab = raw.get("model", {}).get("vocab", {})
+        token_id = added.get(config.eos_token, vocab.get(config.eos_token) if isinstance(vocab, dict) else None)
+        if token_id is not None:
+            ids.add(token_id)
+    return frozenset(ids)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -77,6 +93,7 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, config: TokenizerConfig):
         self.backend = backend
         self.config = config
+        self._capped: dict[int, tokenizers.Tokenizer] = {}
         self._template = None
         if config.chat_template is not None:
             env = ImmutableSandboxedEnvironment(
@@ -135,6 +152,21 @@ class Tokenizer:
         if add_special_tokens and self.config.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)
         return ids
+
+    def encode_capped(self, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+        """``encode``, cut at ``max_tokens`` ids: a caller that can serve no more need not pay to
+        hold them all. The encoding runs without the GIL, so a server can run it on a worker
+        thread while its event loop goes on (``encode`` holds the GIL throughout)."""
+        capped = self._capped.get(max_tokens)
+        if capped is None:
+            capped = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            capped.enable_truncation(max_length=max_tokens)
+            self._capped[max_tokens] = capped
+        ids = capped.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.config.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids[:max_tokens]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

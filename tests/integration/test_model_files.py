@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from kvtide.workers import model_files
+from kvtide.workers import gguf_tokenizer, model_files
 from kvtide.workers.model_files import resolve_model
 from kvtide.workers.tokenizer import Tokenizer
 
@@ -234,7 +234,7 @@ def write_tiny_gguf(path: Path, arch: str, hf: dict[str, np.ndarray], num_heads:
     for gguf_name, hf_name in model_files._LAYER_TENSORS.items():
         for kind in ("weight", "bias"):
             names[f"model.layers.0.{hf_name}.{kind}"] = f"blk.0.{gguf_name}.{kind}"
-    alphabet = sorted(model_files._byte_alphabet().values())
+    alphabet = sorted(gguf_tokenizer._byte_alphabet().values())
     tokens = ["<|endoftext|>", "<|im_start|>", *alphabet, "he"]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)

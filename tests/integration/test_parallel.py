@@ -17,11 +17,11 @@ import pytest
 import ray
 import torch
 
-from kvtide.cluster.executor import RayExecutor
-from kvtide.cluster.placement import PlacementError, ReplicaShape
-from kvtide.workers.config import SchedulerConfig
+from kvtide.cluster.replica.executor import RayExecutor
+from kvtide.cluster.replica.placement import PlacementError, ReplicaShape
+from kvtide.workers.config import EngineConfig, SchedulerConfig, resolve
 from kvtide.workers.kv_cache_manager import KVCacheManager
-from kvtide.workers.model_loader import load_model
+from kvtide.workers.model_loader import load_model, read_hf_config
 from kvtide.workers.model_runner import plan_delta, prepare_inputs
 from kvtide.workers.request import Request, RequestId, RequestStatus
 from kvtide.workers.sampling_params import SamplingParams
@@ -104,12 +104,21 @@ def reference_steps(model_dir: Path, max_tokens: int = 4) -> list[Step]:
     return steps
 
 
+def executor_config(model_dir, **options):
+    """The resolved config a replica hands its executor; the torch attention path, as the
+    single shard it is compared with."""
+    config = EngineConfig.from_kwargs(
+        model=str(model_dir), num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, attention_backend="torch", **options
+    )
+    return resolve(config, str(model_dir), read_hf_config(model_dir))
+
+
 @pytest.fixture(scope="module", params=SHAPES, ids=[f"{m}-tp{tp}-pp{pp}" for m, tp, pp in SHAPES])
 def replica(request, cluster, models):
     """One executor per shape, shared by the tests below in definition order.
     NOTE: the last test of this module shuts it down; teardown is then a no-op."""
     name, tp, pp = request.param
-    executor = RayExecutor(models[name], ReplicaShape(tp, pp), NUM_BLOCKS, BLOCK_SIZE, STARTUP_TIMEOUT_S)
+    executor = RayExecutor(executor_config(models[name]), ReplicaShape(tp, pp), STARTUP_TIMEOUT_S)
     yield Replica(name, executor)
     executor.shutdown()
 
@@ -130,7 +139,7 @@ def test_every_node_is_on_loopback(cluster):
 def test_tp_that_does_not_divide_heads_fails_before_any_actor(cluster, models):
     groups_before = len(ray.util.placement_group_table())
     with pytest.raises(ValueError) as info:
-        RayExecutor(models["h4"], ReplicaShape(3, 1), NUM_BLOCKS, BLOCK_SIZE, STARTUP_TIMEOUT_S)
+        RayExecutor(executor_config(models["h4"]), ReplicaShape(3, 1), STARTUP_TIMEOUT_S)
     message = str(info.value)
     assert "tensor-parallel size 3" in message
     assert "num_attention_heads=4, num_key_value_heads=2" in message
@@ -140,7 +149,7 @@ def test_tp_that_does_not_divide_heads_fails_before_any_actor(cluster, models):
 
 def test_stage_larger_than_any_node_fails_naming_it(cluster, models):
     with pytest.raises(PlacementError, match=r"a stage needs \{'CPU': 8\.0\} on one node, the largest node has \{'CPU': 4\.0\}"):
-        RayExecutor(models["h8"], ReplicaShape(4, 1, cpus_per_shard=2), NUM_BLOCKS, BLOCK_SIZE, STARTUP_TIMEOUT_S)
+        RayExecutor(executor_config(models["h8"]), ReplicaShape(4, 1, cpus_per_shard=2), STARTUP_TIMEOUT_S)
 
 
 # -- each parallel shape ---------------------------------------------------------------------
@@ -210,8 +219,7 @@ def test_quantized_kv_cache_and_weights_reach_every_shard(cluster, models):
     local = ShardRunner(load_model(model_dir, quantization="int8"), NUM_BLOCKS, BLOCK_SIZE, kv_dtype=torch.int8)
     tracker = DeltaTracker()
     with RayExecutor(
-        model_dir, ReplicaShape(1, 2), NUM_BLOCKS, BLOCK_SIZE, STARTUP_TIMEOUT_S,
-        kv_cache_dtype=torch.int8, quantization="int8",
+        executor_config(model_dir, kv_cache_dtype="int8", quantization="int8"), ReplicaShape(1, 2), STARTUP_TIMEOUT_S
     ) as executor:
         while scheduler.num_unfinished:
             plan = scheduler.schedule()

@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -20,12 +21,14 @@ import psutil
 import pytest
 import ray
 
-from kvtide.cluster.replica import Replica, ReplicaActor
+from kvtide.cluster.replica.actor import Replica, ReplicaActor
+from kvtide.cluster.replica.spec import ReplicaSpec
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
 from kvtide.workers.model_files import resolve_model
 from kvtide.workers.model_loader import load_model, read_hf_config
 from kvtide.workers.outputs import CompletionDelta
+from kvtide.workers import EngineRequest
 from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.tokenizer import Tokenizer
 from tests.tiny import write_tiny_llama
@@ -101,6 +104,10 @@ def tiny_reference(tiny_dir) -> list[list[int]]:
 # -- helpers --------------------------------------------------------------------------------
 
 
+def request(prompt: Sequence[int], params: SamplingParams) -> EngineRequest:
+    return EngineRequest(f"req-{uuid.uuid4().hex[:12]}", tuple(prompt), params)
+
+
 def tokens_of(deltas: list[CompletionDelta]) -> list[int]:
     """The tokens of one finished choice, checking that only its last delta finishes it."""
     assert deltas, "the stream ended without a delta"
@@ -117,7 +124,7 @@ def generate_local(replica: Replica, prompts: Sequence[Sequence[int]]) -> list[l
     """Every prompt submitted at once to a plain (in-process) Replica."""
 
     async def run():
-        streams = (_collect(replica.generate(p, GREEDY)) for p in prompts)
+        streams = (_collect(replica.generate(request(p, GREEDY))) for p in prompts)
         return await asyncio.wait_for(asyncio.gather(*streams), STREAM_TIMEOUT_S)
 
     return asyncio.run(run())
@@ -126,7 +133,7 @@ def generate_local(replica: Replica, prompts: Sequence[Sequence[int]]) -> list[l
 async def _stream_actor(
     actor, prompt, params, on_delta: Callable[[int], Awaitable[None]] | None
 ) -> list[CompletionDelta]:
-    gen = actor.generate.options(num_returns="streaming").remote(prompt, params)
+    gen = actor.generate.options(num_returns="streaming").remote(request(prompt, params))
     deltas = []
     async for ref in gen:
         deltas.append(await ref)
@@ -170,14 +177,14 @@ def live_placement_groups() -> list[str]:
 def test_smollm2_greedy_matches_single_device(cluster, smol_prompts, smol_reference, tp, pp):
     groups_before = live_placement_groups()
     replica = Replica(
-        "smollm2-135m", tp=tp, pp=pp, cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S,
-        num_blocks=NUM_BLOCKS,
+        ReplicaSpec.load("smollm2-135m", tp, pp, cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S,
+                         num_blocks=NUM_BLOCKS)  # fmt: skip
     )
     try:
         outputs = generate_local(replica, smol_prompts)
         assert [tokens_of(d) for d in outputs] == smol_reference
 
-        nodes = replica.info().shard_nodes
+        nodes = replica.shard_nodes()
         assert sorted(nodes) == [(s, r) for s in range(pp) for r in range(tp)]
         stage_nodes = [{nodes[(s, r)] for r in range(tp)} for s in range(pp)]
         assert all(len(n) == 1 for n in stage_nodes), f"a stage's TP ranks span nodes: {stage_nodes}"
@@ -199,10 +206,10 @@ def tiny_actor(cluster, tiny_dir):
     """A TP=2 replica actor shared by the tests below, in definition order.
     NOTE: the last test of this module shuts it down; teardown then only kills the actor."""
     actor = ReplicaActor.options(num_cpus=0).remote(
-        str(tiny_dir), tp=2, cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S,
-        num_blocks=TINY_NUM_BLOCKS,
+        ReplicaSpec.load(str(tiny_dir), tp=2, cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S,
+                         num_blocks=TINY_NUM_BLOCKS)  # fmt: skip
     )
-    ray.get(actor.shard_pids.remote(), timeout=STARTUP_TIMEOUT_S)
+    assert ray.get(actor.health.remote(), timeout=STARTUP_TIMEOUT_S + 60)  # its shards started
     yield actor
     try:
         ray.get(actor.shutdown.remote(), timeout=EXIT_TIMEOUT_S)

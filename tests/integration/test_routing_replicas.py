@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import ray
 
-from kvtide.cluster.cluster_state import ClusterState
-from kvtide.cluster.placement import remove_groups
-from kvtide.cluster.redis_server import start_redis
-from kvtide.cluster.replica import ReplicaActor
-from kvtide.cluster.state_store import StateStore
+from kvtide.cluster.frontend.cluster_state import ClusterState
+from kvtide.cluster.frontend.ray_handles import RayReplicaHandle
+from kvtide.cluster.replica.actor import ReplicaActor
+from kvtide.cluster.replica.placement import remove_groups
+from kvtide.cluster.replica.spec import ReplicaSpec
+from kvtide.cluster.state.redis_server import start_redis
+from kvtide.cluster.state.store import StateStore
 from kvtide.proto.block_hash import HASH_VERSION, hash_full_blocks
 from kvtide.router import ReplicaRegistration, Router
-from kvtide.workers.sampling_params import SamplingParams
+from kvtide.workers import EngineRequest, SamplingParams
 
 from tests.tiny import write_tiny_llama
 
@@ -52,13 +55,14 @@ def redis_server():
 def actors(cluster, tiny_dir, redis_server):
     actors = {
         f"replica-{i}": ReplicaActor.options(num_cpus=0).remote(
-            str(tiny_dir), cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S, num_blocks=NUM_BLOCKS,
-            placement_owner=f"routing-test/replica-{i}",
+            ReplicaSpec.load(str(tiny_dir), cpus_per_shard=1.0, start_timeout_s=STARTUP_TIMEOUT_S,
+                             num_blocks=NUM_BLOCKS, placement_owner=f"routing-test/replica-{i}", model_name="tiny")
         )
         for i in range(2)
     }
+    ray.get([a.health.remote() for a in actors.values()], timeout=STARTUP_TIMEOUT_S + 60)
     regs = ray.get(
-        [a.start_publishing.remote(redis_server.url, rid, "tiny", 0.05, TTL_S) for rid, a in actors.items()],
+        [a.start_publishing.remote(redis_server.url, rid, 0.05, TTL_S) for rid, a in actors.items()],
         timeout=STARTUP_TIMEOUT_S,
     )
     assert [r.replica_id for r in regs] == ["replica-0", "replica-1"]
@@ -82,7 +86,8 @@ async def wait_until(predicate, what: str) -> None:
 
 
 async def generate(actor, prompt):
-    deltas = [await ref async for ref in actor.generate.options(num_returns="streaming").remote(prompt, PARAMS)]
+    request = EngineRequest(f"req-{uuid.uuid4().hex[:12]}", tuple(prompt), PARAMS)
+    deltas = [await ref async for ref in actor.generate.options(num_returns="streaming").remote(request)]
     assert deltas[-1].finish_reason == "length", deltas[-1]
     return deltas[-1]
 
@@ -91,11 +96,8 @@ def with_cluster_state(redis_server, actors, body):
     async def main():
         router = Router(block_size=BLOCK_SIZE, seed=0)
         store = StateStore(redis_server.url)
-
-        async def snapshot(rid):
-            return await actors[rid].kv_snapshot.remote()
-
-        state = ClusterState(router, store, snapshot, poll_interval_s=0.05, missing_grace_s=0.5)
+        handles = {rid: RayReplicaHandle(rid, a) for rid, a in actors.items()}
+        state = ClusterState(router, handles, store, poll_interval_s=0.05, missing_grace_s=0.5)
         state.start()
         try:
             await wait_until(
@@ -111,7 +113,7 @@ def with_cluster_state(redis_server, actors, body):
 
 
 def test_replicas_register_what_they_hash_with(actors):
-    reg = ray.get(actors["replica-0"].registration.remote("replica-0", "tiny"))
+    reg = ray.get(actors["replica-0"].registration.remote("replica-0"))
     assert (reg.block_size, reg.hash_seed, reg.hash_version, reg.num_blocks, reg.model) == (
         BLOCK_SIZE, b"", HASH_VERSION, NUM_BLOCKS, "tiny",
     )
@@ -126,7 +128,7 @@ def test_a_repeated_prompt_goes_back_to_its_cache_and_hits(redis_server, actors)
         router.on_request_finished(first.replica_id, len(PROMPT), 4)
         assert done.num_cached_tokens == 0
         await wait_until(
-            lambda: router.status()["replicas"][first.replica_id]["blocks_indexed"] >= 3, "the events reached the router"
+            lambda: router.status().replica(first.replica_id).blocks_indexed >= 3, "the events reached the router"
         )
         again = router.choose(PROMPT, PARAMS.max_tokens)
         assert (again.replica_id, again.cached_blocks, again.mode) == (first.replica_id, 3, "exact")

@@ -25,12 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvtide.cluster.client import AsyncKvtideClient, KvtideClient
-from kvtide.cluster.frontend import start_grpc_server
-from kvtide.cluster.gateway import FrontendConfig, Gateway
-from kvtide.cluster.http_api import create_app
+from kvtide.cluster.frontend.gateway import Gateway
+from kvtide.cluster.frontend.grpc_server import start_grpc_server
+from kvtide.cluster.frontend.http_api import create_app
+from kvtide.cluster.frontend.requests import FrontendConfig
 from kvtide.cluster.serve import Server, ServeConfig
 from kvtide.proto import kvtide_pb2, kvtide_pb2_grpc
-from kvtide.workers.sampling_params import SamplingParams
+from kvtide.workers import EngineConfig, EngineRequest, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def server(cluster):
     config = ServeConfig(
         grpc_port=0,
         http_port=0,
-        engine_options={"num_blocks": 320, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 2},
+        engine=EngineConfig.from_kwargs(num_blocks=320, max_model_len=MAX_MODEL_LEN, max_num_seqs=2),
         frontend=FrontendConfig(api_keys=(API_KEY,), max_message_bytes=MAX_MESSAGE_BYTES),
         stats_interval_s=0.2,
     )
@@ -100,10 +101,13 @@ def client(target):
         yield c
 
 
+def replica_actor(server):
+    (handle,) = server[0].gateway.replicas.handles.values()
+    return handle.actor
+
+
 def replica_stats(server):
-    srv, _ = server
-    (actor,) = srv.gateway.replicas.actors.values()
-    return ray.get(actor.stats.remote(), timeout=30)
+    return ray.get(replica_actor(server).stats.remote(), timeout=30)
 
 
 def wait_for(predicate, what: str, timeout_s: float = 30.0, interval_s: float = 0.05):
@@ -117,13 +121,14 @@ def wait_for(predicate, what: str, timeout_s: float = 30.0, interval_s: float = 
 
 
 def engine_reference(server, prompt: str, max_tokens: int) -> tuple[list[int], str]:
-    """The replica's engine on the same text, tokenized and detokenized by the engine itself."""
-    srv, _ = server
-    (actor,) = srv.gateway.replicas.actors.values()
+    """The replica's engine on the same text, called directly (token ids in, token ids out),
+    and the whole output decoded at once: what the gateway's incremental text must equal."""
+    tokenizer = server[0].gateway.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    refs = actor.generate.options(num_returns="streaming").remote(prompt, params)
-    deltas = [ray.get(ref, timeout=TIMEOUT_S) for ref in refs]
-    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas)
+    request = EngineRequest(f"reference-{time.monotonic_ns()}", tuple(tokenizer.encode(prompt)), params)
+    refs = replica_actor(server).generate.options(num_returns="streaming").remote(request)
+    tokens = [t for ref in refs for t in ray.get(ref, timeout=TIMEOUT_S).token_ids]
+    return tokens, tokenizer.decode(tokens)
 
 
 def chat_prompt(server, messages) -> str:
@@ -382,7 +387,7 @@ def test_full_admission_queue_and_drain(server, client):
     srv, runner = server
     assert_idle(server)
     config = FrontendConfig(max_in_flight=1, max_queued=0, retry_after_s=2.0)
-    gateway = Gateway(srv.gateway.spec, srv.gateway.tokenizer, srv.gateway.replicas, config)
+    gateway = Gateway(srv.gateway.model_name, srv.gateway.limits, srv.gateway.tokenizer, srv.gateway.replicas, config)
     second = runner.run(start_grpc_server(gateway, port=0))
     try:
         with KvtideClient(f"127.0.0.1:{second.port}", timeout_s=TIMEOUT_S) as other:
@@ -418,7 +423,7 @@ def test_server_request_timeout_aborts_over_grpc_and_http(server):
     srv, runner = server
     assert_idle(server)
     config = FrontendConfig(request_timeout_s=2.0)
-    gateway = Gateway(srv.gateway.spec, srv.gateway.tokenizer, srv.gateway.replicas, config)
+    gateway = Gateway(srv.gateway.model_name, srv.gateway.limits, srv.gateway.tokenizer, srv.gateway.replicas, config)
     second = runner.run(start_grpc_server(gateway, port=0))
     try:
         with KvtideClient(f"127.0.0.1:{second.port}", timeout_s=TIMEOUT_S) as other:

@@ -18,8 +18,9 @@ import ray
 from ray.util.placement_group import placement_group_table
 
 from kvtide.cluster.client import KvtideClient
-from kvtide.cluster.redis_server import start_redis
+from kvtide.cluster.state.redis_server import start_redis
 from kvtide.cluster.serve import Server, ServeConfig
+from kvtide.workers import EngineConfig
 from tests.integration.test_serving import _LoopThread, wait_for
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def served(cluster):
         num_replicas=2,
         grpc_port=0,
         http_port=0,
-        engine_options={"num_blocks": 256, "max_model_len": 1024, "max_num_seqs": 4},
+        engine=EngineConfig.from_kwargs(num_blocks=256, max_model_len=1024, max_num_seqs=4),
         stats_interval_s=0.2,
     )
     runner = _LoopThread()
@@ -48,7 +49,7 @@ def served(cluster):
 
 
 def modes(srv) -> dict[str, str]:
-    return {rid: r["mode"] for rid, r in srv.gateway.replicas.routing_status()["replicas"].items()}
+    return {r.replica_id: r.mode.value for r in srv.gateway.replicas.routing_status().replicas}
 
 
 def test_redis_stopped_and_restarted_under_load_fails_no_request_and_routing_returns_to_exact(served):
@@ -88,14 +89,14 @@ def test_a_killed_replica_fails_its_request_clearly_and_the_other_serves(served)
     stream = client.generate("Write a very long story about the tide.", max_tokens=900, min_tokens=900, temperature=0.0)
     first = next(stream)  # the request is running
     victim = first.replica_id
-    assert victim in srv.gateway.replicas.actors
+    assert victim in srv.gateway.replicas.handles
 
     def victim_groups() -> set[str]:
         prefix = f"{srv.placement_owner}/{victim}/"
         return {g["state"] for g in placement_group_table().values() if g["name"].startswith(prefix)}
 
     assert victim_groups() == {"CREATED"}  # its shard's group, named so the server can find it
-    ray.kill(srv.gateway.replicas.actors[victim], no_restart=True)
+    ray.kill(srv.gateway.replicas.handles[victim].actor, no_restart=True)
     with pytest.raises(grpc.RpcError) as info:
         for _ in stream:
             pass
@@ -108,4 +109,4 @@ def test_a_killed_replica_fails_its_request_clearly_and_the_other_serves(served)
     for i in range(3):
         responses = list(client.generate(f"After the kill {i}", max_tokens=4, temperature=0.0))
         assert responses[-1].finish_reason == "length"
-        assert {r.replica_id for r in responses} - {""} == {next(iter(set(srv.gateway.replicas.actors) - {victim}))}
+        assert {r.replica_id for r in responses} - {""} == {next(iter(set(srv.gateway.replicas.handles) - {victim}))}

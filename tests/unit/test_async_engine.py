@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from kvtide.workers import EngineRequest
 from kvtide.workers.async_engine import AsyncEngine, EngineDeadError
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
@@ -25,6 +26,10 @@ PROMPTS = {
     "c": [11, 12, 13],
 }
 ABORT_WAIT_S = 2.0
+
+
+def _req(request_id: str, prompt, params) -> EngineRequest:
+    return EngineRequest(request_id, tuple(prompt), params)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +53,9 @@ class Recorder:
         self.added: list[Request] = []
         original = engine.add
 
-        def add(request: Request) -> None:
-            self.added.append(request)
+        def add(request: EngineRequest) -> None:
             original(request)
+            self.added.append(engine.scheduler.requests[request.request_id])
 
         monkeypatch.setattr(engine, "add", add)
 
@@ -81,7 +86,7 @@ def sync_outputs(tiny, prompts, params) -> dict[tuple[str, int], list[int]]:
 
 async def consume(ae: AsyncEngine, rid: str, prompt, params) -> dict[int, tuple[list[int], str | None]]:
     out: dict[int, tuple[list[int], str | None]] = {}
-    async for d in ae.generate(prompt, params, request_id=rid):
+    async for d in ae.generate(_req(rid, prompt, params)):
         assert d.request_id == rid
         tokens, reason = out.get(d.index, ([], None))
         assert reason is None, "delta after the choice finished"
@@ -124,7 +129,7 @@ def test_cancelling_the_consumer_aborts_the_request(async_engine, engine, monkey
         received = []
 
         async def consumer():
-            async for d in async_engine.generate(PROMPTS["a"], LONG, request_id="long"):
+            async for d in async_engine.generate(_req("long", PROMPTS["a"], LONG)):
                 received.append(d)
                 first.set()
 
@@ -148,7 +153,7 @@ def test_breaking_out_of_the_stream_aborts_the_request(async_engine, engine, mon
 
     async def main():
         count = 0
-        async for _ in async_engine.generate(PROMPTS["b"], LONG, request_id="early"):
+        async for _ in async_engine.generate(_req("early", PROMPTS["b"], LONG)):
             count += 1
             if count == 3:
                 break
@@ -177,7 +182,7 @@ def test_bad_input_raises_before_anything_is_queued(
 
     async def main():
         with pytest.raises(ValueError, match=match):
-            async for _ in async_engine.generate(prompt, params, request_id="x"):
+            async for _ in async_engine.generate(_req("x", prompt, params)):
                 pass
         # The id was not left registered: it can be used right away.
         return await consume(async_engine, "x", PROMPTS["c"], GREEDY)
@@ -190,10 +195,10 @@ def test_bad_input_raises_before_anything_is_queued(
 
 def test_duplicate_live_request_id_is_rejected(async_engine, engine):
     async def main():
-        first = async_engine.generate(PROMPTS["a"], LONG, request_id="dup")
+        first = async_engine.generate(_req("dup", PROMPTS["a"], LONG))
         await first.__anext__()
         with pytest.raises(ValueError, match=r"request_id 'dup' is already in use"):
-            await async_engine.generate(PROMPTS["b"], GREEDY, request_id="dup").__anext__()
+            await async_engine.generate(_req("dup", PROMPTS["b"], GREEDY)).__anext__()
         await first.aclose()
         await wait_until_idle(engine)
 
@@ -203,7 +208,7 @@ def test_duplicate_live_request_id_is_rejected(async_engine, engine):
 def test_shutdown_ends_open_streams_with_a_clear_error(tiny):
     async def main():
         engine = AsyncEngine(make_engine(tiny))
-        stream = engine.generate([5, 9, 17], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        stream = engine.generate(_req("r", [5, 9, 17], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)))
         first = await stream.__anext__()
         assert first.token_ids
         engine.shutdown()
@@ -211,7 +216,29 @@ def test_shutdown_ends_open_streams_with_a_clear_error(tiny):
             async for _ in stream:
                 pass
         with pytest.raises(EngineDeadError):
-            async for _ in engine.generate([1, 2], SamplingParams(max_tokens=1)):
+            async for _ in engine.generate(_req("r", [1, 2], SamplingParams(max_tokens=1))):
                 pass
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_aborting_one_choice_ends_it_in_the_stream_and_the_others_run_on(async_engine, engine):
+    """The gateway aborts a choice whose stop string it found: the engine frees that choice
+    alone, and the stream ends when the others finish (no wait for the aborted one)."""
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        deltas = []
+        async for d in async_engine.generate(_req("pair", PROMPTS["a"], params)):
+            deltas.append(d)
+            if len([x for x in deltas if x.index == 0]) == 2:
+                async_engine.abort("pair", 0)
+        return deltas
+
+    deltas = asyncio.run(asyncio.wait_for(main(), 30))
+    first = [d for d in deltas if d.index == 0]
+    second = [d for d in deltas if d.index == 1]
+    assert first[-1].finish_reason == "abort" and first[-1].token_ids == ()
+    assert sum(len(d.token_ids) for d in first) < 12
+    assert sum(len(d.token_ids) for d in second) == 12 and second[-1].finish_reason == "length"
+    assert not engine.has_unfinished_requests()

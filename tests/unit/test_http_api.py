@@ -10,42 +10,20 @@ import asyncio
 
 import httpx
 import pytest
-import tokenizers
 
-from kvtide.cluster.frontend import sampling_kwargs
-from kvtide.cluster.gateway import (
-    ChoiceDelta,
-    Code,
-    FrontendConfig,
-    Gateway,
-    ModelSpec,
-    PreparedRequest,
-    ServingError,
-    Usage,
-    api_key_ok,
-)
-from kvtide.cluster.http_api import _merged, create_app
-from kvtide.cluster.replica_set import ReplicaSet
+from kvtide.cluster.frontend.errors import Code, ServingError
+from kvtide.cluster.frontend.grpc_api import sampling_kwargs
+from kvtide.cluster.frontend.http_api import create_app
+from kvtide.cluster.frontend.http_render import merged
+from kvtide.cluster.frontend.requests import ChoiceDelta, FrontendConfig, PreparedRequest, Usage, api_key_ok
+from tests.unit.frontend_fakes import KEY, make_gateway
 from kvtide.proto import kvtide_pb2
-from kvtide.workers.sampling_params import SamplingParams
-from kvtide.workers.tokenizer import Tokenizer, TokenizerConfig
+from kvtide.workers import EngineRequest, SamplingParams
 
-KEY = "k-123"
-WORDS = ["<unk>", "hello", "world", "tide", "user", "assistant", ":"]
-TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
+_gateway = make_gateway
 
 
-def _gateway(**config) -> Gateway:
-    backend = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>")
-    )
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = Tokenizer(backend, TokenizerConfig(chat_template=TEMPLATE))
-    spec = ModelSpec(name="tiny", max_model_len=8, vocab_size=len(WORDS), max_num_seqs=4)
-    return Gateway(spec, tokenizer, ReplicaSet({}), FrontendConfig(api_keys=(KEY,), max_message_bytes=1000, **config))
-
-
-def _request(gateway: Gateway, method: str, path: str, key: str | None = KEY, **kwargs) -> httpx.Response:
+def _request(gateway, method: str, path: str, key: str | None = KEY, **kwargs) -> httpx.Response:
     async def go() -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         transport = httpx.ASGITransport(app=create_app(gateway))
@@ -125,7 +103,7 @@ def test_body_limits_and_garbage():
 
 def test_draining_refuses_with_503_and_health_says_so():
     gw = _gateway()
-    gw.draining = True
+    gw.admission.draining = True
     assert _request(gw, "GET", "/health", key=None).status_code == 503
     r = _request(gw, "POST", "/v1/completions", json={"prompt": "hello", "max_tokens": 1})
     assert r.status_code == 503 and "draining" in r.json()["error"]["message"]
@@ -134,7 +112,10 @@ def test_draining_refuses_with_503_and_health_says_so():
 def test_proto_sampling_params_pass_only_the_fields_set():
     assert sampling_kwargs(kvtide_pb2.SamplingParams()) == {}
     params = kvtide_pb2.SamplingParams(temperature=0.0, max_tokens=3, stop=["\n"], logit_bias={5: -1.0})
-    assert sampling_kwargs(params) == {"temperature": 0.0, "max_tokens": 3, "stop": ("\n",), "logit_bias": {5: -1.0}}
+    params.bad_words_token_ids.add(ids=[1, 2])
+    assert sampling_kwargs(params) == {
+        "temperature": 0.0, "max_tokens": 3, "stop": ("\n",), "logit_bias": {5: -1.0}, "bad_words_token_ids": ((1, 2),)
+    }
 
 
 @pytest.mark.parametrize(
@@ -161,7 +142,7 @@ class _FakeGateway:
         self.closed: list[int] = []
 
     async def generate(self, request):
-        i = request.prompt_token_ids[0]
+        i = request.request.prompt_token_ids[0]
         try:
             for j in range(2):
                 await asyncio.sleep(0.01 * (i + 1))
@@ -175,12 +156,12 @@ class _FakeGateway:
 
 
 def _prepared(i: int) -> PreparedRequest:
-    return PreparedRequest(f"r{i}", (i,), SamplingParams(n=2, max_tokens=1))
+    return PreparedRequest(EngineRequest(f"r{i}", (i,), SamplingParams(n=2, max_tokens=1)))
 
 
 def test_batched_prompts_stream_as_openai_numbers_the_choices():
     async def go():
-        return [d async for d in _merged(_FakeGateway(), [_prepared(i) for i in range(3)])]
+        return [d async for d in merged(_FakeGateway(), [_prepared(i) for i in range(3)])]
 
     deltas = asyncio.run(go())
     assert sorted((d.index, d.text) for d in deltas) == [(i * 2 + j, f"p{i}c{j}") for i in range(3) for j in range(2)]
@@ -192,7 +173,7 @@ def test_one_failing_prompt_fails_the_batch_and_closes_the_others():
     gw = _FakeGateway(fail=1)
 
     async def go():
-        return [d async for d in _merged(gw, [_prepared(i) for i in range(3)])]
+        return [d async for d in merged(gw, [_prepared(i) for i in range(3)])]
 
     with pytest.raises(ServingError, match=r"^prompt\[1\]: replica of prompt 1 died"):
         asyncio.run(go())
@@ -203,12 +184,13 @@ def test_request_timeout_bounds_the_wait_for_admission():
     gw = _gateway(max_in_flight=1, request_timeout_s=0.2)
 
     async def go():
-        await gw._slots.acquire()  # another request holds the only slot
-        request = gw.prepare("hello", {"max_tokens": 1})
+        await gw.admission._slots.acquire()  # another request holds the only slot
+        request = await gw.prepare("hello", {"max_tokens": 1})
         with pytest.raises(ServingError) as err:
             async for _ in gw.generate(request):
                 pass
-        assert gw.num_queued == 0 and gw._slots.locked()  # the waiter left, the slot is still the holder's
+        # the waiter left, the slot is still the holder's
+        assert gw.admission.num_queued == 0 and gw.admission._slots.locked()
         return err.value
 
     error = asyncio.run(go())

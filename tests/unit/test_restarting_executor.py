@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from kvtide.cluster.replica import _RestartingExecutor
+from kvtide.cluster.replica.restarts import RestartingExecutor
 
 
 class FakeShards:
@@ -35,7 +35,7 @@ class FakeStep:
         return torch.full((1, 2), float(len(self.shards.name)))
 
 
-def run_step(ex: _RestartingExecutor) -> torch.Tensor:
+def run_step(ex: RestartingExecutor) -> torch.Tensor:
     return ex.submit(None).result()
 
 
@@ -55,7 +55,7 @@ def starter(*outcomes):
 
 def test_a_failed_step_raises_kills_the_shards_and_the_next_step_runs_on_fresh_ones():
     start, made = starter(FakeShards("a", fail=True), FakeShards("bb"))
-    ex = _RestartingExecutor(start)
+    ex = RestartingExecutor(start, max_in_flight=2)
     with pytest.raises(RuntimeError, match="shard of a died"):
         run_step(ex)
     assert made[0].closed
@@ -66,7 +66,7 @@ def test_a_failed_step_raises_kills_the_shards_and_the_next_step_runs_on_fresh_o
 
 def test_a_failed_restart_fails_the_next_step_and_starts_again():
     start, made = starter(FakeShards("a", fail=True), OSError("no node has room"), FakeShards("ccc"))
-    ex = _RestartingExecutor(start)
+    ex = RestartingExecutor(start, max_in_flight=2)
     with pytest.raises(RuntimeError, match="died"):
         run_step(ex)
     with pytest.raises(RuntimeError, match="could not be restarted: no node has room"):
@@ -84,7 +84,7 @@ def test_shutdown_during_a_restart_shuts_the_new_shards_down():
         return late
 
     shards = iter([FakeShards("a", fail=True)])
-    ex = _RestartingExecutor(lambda: next(shards, None) or start_late())
+    ex = RestartingExecutor(lambda: next(shards, None) or start_late(), max_in_flight=2)
     with pytest.raises(RuntimeError):
         run_step(ex)
     ex.shutdown()
@@ -101,7 +101,7 @@ def test_shutdown_during_a_restart_shuts_the_new_shards_down():
 
 def test_two_failed_steps_in_flight_restart_the_shards_once():
     start, made = starter(FakeShards("a", fail=True), FakeShards("bb"))
-    ex = _RestartingExecutor(start)
+    ex = RestartingExecutor(start, max_in_flight=2)
     assert ex.max_in_flight == 2
     first, second = ex.submit(None), ex.submit(None)
     for step in (first, second):
@@ -109,3 +109,23 @@ def test_two_failed_steps_in_flight_restart_the_shards_once():
             step.result()
     assert run_step(ex).tolist() == [[2.0, 2.0]]
     assert ex.num_restarts == 1 and len(made) == 2
+
+
+def test_the_first_start_runs_in_the_background_and_a_failed_one_is_not_retried():
+    gate = threading.Event()
+    attempts = []
+
+    def start():
+        attempts.append(1)
+        gate.wait(10)
+        raise OSError("no node has room")
+
+    ex = RestartingExecutor(start, max_in_flight=1)  # returns before the start finishes
+    assert not ex.started.done()
+    gate.set()
+    with pytest.raises(OSError, match="no node has room"):
+        ex.started.result(10)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="could not be started: no node has room"):
+            run_step(ex)
+    assert len(attempts) == 1 and ex.num_restarts == 0

@@ -76,10 +76,10 @@ def test_removed_and_cleared_events_take_blocks_out():
     router, _ = make_router(1)
     router.apply_events("r0", [BlocksStored(0, tuple(HASHES), None), BlocksRemoved(1, (HASHES[2],))])
     assert router.choose(PROMPT, 8).cached_blocks == 2
-    assert router.status()["replicas"]["r0"]["blocks_indexed"] == 3
+    assert router.status().replica("r0").blocks_indexed == 3
     router.apply_events("r0", [AllBlocksCleared(2)])
     assert router.choose(PROMPT, 8).cached_blocks == 0
-    assert router.status()["replicas"]["r0"]["blocks_indexed"] == 0
+    assert router.status().replica("r0").blocks_indexed == 0
 
 
 def test_load_outweighs_a_short_cached_prefix():
@@ -102,9 +102,9 @@ def test_requests_in_flight_spread_a_burst_before_load_reports_arrive():
     first = router.choose(PROMPT, 8).replica_id
     second = router.choose(PROMPT, 8).replica_id
     assert {first, second} == {"r0", "r1"}
-    assert router.status()["replicas"][first]["in_flight"] == 1
+    assert router.status().replica(first).in_flight == 1
     router.on_request_finished(first, 17, 8)
-    assert router.status()["replicas"][first]["in_flight"] == 0
+    assert router.status().replica(first).in_flight == 0
     assert router.choose(PROMPT, 8).replica_id == first
 
 
@@ -128,7 +128,7 @@ def test_a_gap_in_event_ids_asks_for_a_resync_and_old_events_are_skipped_after_i
     assert router.mode("r0") is RoutingMode.EXACT
     # 2 is in the snapshot; 3 is replayed (its block may be in the snapshot too: idempotent).
     assert router.apply_events("r0", [BlocksStored(2, (HASHES[2],), HASHES[1]), BlocksStored(3, (HASHES[3],), HASHES[2])])
-    assert router.status()["replicas"]["r0"]["next_event_id"] == 4
+    assert router.status().replica("r0").next_event_id == 4
     assert router.choose(PROMPT, 8).cached_blocks == 4
 
 
@@ -161,21 +161,21 @@ def test_without_events_the_router_goes_approximate_and_remembers_its_own_decisi
     again = router.choose(PROMPT, 8)  # the guess: the first request left its prefix there
     assert (again.replica_id, again.cached_blocks) == (first.replica_id, 4)
     router.on_request_finished(again.replica_id, 17, 8)
-    assert router.status()["replicas"][first.replica_id]["blocks_guessed"] == 4
+    assert router.status().replica(first.replica_id).blocks_guessed == 4
     clock.t += 61.0  # the guesses expire
     late = router.choose(PROMPT, 8)
     assert late.cached_blocks == 0
-    assert router.status()["replicas"][late.replica_id]["blocks_guessed"] == 4  # recorded anew
+    assert router.status().replica(late.replica_id).blocks_guessed == 4  # recorded anew
 
 
 def test_events_resuming_without_a_gap_return_to_exact_mode_and_drop_nothing():
     router, clock = make_router(1, sync_timeout_s=3.0)
     router.apply_events("r0", [BlocksStored(0, (HASHES[0],), None)])
     clock.t += 10
-    assert router.status()["replicas"]["r0"]["exact"] == 0
+    assert router.status().replica("r0").exact == 0
     assert router.apply_events("r0", [BlocksStored(1, (HASHES[1],), HASHES[0])])
-    status = router.status()["replicas"]["r0"]
-    assert (status["mode"], status["exact"], status["blocks_indexed"]) == ("exact", 1, 2)
+    status = router.status().replica("r0")
+    assert (status.mode, status.exact, status.blocks_indexed) == ("exact", 1, 2)
 
 
 def test_guesses_are_capped_at_the_replica_cache_size():
@@ -183,9 +183,9 @@ def test_guesses_are_capped_at_the_replica_cache_size():
     router.register(reg("r0", num_blocks=6))
     for start in (0, 1000, 2000):
         router.choose(list(range(start, start + 9)), 8)  # 2 full blocks each
-    assert router.status()["replicas"]["r0"]["blocks_guessed"] == 6
+    assert router.status().replica("r0").blocks_guessed == 6
     router.choose(list(range(3000, 3009)), 8)
-    assert router.status()["replicas"]["r0"]["blocks_guessed"] == 6
+    assert router.status().replica("r0").blocks_guessed == 6
     assert router.choose(list(range(9)), 8).cached_blocks == 0  # the oldest went first
 
 
@@ -204,10 +204,10 @@ def test_reregistering_is_a_heartbeat_but_a_new_incarnation_starts_over():
     router, _ = make_router(1)
     router.apply_events("r0", [BlocksStored(0, (HASHES[0],), None)])
     router.register(reg("r0"))
-    assert router.status()["replicas"]["r0"]["blocks_indexed"] == 1
+    assert router.status().replica("r0").blocks_indexed == 1
     router.register(reg("r0", incarnation="restarted"))
-    status = router.status()["replicas"]["r0"]
-    assert (status["blocks_indexed"], status["mode"], status["next_event_id"]) == (0, "approximate", None)
+    status = router.status().replica("r0")
+    assert (status.blocks_indexed, status.mode, status.next_event_id) == (0, "approximate", None)
 
 
 def test_no_replica_left_raises():
@@ -237,7 +237,7 @@ def test_least_loaded_counts_running_waiting_and_in_flight():
     router.update_load("r2", ReplicaLoad(0, 0, 60, 64, 0.1))
     assert router.choose(PROMPT, 8).replica_id == "r2"  # tie with r1 on requests; more free blocks
     assert router.choose(PROMPT, 8).replica_id == "r1"  # r2 now has one in flight
-    assert router.status()["policy"] == "least_loaded"
+    assert router.status().policy == "least_loaded"
 
 
 def test_unknown_policy_and_unknown_replica_errors_name_what_exists():

@@ -18,7 +18,7 @@ from kvtide.workers.roofline import (
     SpeedEstimate,
     cost_per_million_output_tokens,
     peak_flops,
-    roofline,
+    roofline_speed,
 )
 from kvtide.workers.sizing import GpuMemory, ModelShape, ParallelLayout, gpu_shares, plan_kv_cache
 
@@ -61,7 +61,7 @@ def test_roofline_and_cost_by_hand():
     0.5 of peak FLOP/s and 0.8 of peak bandwidth."""
     gpu = GPUS["h100"]
     shares = gpu_shares(LLAMA_8B, ParallelLayout(), torch.bfloat16)
-    speed = roofline(LLAMA_8B, ParallelLayout(), shares, gpu, 989.5e12, isl=1024, osl=256, batch=32,
+    speed = roofline_speed(LLAMA_8B, ParallelLayout(), shares, gpu, 989.5e12, isl=1024, osl=256, batch=32,
                      max_num_batched_tokens=1024, compute_efficiency=0.5, bandwidth_efficiency=0.8)  # fmt: skip
     flops, bandwidth = 0.5 * 989.5e12, 0.8 * 3.35e12
     weights = 8_030_261_248 * 2
@@ -95,7 +95,7 @@ def test_pipeline_micro_batches_in_the_decode_roofline():
     bandwidth = 0.8 * gpu.bandwidth_bytes_per_s
 
     def step(batch):
-        return roofline(LLAMA_8B, layout, shares, gpu, 989.5e12, isl=100, osl=100, batch=batch,
+        return roofline_speed(LLAMA_8B, layout, shares, gpu, 989.5e12, isl=100, osl=100, batch=batch,
                         max_num_batched_tokens=1024).decode_step_s  # fmt: skip
 
     def memory(share, b):

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
+import redis
 
-from kvtide.cluster.cluster_state import ClusterState
-from kvtide.cluster.publisher import ReplicaPublisher
-from kvtide.cluster.redis_server import start_redis
-from kvtide.cluster.state_store import STORE_ERRORS, StateStore, StoreOptions
+from kvtide.cluster.frontend.cluster_state import ClusterState
+from kvtide.cluster.replica.publisher import ReplicaPublisher
+from kvtide.cluster.state.redis_server import start_redis
+from kvtide.cluster.state import codec
+from kvtide.cluster.state.store import STORE_ERRORS, StateStore, StoreOptions
+from kvtide.proto import kvtide_pb2 as pb
 from kvtide.proto import AllBlocksCleared, BlocksRemoved, BlocksStored, hash_full_blocks
 from kvtide.proto.block_hash import HASH_VERSION
 from kvtide.router import ReplicaLoad, ReplicaRegistration, Router
@@ -74,9 +78,45 @@ def test_registry_load_and_events_round_trip(redis_server):
             assert rest["r0"].events == (events[3],)
             await store.unregister("r1")
             assert list(await store.replicas()) == ["r0"]
-            await store.put_status({"policy": "kv_aware"})
-            assert await store.status() == {"policy": "kv_aware"}
+            await store.put_status(pb.ClusterStatusResponse(routing_policy="kv_aware"))
+            assert (await store.status()).routing_policy == "kv_aware"
         finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+_MESSAGE_OF_KEY = {"replica": pb.ReplicaRegistration, "load": pb.LoadReport, "status": pb.ClusterStatusResponse}
+
+
+def test_every_value_the_store_writes_decodes_with_its_proto_class(redis_server):
+    """Redis holds only serialized proto messages: each key's value (each stream entry's, for
+    events) parses with the message its key names, and re-serializes to the same bytes."""
+    h = hash_full_blocks(list(range(12)), BS, seed=SEED)
+    events = [BlocksStored(0, tuple(h), None), BlocksRemoved(1, (h[0],)), AllBlocksCleared(2)]
+
+    async def main():
+        store = StateStore(redis_server.url, StoreOptions(namespace="tproto"))
+        raw = redis.Redis.from_url(redis_server.url)
+        try:
+            await store.publish(reg("r0", incarnation="x"), load(), events, ttl_s=5.0)
+            await store.put_status(pb.ClusterStatusResponse(routing_policy="kv_aware", num_queued=2))
+            keys = sorted(k.decode() for k in raw.scan_iter(match="tproto:*"))
+            assert keys == ["tproto:events:r0", "tproto:load:r0", "tproto:replica:r0", "tproto:status"]
+            for key in keys:
+                kind = key.split(":")[1]
+                values = [f[b"event"] for _, f in raw.xrange(key)] if kind == "events" else [raw.get(key)]
+                message = pb.KvEvent if kind == "events" else _MESSAGE_OF_KEY[kind]
+                for value in values:
+                    msg = message.FromString(value)
+                    assert msg.SerializeToString(deterministic=True) == value, key
+            assert codec.registration_from_proto(pb.ReplicaRegistration.FromString(raw.get("tproto:replica:r0"))) == reg(
+                "r0", incarnation="x"
+            )
+            stored = [codec.event_from_proto(pb.KvEvent.FromString(f[b"event"])) for _, f in raw.xrange("tproto:events:r0")]
+            assert stored == events
+        finally:
+            raw.close()
             await store.close()
 
     asyncio.run(main())
@@ -94,7 +134,6 @@ def test_registry_entries_expire_when_heartbeats_stop(redis_server):
                 assert time.monotonic() < deadline, "r0 never expired"
                 await asyncio.sleep(TICK_S)
             assert await store.loads(["r0", "r1"]) == {"r1": load()}
-            assert await store._redis.smembers("t2:replicas") == {b"r1"}  # pruned
         finally:
             await store.close()
 
@@ -139,7 +178,7 @@ class FakeReplica:
         self.pool.cache_full_blocks(blocks, hashes, None)
         self.pool.free(reversed(blocks))
 
-    async def snapshot(self):
+    async def kv_snapshot(self):
         return self.pool.snapshot()
 
 
@@ -152,8 +191,8 @@ async def start_cluster(url: str, namespace: str, rids=("r0", "r1"), ttl_s: floa
     router = Router(block_size=BS, hash_seed=SEED, seed=0, sync_timeout_s=1.0)
     state = ClusterState(
         router,
+        replicas,
         StateStore(url, StoreOptions(namespace=namespace, retries=0)),
-        lambda rid: replicas[rid].snapshot(),
         poll_interval_s=0.05,
         resync_retry_s=0.1,
         missing_grace_s=0.5,
@@ -170,8 +209,8 @@ async def stop_cluster(replicas, state) -> None:
 
 
 def all_exact(router: Router) -> bool:
-    status = router.status()["replicas"]
-    return bool(status) and all(s["mode"] == "exact" for s in status.values())
+    status = router.status().replicas
+    return bool(status) and all(s.mode == "exact" for s in status)
 
 
 def test_cluster_state_routes_on_events_from_redis(redis_server):
@@ -181,8 +220,8 @@ def test_cluster_state_routes_on_events_from_redis(redis_server):
             await wait_until(lambda: router.replica_ids() == ["r0", "r1"] and all_exact(router), "both replicas are exact")
             replicas["r0"].serve(prompt(0))
             replicas["r1"].serve(prompt(1000))
-            await wait_until(lambda: router.status()["replicas"]["r1"]["blocks_indexed"] == 3, "r1's events arrived")
-            await wait_until(lambda: router.status()["replicas"]["r0"]["blocks_indexed"] == 3, "r0's events arrived")
+            await wait_until(lambda: router.status().replica("r1").blocks_indexed == 3, "r1's events arrived")
+            await wait_until(lambda: router.status().replica("r0").blocks_indexed == 3, "r0's events arrived")
             a = router.choose(prompt(0), 4)
             b = router.choose(prompt(1000), 4)
             assert (a.replica_id, a.cached_blocks, a.mode) == ("r0", 3, "exact")
@@ -230,7 +269,7 @@ def test_redis_stopped_and_restarted_routing_goes_on_and_returns_to_exact(redis_
             replicas["r1"].serve(prompt(1000))
             await wait_until(
                 lambda: router.replica_ids() == ["r0", "r1"] and all_exact(router)
-                and [s["blocks_indexed"] for s in router.status()["replicas"].values()] == [3, 3],
+                and [s.blocks_indexed for s in router.status().replicas] == [3, 3],
                 "both prefixes are indexed",
             )
             redis_server.stop()
@@ -274,11 +313,11 @@ def test_a_mismatched_replica_is_not_routed_to(redis_server):
     async def main():
         store = StateStore(redis_server.url, StoreOptions(namespace="t7"))
         router = Router(block_size=BS, hash_seed=SEED)
-        state = ClusterState(router, store, lambda rid: None)
+        empty = SimpleNamespace(kv_snapshot=lambda: asyncio.sleep(0, result=(-1, ())))
+        state = ClusterState(router, {"r0": empty, "bad": empty}, store)
         try:
             await store.publish(reg("r0"), None, [], ttl_s=5.0)
             await store.publish(ReplicaRegistration("bad", 16, SEED, HASH_VERSION, 16, "tiny"), None, [], ttl_s=5.0)
-            state._snapshot = lambda rid: asyncio.sleep(0, result=(-1, ()))
             assert await state.poll_once()
             assert router.replica_ids() == ["r0"]
             assert router.mode("r0").value == "exact"

@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from kvtide.cluster.client import KvtideClient
-from kvtide.cluster.frontend import start_grpc_server
-from kvtide.cluster.serve import Server, ServeConfig
-from tests.unit.test_http_api import KEY, _gateway
+from kvtide.cluster.frontend.grpc_server import start_grpc_server
+from kvtide.cluster.frontend.http_server import HttpServer
+from tests.unit.frontend_fakes import KEY
+from tests.unit.frontend_fakes import make_gateway as _gateway
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -55,28 +56,24 @@ def test_grpc_over_tls_serves_trusting_clients_only(cert_and_key):
 
 
 def test_http_over_tls_serves_trusting_clients_only(cert_and_key, tmp_path):
-    """The HTTP server exactly as ``kvtide serve --tls-cert/--tls-key`` starts it (``Server._start_http``)."""
+    """The HTTP server exactly as ``kvtide serve --tls-cert/--tls-key`` starts it (``HttpServer.start``)."""
     cert, key = cert_and_key
     (tmp_path / "cert.pem").write_bytes(cert)
     (tmp_path / "key.pem").write_bytes(key)
-    config = ServeConfig(http_port=0, tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem")
 
     async def go() -> None:
-        server = Server(config)
-        server.gateway = _gateway()
-        await server._start_http(tls=True)
+        server = await HttpServer.start(_gateway(), "127.0.0.1", 0, tmp_path / "cert.pem", tmp_path / "key.pem", 1.0)
         try:
             headers = {"Authorization": f"Bearer {KEY}"}
             async with httpx.AsyncClient(verify=ssl.create_default_context(cadata=cert.decode())) as client:
-                r = await client.get(f"https://127.0.0.1:{server.http_port}/v1/models", headers=headers)
+                r = await client.get(f"https://127.0.0.1:{server.port}/v1/models", headers=headers)
                 assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
             async with httpx.AsyncClient() as client:  # does not trust the self-signed certificate
                 with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-                    await client.get(f"https://127.0.0.1:{server.http_port}/health")
+                    await client.get(f"https://127.0.0.1:{server.port}/health")
                 with pytest.raises(httpx.HTTPError):  # plaintext against the TLS port
-                    await client.get(f"http://127.0.0.1:{server.http_port}/health")
+                    await client.get(f"http://127.0.0.1:{server.port}/health")
         finally:
-            server._http.should_exit = True
-            await server._http_task
+            await server.stop()
 
     asyncio.run(go())

@@ -2,7 +2,7 @@
 
 Request latencies and token counts are observed here as requests stream; engine gauges and
 counters (KV usage, running / waiting, preemptions, prefix-cache hits) come from each
-replica's latest ``EngineStats`` at scrape time, labelled by replica. Every metric lives in
+replica's latest ``ReplicaLoad`` as the router has it, at scrape time, labelled by replica. Every metric lives in
 the frontend's own ``CollectorRegistry``: two frontends in one process never collide.
 """
 
@@ -19,7 +19,7 @@ _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 _REPLICA_METRICS = (
-    # (EngineStats field, metric family, name, help)
+    # (ReplicaLoad field, metric family, name, help)
     ("kv_cache_usage", GaugeMetricFamily, "kvtide:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent."),
     ("num_running", GaugeMetricFamily, "kvtide:num_requests_running", "Requests in the engine's batch."),
     ("num_waiting", GaugeMetricFamily, "kvtide:num_requests_waiting", "Requests in the engine's queue."),
@@ -30,27 +30,28 @@ _REPLICA_METRICS = (
 
 
 class _ReplicaCollector(Collector):
-    """Engine metrics from each replica's latest stats (``ReplicaSet.stats``), at scrape time."""
+    """Engine metrics from each replica's latest load (``ReplicaSet.routing_status``), at scrape
+    time."""
 
     def __init__(self, replicas) -> None:
         self._replicas = replicas
 
     def collect(self):
-        stats = sorted(dict(self._replicas.stats).items())
+        status = self._replicas.routing_status()
+        replicas = status.replicas if status is not None else ()
         for attr, family_type, name, help_text in _REPLICA_METRICS:
             family = family_type(name, help_text, labels=["replica"])
-            for rid, s in stats:
-                family.add_metric([rid], float(getattr(s, attr)))
+            for r in replicas:
+                family.add_metric([r.replica_id], float(getattr(r.load, attr)))
             yield family
-        routing = self._replicas.routing_status().get("replicas", {})
         exact = GaugeMetricFamily(
             "kvtide:router_exact_mode",
             "1 while the router follows the replica's KV events (exact), 0 while it approximates "
             "from its own routing decisions.",
             labels=["replica"],
         )
-        for rid, r in sorted(routing.items()):
-            exact.add_metric([rid], float(r["exact"]))
+        for r in replicas:
+            exact.add_metric([r.replica_id], float(r.exact))
         yield exact
 
 

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from kvtide.cluster.state_store import STORE_ERRORS, StateStore, StoreOptions
+from kvtide.cluster.state.store import STORE_ERRORS, StateStore, StoreOptions
 from kvtide.proto.kv_events import KvEvent
 from kvtide.router.types import ReplicaLoad, ReplicaRegistration
 

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import ray
 import torch
 
-from kvtide.cluster.diagnostics import ray_logs_hint
-from kvtide.cluster.placement import ReplicaPlacement, ReplicaShape, place_replica
-from kvtide.cluster.worker_actor import WorkerActor, WorkerReady
-from kvtide.workers.model_loader import read_hf_config
-from kvtide.workers.models.llama import LlamaArgs
-from kvtide.workers.shard import stage_layers
-from kvtide.workers.step_inputs import StepDelta
+from kvtide.cluster.replica.logs import ray_logs_hint
+from kvtide.cluster.replica.placement import ReplicaPlacement, ReplicaShape, place_replica
+from kvtide.cluster.replica.shard_actor import ShardActor, ShardReady
+from kvtide.cluster.replica.spec import ShardSpec
+from kvtide.workers import LlamaArgs, ResolvedConfig, StepDelta, read_hf_config, stage_layers
 from ray.exceptions import GetTimeoutError, RayError
 
-RemoteWorker = ray.remote(WorkerActor)
+RemoteShard = ray.remote(ShardActor)
 
 SHUTDOWN_GRACE_S = 2.0
 """How long shards get to leave their process groups before they are killed."""
@@ -51,20 +48,14 @@ class RayExecutor:
 
     def __init__(
         self,
-        model_dir: str | Path,
+        config: ResolvedConfig,
         shape: ReplicaShape,
-        num_blocks: int,
-        block_size: int,
         timeout_s: float = 120.0,
         step_timeout_s: float = 60.0,
-        dtype: torch.dtype = torch.float32,
-        attention_backend: str = "torch",
         max_in_flight: int | None = None,
-        kv_cache_dtype: torch.dtype | None = None,
-        quantization: str = "none",
         placement_owner: str = "",
     ) -> None:
-        check_shape(LlamaArgs.from_hf_config(read_hf_config(model_dir)), shape)
+        check_shape(LlamaArgs.from_hf_config(read_hf_config(config.model_dir)), shape)
         self.shape = shape
         self.step_timeout_s = step_timeout_s
         self._workers: list = []  # actor handles by global rank
@@ -74,17 +65,18 @@ class RayExecutor:
             for stage in range(shape.pp):
                 for tp_rank in range(shape.tp):
                     self._workers.append(
-                        RemoteWorker.options(
+                        RemoteShard.options(
                             scheduling_strategy=self.placement.scheduling_strategy(stage, tp_rank),
                             **shape.actor_options,
                         ).remote(
-                            str(model_dir), shape.tp, shape.pp, stage, tp_rank, num_blocks,
-                            block_size, hosts[self.placement.stage_nodes[stage]], shape.use_gpu, dtype,
-                            attention_backend, kv_cache_dtype, quantization,
+                            ShardSpec(
+                                config, shape.tp, shape.pp, stage, tp_rank,
+                                hosts[self.placement.stage_nodes[stage]], shape.use_gpu,
+                            )  # fmt: skip
                         )
                     )
             address = ray.get(self._workers[0].rendezvous_address.remote(), timeout=timeout_s)
-            self.reports: list[WorkerReady] = self._wait_ready(
+            self.reports: list[ShardReady] = self._wait_ready(
                 [w.init.remote(address, timeout_s) for w in self._workers], timeout_s
             )
         except BaseException:
@@ -94,7 +86,7 @@ class RayExecutor:
         self.max_in_flight = shape.pp if max_in_flight is None else max_in_flight
         """Steps in flight at once: one micro-batch per pipeline stage by default."""
 
-    def _wait_ready(self, refs: list, timeout_s: float) -> list[WorkerReady]:
+    def _wait_ready(self, refs: list, timeout_s: float) -> list[ShardReady]:
         """Every shard's report; a timeout names the shards still starting and where to look."""
         try:
             return ray.get(refs, timeout=timeout_s)
@@ -126,7 +118,7 @@ class RayExecutor:
         return {(r.stage, r.tp_rank): t for r, t in zip(self.reports, results, strict=True)}
 
     def inject_failure(self, stage: int, tp_rank: int, after_num_steps: int = 0) -> ray.ObjectRef:
-        """Test-only: make one shard raise in a coming step (``WorkerActor.inject_failure``).
+        """Test-only: make one shard raise in a coming step (``ShardActor.inject_failure``).
         Returns the call's ref; the failure is armed once it resolves."""
         if not (0 <= stage < self.shape.pp and 0 <= tp_rank < self.shape.tp):
             raise ValueError(

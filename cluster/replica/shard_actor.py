@@ -1,7 +1,7 @@
 """One shard of a replica in its own process: one tensor-parallel rank of one pipeline stage.
 
-``WorkerActor`` is a plain class; the executor runs it as ``ray.remote(WorkerActor)``. Its
-lifecycle: construct (cheap), ``rendezvous_address()`` on global rank 0, ``init(address)`` on
+``ShardActor`` is a plain class built from one frozen ``ShardSpec``; the executor runs it as
+``ray.remote(ShardActor)``. Its lifecycle: construct (cheap), ``rendezvous_address()`` on global rank 0, ``init(address)`` on
 every shard at once (the torch.distributed rendezvous needs them all), then ``execute`` once
 per step on every shard, then ``shutdown``. Each step arrives as a ``StepDelta`` (only what
 changed since the last step); the shard's ``BatchState`` mirrors the block tables and packs
@@ -21,15 +21,22 @@ from urllib.parse import urlsplit
 import torch
 import torch.distributed as dist
 
-from kvtide.workers.model_loader import load_model, read_hf_config
-from kvtide.workers.models.llama import LlamaArgs
-from kvtide.workers.parallel import TensorParallel
-from kvtide.workers.shard import PipelineLinks, ShardRunner, stage_layers
-from kvtide.workers.step_inputs import BatchState, StepDelta
+from kvtide.cluster.replica.spec import ShardSpec
+from kvtide.workers import (
+    BatchState,
+    LlamaArgs,
+    PipelineLinks,
+    ShardRunner,
+    StepDelta,
+    TensorParallel,
+    load_model,
+    read_hf_config,
+    stage_layers,
+)
 
 
 @dataclass(frozen=True)
-class WorkerReady:
+class ShardReady:
     """What a shard reports once it has joined its groups and loaded its weights."""
 
     rank: int
@@ -42,45 +49,21 @@ class WorkerReady:
 
 
 class InjectedFailure(RuntimeError):
-    """Raised by a shard told to fail by ``WorkerActor.inject_failure`` (tests only)."""
+    """Raised by a shard told to fail by ``ShardActor.inject_failure`` (tests only)."""
 
 
-class WorkerActor:
-    def __init__(
-        self,
-        model_dir: str,
-        tp_size: int,
-        pp_size: int,
-        stage: int,
-        tp_rank: int,
-        num_blocks: int,
-        block_size: int,
-        host: str,
-        use_gpu: bool = False,
-        dtype: torch.dtype = torch.float32,
-        attention_backend: str = "torch",
-        kv_cache_dtype: torch.dtype | None = None,
-        quantization: str = "none",
-    ) -> None:
-        """``host`` is the IP of this shard's node on the network Ray uses; collectives bind to it."""
-        assert 0 <= stage < pp_size and 0 <= tp_rank < tp_size
-        self.model_dir = model_dir
-        self.tp_size, self.pp_size = tp_size, pp_size
-        self.stage, self.tp_rank = stage, tp_rank
-        self.rank = stage * tp_size + tp_rank
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.host = host
-        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-        self.dtype = dtype
-        self.attention_backend = attention_backend
-        self.kv_cache_dtype = kv_cache_dtype
-        self.quantization = quantization
+class ShardActor:
+    def __init__(self, spec: ShardSpec) -> None:
+        self.spec = spec
+        self.rank = spec.rank
+        self.host = spec.host
+        self.device = torch.device("cuda", 0) if spec.use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.runner: ShardRunner | None = None
         self.execute_s = 0.0
         self._fail_after: int | None = None  # see inject_failure()
         self._listener: socket.socket | None = None
         # NOTE: only the last stage's TP rank 0 returns logits; its peers hold identical copies.
-        self.returns_logits = stage == pp_size - 1 and tp_rank == 0
+        self.returns_logits = spec.stage == spec.pp_size - 1 and spec.tp_rank == 0
 
     def rendezvous_address(self) -> str:
         """A ``tcp://`` address on this node for the process group's store (call on global rank 0).
@@ -91,7 +74,7 @@ class WorkerActor:
         self._listener = socket.create_server((self.host, 0))
         return f"tcp://{self.host}:{self._listener.getsockname()[1]}"
 
-    def init(self, init_method: str, timeout_s: float) -> WorkerReady:
+    def init(self, init_method: str, timeout_s: float) -> ShardReady:
         """Join the process group and every stage's TP group, then load this shard's weights."""
         interface = _interface_of(self.host)
         if interface is not None:  # else gloo/NCCL pick an interface from the hostname
@@ -100,8 +83,9 @@ class WorkerActor:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         assert self.rank > 0 or self._listener is not None, "call rendezvous_address() on rank 0 first"
+        spec, config = self.spec, self.spec.config
         address = urlsplit(init_method)
-        world_size, timeout = self.tp_size * self.pp_size, timedelta(seconds=timeout_s)
+        world_size, timeout = spec.world_size, timedelta(seconds=timeout_s)
         store = dist.TCPStore(
             address.hostname, address.port, world_size, is_master=self.rank == 0, timeout=timeout,
             master_listen_fd=self._listener.detach() if self.rank == 0 else None,
@@ -114,31 +98,29 @@ class WorkerActor:
             timeout=timeout,
             device_id=self.device if self.device.type == "cuda" else None,
         )
-        tp = TensorParallel(self.tp_rank, self.tp_size, self._tp_group())
-        args = LlamaArgs.from_hf_config(read_hf_config(self.model_dir))
-        start, end = stage_layers(args, self.pp_size)[self.stage]
-        model = load_model(self.model_dir, self.dtype, self.device, tp, start, end, self.quantization)
+        tp = TensorParallel(spec.tp_rank, spec.tp_size, self._tp_group())
+        args = LlamaArgs.from_hf_config(read_hf_config(config.model_dir))
+        start, end = stage_layers(args, spec.pp_size)[spec.stage]
+        model = load_model(config.model_dir, config.dtype, self.device, tp, start, end, config.engine.model.quantization)
         links = PipelineLinks(
-            prev_rank=self.rank - self.tp_size if self.stage > 0 else None,
-            next_rank=self.rank + self.tp_size if self.stage < self.pp_size - 1 else None,
+            prev_rank=self.rank - spec.tp_size if spec.stage > 0 else None,
+            next_rank=self.rank + spec.tp_size if spec.stage < spec.pp_size - 1 else None,
         )
         self.runner = ShardRunner(
-            model, self.num_blocks, self.block_size, links, kv_dtype=self.kv_cache_dtype,
-            attention_backend=self.attention_backend,
+            model, config.num_blocks, config.block_size, links, kv_dtype=config.kv_cache_dtype,
+            attention_backend=config.attention_backend,
         )
-        self.batch = BatchState(self.block_size, self.device)
-        return WorkerReady(self.rank, self.stage, self.tp_rank, self.node_id(), os.getpid(), start, end)
+        self.batch = BatchState(config.block_size, self.device)
+        return ShardReady(self.rank, spec.stage, spec.tp_rank, self.node_id(), os.getpid(), start, end)
 
     def _tp_group(self):
         """This stage's TP group. NOTE: ``new_group`` is collective over the whole world, so every
         rank creates every stage's group, in the same order."""
-        if self.tp_size == 1:
+        tp_size = self.spec.tp_size
+        if tp_size == 1:
             return None
-        groups = [
-            dist.new_group(list(range(s * self.tp_size, (s + 1) * self.tp_size)))
-            for s in range(self.pp_size)
-        ]
-        return groups[self.stage]
+        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(self.spec.pp_size)]
+        return groups[self.spec.stage]
 
     def execute(self, delta: StepDelta) -> torch.Tensor | None:
         """Run this shard's part of one step: logits [num_sampled_seqs, vocab] (on CPU) from the

@@ -1,11 +1,18 @@
-"""The frontend's side of the cluster state: keeps a ``Router`` fed from Redis in the background.
+"""The frontend's one owner of what it knows about replicas: it keeps a ``Router`` fed (which
+replicas are live, their loads, their prefix caches) and decides when a replica is gone.
 
-Every ``poll_interval_s`` it reads the registry (new replicas are registered, replicas whose
-heartbeat expired are dropped), the load snapshots and each replica's new KV events, and
-hands them to the router. A replica is resynced from its own snapshot (a callable the
-frontend supplies, e.g. a Ray call to ``ReplicaActor.kv_snapshot``) when it first appears,
-when its events show a gap, and after every Redis outage (the publishers dropped events
-meanwhile).
+From Redis (a ``StateStore``): every ``poll_interval_s`` it reads the registry (new replicas
+are registered, replicas whose heartbeat expired are dropped), the loads and each replica's
+new KV events, and hands them to the router. A replica is resynced from its own snapshot
+(``ReplicaHandle.kv_snapshot``) when it first appears, when its events show a gap, and after
+every Redis outage (the publishers dropped events meanwhile).
+
+Without Redis: the replicas are registered up front (``register``), their loads are polled
+from the handles every ``load_interval_s`` (the same ``ReplicaLoad`` the replica would
+publish), and routing is approximate (the router's own decisions).
+
+Liveness: a replica a request finds dead, whose load poll finds it dead, or whose heartbeat
+expires, leaves the router at once; ``on_replica_lost`` hears it once.
 
 While Redis is unreachable the router keeps routing on the last state it knew: every
 replica is marked unsynced, so it is approximate (its own decisions, with expiry, on top of
@@ -22,28 +29,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Mapping
 
-from kvtide.cluster.state_store import STORE_ERRORS, StateStore
-from kvtide.proto.block_hash import BlockHash
-from kvtide.router.router import Router
-from kvtide.router.types import ReplicaRegistration
+from kvtide.cluster.frontend.handles import ReplicaGone, ReplicaHandle
+from kvtide.cluster.frontend.status import StoreStatus, cluster_status
+from kvtide.cluster.state.store import STORE_ERRORS, StateStore
+from kvtide.proto import kvtide_pb2 as pb
+from kvtide.router import ReplicaRegistration, Router
 
 logger = logging.getLogger(__name__)
-
-SnapshotFn = Callable[[str], Awaitable[tuple[int, Iterable[BlockHash]]]]
-"""replica id -> (last_event_id, cached block hashes), e.g. ``ReplicaActor.kv_snapshot``."""
 
 
 class ClusterState:
     def __init__(
         self,
         router: Router,
+        handles: Mapping[str, ReplicaHandle],
         store: StateStore | None,
-        snapshot: SnapshotFn,
         *,
         poll_interval_s: float = 0.1,
+        load_interval_s: float = 1.0,
         snapshot_timeout_s: float = 5.0,
         resync_retry_s: float = 1.0,
         missing_grace_s: float = 1.0,
@@ -51,9 +56,13 @@ class ClusterState:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.router = router
+        self.handles = handles
         self.store = store
-        self._snapshot = snapshot
+        self.on_replica_lost: Callable[[str], None] | None = None
+        """Told once when a replica leaves for good (dead, or its heartbeat expired)."""
         self.poll_interval_s = poll_interval_s
+        self.load_interval_s = load_interval_s
+        self._loads_polled_at = float("-inf")
         self.snapshot_timeout_s = snapshot_timeout_s
         self.resync_retry_s = resync_retry_s
         self.missing_grace_s = missing_grace_s
@@ -114,8 +123,13 @@ class ClusterState:
 
     # ---- the frontend's notices --------------------------------------------------------
 
+    def register(self, registration: ReplicaRegistration) -> None:
+        """A replica known without Redis (direct registration); raises ``ValueError`` if its
+        hash parameters differ from the router's."""
+        self.router.register(registration)
+
     def replica_failed(self, replica_id: str) -> None:
-        """The frontend saw the replica die (e.g. its actor is gone): stop routing to it now,
+        """The replica is dead (a request or a load poll found it so): stop routing to it now,
         not when its heartbeat expires. A restart under the same id (a new incarnation) is
         registered again."""
         try:
@@ -124,12 +138,18 @@ class ClusterState:
             return
         self._failed.add((replica_id, incarnation))
         self._forget(replica_id)
+        self._lost(replica_id)
+
+    def _lost(self, replica_id: str) -> None:
+        if self.on_replica_lost is not None:
+            self.on_replica_lost(replica_id)
 
     # ---- one poll ----------------------------------------------------------------------
 
     async def poll_once(self) -> bool:
         """One round: registry, loads, events, due resyncs. False when Redis was unreachable."""
         if self.store is None:
+            await self._poll_loads()
             await self._resync_due()
             return False
         now = self._clock()
@@ -165,15 +185,34 @@ class ClusterState:
                 self._on_store_down(exc)
         return True
 
-    def status(self) -> dict[str, Any]:
-        status = self.router.status()
-        status["state_store"] = {
-            "url": self.store.url if self.store else None,
-            "up": self.store_up,
-            "num_outages": self.num_outages,
-            "num_resyncs": self.num_resyncs,
-        }
-        return status
+    def store_status(self) -> StoreStatus:
+        return StoreStatus(self.store.url if self.store else None, self.store_up, self.num_outages, self.num_resyncs)
+
+    def status(self) -> pb.ClusterStatusResponse:
+        """The cluster's view as this frontend's router has it."""
+        return cluster_status(self.router.status(), self.store_status())
+
+    async def _poll_loads(self) -> None:
+        """Without Redis: each registered replica's load, straight from its handle."""
+        now = self._clock()
+        if now - self._loads_polled_at < self.load_interval_s:
+            return
+        self._loads_polled_at = now
+        ids = self.router.replica_ids()
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.handles[rid].load(), self.snapshot_timeout_s) for rid in ids),
+            return_exceptions=True,
+        )
+        for rid, result in zip(ids, results, strict=True):
+            if rid not in self.router.replica_ids():
+                continue
+            if isinstance(result, ReplicaGone):
+                logger.warning("replica %s is dead: %s", rid, result)
+                self.replica_failed(rid)
+            elif isinstance(result, BaseException):
+                logger.warning("load of replica %s unavailable: %r", rid, result)
+            else:
+                self.router.update_load(rid, result)
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -198,6 +237,7 @@ class ClusterState:
             if rid not in registry and now - self._last_seen.get(rid, now) > self.missing_grace_s:
                 logger.warning("replica %s left the registry (heartbeat expired); no longer routing to it", rid)
                 self._forget(rid)
+                self._lost(rid)
 
     def _forget(self, replica_id: str) -> None:
         self.router.unregister(replica_id)
@@ -222,7 +262,7 @@ class ClusterState:
         if not due:
             return
         results = await asyncio.gather(
-            *(asyncio.wait_for(self._snapshot(rid), self.snapshot_timeout_s) for rid in due),
+            *(asyncio.wait_for(self.handles[rid].kv_snapshot(), self.snapshot_timeout_s) for rid in due),
             return_exceptions=True,
         )
         for rid, result in zip(due, results):

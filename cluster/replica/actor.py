@@ -1,0 +1,113 @@
+"""A model replica: one Engine (scheduler, KV blocks, sampler) driving its Ray shard actors.
+
+``Replica`` is a plain class; ``ReplicaActor = ray.remote(Replica)`` is the Ray actor. It takes
+requests of token ids (``EngineRequest``) and streams per-choice deltas of token ids back
+through Ray streaming generators; it has no tokenizer. It never blocks its event loop: its
+shards start on a thread, the engine steps on its own thread (``AsyncEngine``), and only the
+stepping thread waits on the shards.
+
+Failure: if any shard raises or dies during a step, the executor kills all of the replica's
+shards (survivors may be stuck in a collective with the lost one), the engine ends every
+running request's stream with a ``finish_reason="error"`` delta, fresh shards start in the
+background, and the replica goes on serving: the next request waits for them and succeeds.
+Waiting requests hold no KV blocks and are kept; they run on the fresh shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+
+from kvtide.cluster.replica.executor import RayExecutor
+from kvtide.cluster.replica.placement import ReplicaShape
+from kvtide.cluster.replica.reporting import Reporting
+from kvtide.cluster.replica.restarts import RestartingExecutor
+from kvtide.cluster.replica.spec import ReplicaSpec
+from kvtide.workers import AsyncEngine, CompletionDelta, Engine, EngineRequest, EngineStats, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PROBE_PROMPT = (1, 2, 3)
+
+
+class Replica(Reporting):
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        config = spec.config
+        self.shape = ReplicaShape(spec.tp, spec.pp, config.device.type == "cuda", spec.cpus_per_shard)
+        self.executor = RestartingExecutor(
+            lambda: RayExecutor(
+                config, self.shape, timeout_s=spec.start_timeout_s, placement_owner=spec.placement_owner
+            ),
+            max_in_flight=spec.pp,
+        )
+        self.engine = Engine(config, self.executor)
+        self._async = AsyncEngine(self.engine)
+        self._probes = 0
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[CompletionDelta]:
+        """Call with ``.options(num_returns="streaming")``: one Ray object per delta. A request
+        not checked against this replica's limits is checked first (``ValueError``)."""
+        async for delta in self._async.generate(request):
+            yield delta
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort a request and all its choices (or only choice ``index``); the engine frees its
+        blocks before its next step.
+
+        The frontend calls this beside ``ray.cancel`` on the request's stream: the cancel ends
+        the Ray call, but the generator it closes only aborts once it is collected, and a
+        request still waiting in the engine must never run. It also calls it for one choice
+        whose stop string it found.
+        """
+        self._async.abort(request_id, index)
+
+    async def health(self, timeout_s: float = 60.0) -> bool:
+        """Waits for the shards' start (bounded by ``spec.start_timeout_s``; raises why it
+        failed), then runs one real step: a 1-token greedy request through every shard."""
+        started = asyncio.wrap_future(self.executor.started)
+        await asyncio.wait_for(started, self.spec.start_timeout_s + 30.0)
+        self._probes += 1
+        request = EngineRequest(f"probe-{self._probes}", PROBE_PROMPT, SamplingParams(temperature=0.0, max_tokens=1))
+
+        async def probe() -> bool:
+            deltas = [d async for d in self._async.generate(request)]
+            return bool(deltas) and deltas[-1].finish_reason in ("length", "stop")
+
+        try:
+            return await asyncio.wait_for(probe(), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"the probe step (1 token through the engine and every shard) did not finish within {timeout_s:g} s"
+            ) from None
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def num_restarts(self) -> int:
+        return self.executor.num_restarts
+
+    def shard_nodes(self) -> dict[tuple[int, int], str]:
+        """(stage, tp_rank) -> Ray node id of each running shard."""
+        return self.executor.current().worker_nodes()
+
+    def shard_pids(self) -> dict[tuple[int, int], int]:
+        """(stage, tp_rank) -> process id of each running shard."""
+        return self.executor.current().worker_pids()
+
+    async def inject_shard_failure(self, stage: int, tp_rank: int, after_num_steps: int = 0) -> None:
+        """Test-only: one shard raises in a coming step (``ShardActor.inject_failure``)."""
+        await self.executor.current().inject_failure(stage, tp_rank, after_num_steps)
+
+    def shutdown(self) -> None:
+        """Stop publishing, stop stepping, kill every shard and free their placement
+        (idempotent)."""
+        self.stop_publishing()
+        self._async.shutdown()
+        self.executor.shutdown()
+
+
+ReplicaActor = ray.remote(Replica)
