@@ -13,6 +13,10 @@ the router's least-loaded policy would. A request no ready replica can take wait
 gateway queue if a starting replica (or the target) could take it, and is dropped after
 ``queue_timeout_s``; a request no profile of the fleet or its target can hold is refused.
 
+The day starts warm: the replicas the policy wants at t = 0 are ready at once, as they would
+be in a fleet that ran through the night before (a cold start at midnight is an artefact of
+starting the simulation, not of the policy).
+
 Cost: every replica counts from the moment it is asked for (the cold start is paid) until it
 stops, times its devices (TP x PP); the day's GPU-hours are clipped to the day.
 """
@@ -194,7 +198,12 @@ class FleetSim:
     def run(self, arrivals: list[tuple[float, int, int]], name: str) -> SimResult:
         """Replay ``arrivals`` (arrival_s, isl, osl), sorted, over one day plus the tail."""
         i, now, sync = 0, 0.0, self.s.sync_s
-        next_control = 0.0
+        # The day is a slice of a fleet that has been running: what the policy wants at
+        # midnight is already up (and paid for from t = 0), not starting cold.
+        self.control(0.0)
+        for r in self.replicas.values():
+            r.state, r.ready_s = "ready", 0.0
+        next_control = self.config.control_interval_s
         while now < DAY_S or (now < DAY_S + self.s.tail_s and (self.pending or any(
                 r.sim.num_in_flight for r in self.replicas.values()))):
             if now >= next_control:

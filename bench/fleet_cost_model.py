@@ -1,8 +1,9 @@
 """Measure the fleet simulator's engine cost model on this machine (kvtide.cluster.autoscaler.cost_model).
 
 A single-process SmolLM2-135M engine on one thread (a simulated replica has one CPU, as in
-``routing_sim.py``), fp32 KV. The fastest of ``--reps`` timings of each step (on a shared
-machine, other processes only ever add time), of:
+``routing_sim.py``), fp32 KV. Steps are timed in CPU time of this process (on a shared
+machine, wall time mostly measures the neighbours), over ``--reps`` rounds of every
+measurement, keeping each one's fastest; of:
 
 - decode steps at batch 1, 4 and 16 with short contexts: a least-squares line gives
   ``base_s`` and ``per_decode_row_s``;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -58,29 +60,32 @@ def measure(chunk: int = 256, reps: int = 2) -> EngineCostModel:
             engine.add_request(f"r{next(seq)}", prompt(prompt_len), params)
         times = []
         while engine.has_unfinished_requests():
-            t = time.perf_counter()
+            t = time.process_time()
             engine.step()
-            times.append(time.perf_counter() - t)
+            times.append(time.process_time() - t)
         return times
 
     def decode_s(batch: int, prompt_len: int) -> float:
         num_prefill_steps = -(-batch * prompt_len // chunk)
-        return min(min(timed_steps(batch, prompt_len, 10)[num_prefill_steps + 1:]) for _ in range(reps))
+        return min(timed_steps(batch, prompt_len, 10)[num_prefill_steps + 1:])
 
     timed_steps(1, 64, 4)  # warm-up: the first steps build the CPU kernel
-    short = {b: decode_s(b, 3) for b in (1, 4, 16)}
+    contexts = (512, 1024, 2048)
+    prompt_len = 2048
+    short: dict[int, float] = {}
+    long4: dict[int, float] = {}
+    chunks: dict[int, float] = {}
+    for _ in range(reps):  # rounds over every measurement, so a busy spell spoils one round, not one point
+        for b in (1, 4, 16):
+            short[b] = min(short.get(b, math.inf), decode_s(b, 3))
+        for n in contexts:
+            long4[n] = min(long4.get(n, math.inf), decode_s(4, n))
+        for i, t in enumerate(timed_steps(1, prompt_len, 1)[: prompt_len // chunk]):
+            chunks[i * chunk] = min(chunks.get(i * chunk, math.inf), t)
     base, per_row = _line(list(short.items()))
     base, per_row = max(0.0, base), max(0.0, per_row)
-    contexts = (512, 1024, 2048)
-    long4 = {n: decode_s(4, n) for n in contexts}
     # Each row attends its prompt plus ~5 of the 10 measured tokens.
     _, per_decode_pair = _line([(4 * (n + 5), long4[n]) for n in contexts])
-    prompt_len = 2048
-    per_offset: dict[int, list[float]] = {}
-    for _ in range(reps):
-        for i, t in enumerate(timed_steps(1, prompt_len, 1)[: prompt_len // chunk]):
-            per_offset.setdefault(i * chunk, []).append(t)
-    chunks = {s: min(ts) for s, ts in per_offset.items()}
     intercept, per_pair = _line([(prefill_pairs(s, chunk), t) for s, t in chunks.items()])
     per_token = max(1e-6, (intercept - base) / chunk)
     return EngineCostModel(

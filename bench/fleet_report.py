@@ -132,7 +132,8 @@ def plot(results: list[SimResult], path: str, config: AutoscaleConfig, window_s:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 1, figsize=(11, 2.6 * len(results)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(results), 1, figsize=(11, 2.6 * len(results)), sharex=True, sharey=True,
+                             squeeze=False)
     for ax, result in zip(axes[:, 0], results, strict=True):
         hours = [t / 3600 for t, *_ in result.timeline]
         profiles = sorted({p for _, s, *_ in result.timeline for p in s})

@@ -22,8 +22,9 @@ Policies compared by default:
 Policies that forecast learn from ``--history-days`` earlier days first: days built by
 day_trace.py with the next seeds (same seasons, other draws and bursts), fed to the policy as
 the observations the live loop would have recorded (rate and mean lengths per interval).
-The capacity of each profile (for ``predictive``) comes from the cost model on the trace's
-mean lengths at the ITL SLO (``replica_capacity``), not from the YAML's numbers.
+The capacity of each profile (for ``predictive``) is the config's: ``kvtide profile`` computed
+it from the same cost model on its season's requests (``--capacity-from-cost-model``
+recomputes it on the whole trace's mix).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import day_trace
 from fleet_core import DAY_S, FleetSim, SimSettings
 from fleet_report import plot, season_boundaries, summarize, table
 
-from kvtide.cluster.autoscaler.config import AutoscaleConfig, load_config
-from kvtide.cluster.autoscaler.cost_model import EngineCostModel, replica_capacity
+from kvtide.cluster.autoscaler.config import AutoscaleConfig, parse_config
+from kvtide.cluster.autoscaler.cost_model import EngineCostModel, mix_contexts, replica_capacity
 from kvtide.cluster.autoscaler.kv_capacity import kv_tokens_capacity
 from kvtide.cluster.autoscaler.observation import Observation, Percentiles
 from kvtide.cluster.autoscaler.reactive import ReactiveConfig
@@ -53,13 +54,29 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
+def load_with_overrides(path: Path, overrides: list[str]) -> AutoscaleConfig:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected PATH=VALUE")
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return parse_config(data)
+
+
 def with_capacities(config: AutoscaleConfig, cost: EngineCostModel, arrivals: list[tuple[float, int, int]]):
-    mean_isl = sum(a[1] for a in arrivals) / len(arrivals)
-    mean_osl = sum(a[2] for a in arrivals) / len(arrivals)
+    """Each profile's capacity from the cost model on the whole trace's mix (token-weighted contexts)."""
+    contexts = mix_contexts([a[1] for a in arrivals], [a[2] for a in arrivals])
     profiles = {
         name: dataclasses.replace(p, capacity=replica_capacity(
-            cost, chunk_tokens=p.chunk_tokens, max_decode_rows=p.max_num_seqs, mean_isl=mean_isl,
-            mean_osl=mean_osl, itl_slo_s=config.slo.itl_p90_s))
+            cost, chunk_tokens=p.chunk_tokens, max_decode_rows=p.max_num_seqs, contexts=contexts,
+            itl_slo_s=config.slo.itl_p90_s))
         for name, p in config.profiles.items()
     }
     return dataclasses.replace(config, profiles=profiles)
@@ -103,18 +120,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trace", type=Path, default=HERE / "data" / "day_trace.csv.gz")
     p.add_argument("--seed", type=int, default=0, help="the shipped day's seed (earlier days use the next seeds)")
     p.add_argument("--config", type=Path, default=ROOT / "cluster" / "autoscaler" / "example_autoscale.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a config value (YAML), e.g. --set predictive.target_utilization=0.8")
     p.add_argument("--cost-model", type=Path, default=HERE / "data" / "fleet_cost_model.json")
     p.add_argument("--model", default="smollm2-135m", help="for the KV capacity of each profile")
+    p.add_argument("--capacity-from-cost-model", action="store_true", help="recompute every profile's capacity "
+                   "from --cost-model on the whole trace's mix instead of the config's (its season's mix)")
     p.add_argument("--date", default=day_trace.DAY, help="local date of the trace's day (YYYY-MM-DD)")
     p.add_argument("--policies", default="static,reactive,config", help="comma list: static, reactive, config "
                    "(the config's policy) or any policy spec such as 'scheduled + reactive'")
     p.add_argument("--static-profile", default="general", help="profile of the static and reactive-alone fleets")
     p.add_argument("--static-replicas", default="auto", help="N, or auto: the smallest meeting --attainment")
     p.add_argument("--attainment", type=float, default=0.99)
+    p.add_argument("--static-max", type=int, default=256, help="give up the static search past this many replicas")
     p.add_argument("--history-days", type=int, default=3)
     p.add_argument("--window-s", type=float, default=300.0, help="SLO windows")
     p.add_argument("--usd-per-hour", type=float, default=1.0, help="price of a GPU-hour (a device-hour)")
-    p.add_argument("--plot", type=Path, default=HERE / "data" / "fleet_sim_day.png")
+    p.add_argument("--plot", default=str(HERE / "data" / "fleet_sim_day.png"), help="PNG to write ('' for none)")
     return p.parse_args()
 
 
@@ -123,10 +145,11 @@ def main() -> None:
     from kvtide.workers.model_files import resolve_model
     from kvtide.workers.model_loader import read_hf_config
 
-    config = load_config(args.config)
+    config = load_with_overrides(args.config, args.set)
     cost = EngineCostModel.from_dict(json.loads(args.cost_model.read_text()))
     arrivals = [(a.arrival_s, a.isl, a.osl) for a in read_arrivals(args.trace)]
-    config = with_capacities(config, cost, arrivals)
+    if args.capacity_from_cost_model:
+        config = with_capacities(config, cost, arrivals)
     model = read_hf_config(resolve_model(args.model))
     kv = {name: kv_tokens_capacity(model, p) for name, p in config.profiles.items()}
     start = datetime.fromisoformat(args.date).replace(tzinfo=ZoneInfo(config.timezone))
@@ -159,7 +182,7 @@ def main() -> None:
     print()
     print(table(summaries, args.window_s, args.usd_per_hour))
     if args.plot:
-        plot(results, str(args.plot), config, args.window_s)
+        plot(results, args.plot, config, args.window_s)
         print(f"plot: {args.plot}")
 
 
@@ -178,7 +201,11 @@ def static_run(config, settings, arrivals, args, boundaries):
     lo, hi = 0, 1
     found = run(hi)
     while found[2] < args.attainment:
-        lo, hi = hi, hi * 2
+        if hi >= args.static_max:
+            result, used, _ = found
+            result.policy = f"static x{hi} (misses {args.attainment:.0%} even so)"
+            return result, used
+        lo, hi = hi, min(args.static_max, hi * 2)
         found = run(hi)
     while hi - lo > 1:  # the smallest n in (lo, hi] that attains
         mid = (lo + hi) // 2

@@ -97,7 +97,7 @@ class CombinedPolicy:
         current = obs.replicas.get(profile, 0) or max(0, obs.num_replicas - extra_now)
         why = [where]
         if self.predictor is not None:
-            base, text = self.predictor.replicas_needed(obs, forecast_state, profile)
+            base, forecast_state, text = self.predictor.size(obs, forecast_state, profile)
             why.append(f"predictive {base} ({text})")
         elif "reactive" in self.parts or fixed is None:
             base = current

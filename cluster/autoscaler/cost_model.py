@@ -21,8 +21,9 @@ Pure: no clock, no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def prefill_pairs(start: int, num_tokens: int) -> int:
@@ -91,21 +92,39 @@ class ReplicaCapacity:
         return prefill_tokens_per_s / self.prefill_tokens_per_s + decode_tokens_per_s / self.decode_tokens_per_s
 
 
-def replica_capacity(cost: EngineCostModel, *, chunk_tokens: int, max_decode_rows: int, mean_isl: float,
-                     mean_osl: float, itl_slo_s: float) -> ReplicaCapacity:
-    """Capacity of one replica on a mix with these mean lengths.
+class MixContexts(NamedTuple):
+    """Where a mix's tokens sit, weighted by token (long prompts hold most prefill tokens)."""
 
-    Prefill: full chunks of ``chunk_tokens`` at the mix's mean prompt offset (attention at
-    ``mean_isl / 2``). Decode: the largest batch, up to ``max_decode_rows``, whose step at the
-    mix's mean context (``mean_isl + mean_osl / 2``) stays within ``itl_slo_s`` (at least one
-    row), its rows' tokens over that step's time.
+    prefill_offset: float
+    """Mean offset of a prompt token in its prompt: sum(isl^2) / (2 sum(isl))."""
+    decode_context: float
+    """Mean context of an output token: sum(osl * (isl + osl / 2)) / sum(osl)."""
+
+
+def mix_contexts(isl: Sequence[int], osl: Sequence[int]) -> MixContexts:
+    if not isl or len(isl) != len(osl):
+        raise ValueError(f"need as many ISLs as OSLs, at least one; got {len(isl)} and {len(osl)}")
+    prompt_tokens = sum(isl)
+    output_tokens = sum(osl)
+    return MixContexts(
+        prefill_offset=sum(i * i for i in isl) / (2 * prompt_tokens),
+        decode_context=sum(o * (i + o / 2) for i, o in zip(isl, osl, strict=True)) / output_tokens,
+    )
+
+
+def replica_capacity(cost: EngineCostModel, *, chunk_tokens: int, max_decode_rows: int, contexts: MixContexts,
+                     itl_slo_s: float) -> ReplicaCapacity:
+    """Capacity of one replica on a mix.
+
+    Prefill: full chunks of ``chunk_tokens`` at the mix's token-weighted prompt offset.
+    Decode: the largest batch, up to ``max_decode_rows``, whose step at the mix's
+    token-weighted decode context stays within ``itl_slo_s`` (at least one row), its rows'
+    tokens over that step's time.
     """
     if chunk_tokens < 1 or max_decode_rows < 1:
         raise ValueError(f"chunk_tokens and max_decode_rows must be >= 1, got {chunk_tokens} and {max_decode_rows}")
-    mid = mean_isl / 2
-    chunk_s = cost.step_s(0, chunk_tokens, num_prefill_pairs=int(chunk_tokens * mid))
-    context = mean_isl + mean_osl / 2
-    per_row_s = cost.per_decode_row_s + cost.per_decode_pair_s * context
+    chunk_s = cost.step_s(0, chunk_tokens, num_prefill_pairs=int(chunk_tokens * contexts.prefill_offset))
+    per_row_s = cost.per_decode_row_s + cost.per_decode_pair_s * contexts.decode_context
     rows = max_decode_rows
     if per_row_s > 0:
         rows = max(1, min(max_decode_rows, int((itl_slo_s - cost.base_s) / per_row_s)))

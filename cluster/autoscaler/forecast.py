@@ -1,11 +1,13 @@
 """Load history and its forecast: the same time of day on earlier days, times the recent trend.
 
 History is kept in buckets of ``bucket_s`` seconds of local time (so "09:00" is 09:00 on
-both sides of a DST change), each the mean of the observations that fell in it. The
-forecast for a future time is
+both sides of a DST change), each with the mean and the peak (component by component) of
+the observations that fell in it: an observation is one window (say a minute), so the peak
+is the bucket's busiest minute. The forecast for a future time is
 
     seasonal(t) = mean over earlier days d (of t's kind, weekday or weekend, when there are
-                  any, else all) of the bucket at t's time of day on d
+                  any, else all) of the bucket at t's time of day on d (its mean, or with
+                  ``peak`` its peak: what bursts reach at that time of day)
     trend       = observed / seasonal over the last ``trend_window_s``, clipped to
                   [trend_min, trend_max] (1 when either is missing or the seasonal is ~0)
     forecast(t) = seasonal(t) * trend
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from kvtide.cluster.autoscaler.observation import Observation
@@ -42,6 +45,15 @@ class Load:
     def scaled(self, factor: float) -> Load:
         return Load(self.request_rate * factor, self.prefill_tokens_per_s * factor, self.decode_tokens_per_s * factor)
 
+    def max(self, other: Load) -> Load:
+        return Load(max(self.request_rate, other.request_rate),
+                    max(self.prefill_tokens_per_s, other.prefill_tokens_per_s),
+                    max(self.decode_tokens_per_s, other.decode_tokens_per_s))
+
+    def plus(self, other: Load) -> Load:
+        return Load(self.request_rate + other.request_rate, self.prefill_tokens_per_s + other.prefill_tokens_per_s,
+                    self.decode_tokens_per_s + other.decode_tokens_per_s)
+
     @staticmethod
     def mean(loads: list[Load]) -> Load:
         n = len(loads)
@@ -61,7 +73,8 @@ class ForecastConfig:
     timezone: str = "UTC"
     bucket_s: int = 300
     history_days: int = 7
-    trend_window_s: float = 900.0
+    trend_window_s: float = 3600.0
+    """Long against bursts (minutes), so the trend follows the level of the day, not its noise."""
     trend_min: float = 0.5
     trend_max: float = 2.0
 
@@ -81,30 +94,37 @@ class ForecastConfig:
         return local.toordinal(), seconds // self.bucket_s
 
 
+class Bucket(NamedTuple):
+    mean: Load
+    peak: Load
+
+
 @dataclass(frozen=True)
 class History:
-    closed: dict[BucketKey, Load]
+    closed: dict[BucketKey, Bucket]
     """Finished buckets. NOTE: shared between successive Histories; never mutated in place."""
     open_key: BucketKey | None = None
     open_sum: Load = Load()
+    open_peak: Load = Load()
     open_count: int = 0
 
     def observe(self, key: BucketKey, load: Load, history_days: int) -> History:
         if key == self.open_key:
-            s = self.open_sum
-            total = Load(s.request_rate + load.request_rate, s.prefill_tokens_per_s + load.prefill_tokens_per_s,
-                         s.decode_tokens_per_s + load.decode_tokens_per_s)
-            return replace(self, open_sum=total, open_count=self.open_count + 1)
+            return replace(self, open_sum=self.open_sum.plus(load), open_peak=self.open_peak.max(load),
+                           open_count=self.open_count + 1)
         closed = self.closed
         if self.open_key is not None:
             oldest = key[0] - history_days
             closed = {k: v for k, v in closed.items() if k[0] >= oldest}
-            closed[self.open_key] = self.open_sum.scaled(1 / self.open_count)
-        return History(closed, key, load, 1)
+            closed[self.open_key] = self._open_bucket()
+        return History(closed, key, load, load, 1)
 
-    def get(self, key: BucketKey) -> Load | None:
+    def _open_bucket(self) -> Bucket:
+        return Bucket(self.open_sum.scaled(1 / self.open_count), self.open_peak)
+
+    def get(self, key: BucketKey) -> Bucket | None:
         if key == self.open_key:
-            return self.open_sum.scaled(1 / self.open_count)
+            return self._open_bucket()
         return self.closed.get(key)
 
 
@@ -116,11 +136,11 @@ def _weekend(ordinal: int) -> bool:
     return datetime.fromordinal(ordinal).weekday() >= 5
 
 
-def seasonal(history: History, key: BucketKey, config: ForecastConfig) -> Load | None:
-    """Mean load at ``key``'s time of day over the earlier days in the history."""
+def seasonal(history: History, key: BucketKey, config: ForecastConfig, peak: bool = False) -> Load | None:
+    """Mean load (or mean peak) at ``key``'s time of day over the earlier days in the history."""
     day, slot = key
     days = range(day - config.history_days, day)
-    found = [(d, history.closed[(d, slot)]) for d in days if (d, slot) in history.closed]
+    found = [(d, history.closed[(d, slot)][1 if peak else 0]) for d in days if (d, slot) in history.closed]
     same_kind = [load for d, load in found if _weekend(d) == _weekend(day)]
     loads = same_kind or [load for _, load in found]
     return Load.mean(loads) if loads else None
@@ -135,22 +155,21 @@ def trend(history: History, now: datetime, config: ForecastConfig) -> float:
         seen, usual = history.get(key), seasonal(history, key, config)
         if seen is None or usual is None:
             continue
-        observed += seen.request_rate
+        observed += seen.mean.request_rate
         expected += usual.request_rate
     if observed == 0.0 or expected < 1e-9:
         return 1.0
     return min(config.trend_max, max(config.trend_min, observed / expected))
 
 
-def forecast(history: History, now: datetime, horizon_s: float, config: ForecastConfig, latest: Load) -> Load:
-    """The peak forecast load over [now, now + horizon_s], component by component."""
+def forecast(history: History, now: datetime, horizon_s: float, config: ForecastConfig, latest: Load,
+             peak: bool = False) -> Load:
+    """The highest forecast load over [now, now + horizon_s], component by component; with
+    ``peak``, of the buckets' peaks (the busiest window expected) rather than their means."""
     factor = trend(history, now, config)
-    peak = Load()
+    highest = Load()
     steps = max(1, math.ceil(horizon_s / config.bucket_s))
     for i in range(steps + 1):
-        usual = seasonal(history, config.key(now + timedelta(seconds=i * config.bucket_s)), config)
-        load = latest if usual is None else usual.scaled(factor)
-        peak = Load(max(peak.request_rate, load.request_rate),
-                    max(peak.prefill_tokens_per_s, load.prefill_tokens_per_s),
-                    max(peak.decode_tokens_per_s, load.decode_tokens_per_s))
-    return peak
+        usual = seasonal(history, config.key(now + timedelta(seconds=i * config.bucket_s)), config, peak)
+        highest = highest.max(latest if usual is None else usual.scaled(factor))
+    return highest

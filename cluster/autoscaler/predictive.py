@@ -1,8 +1,9 @@
 """The ``predictive`` and ``scale_to_zero`` policies.
 
-``predictive`` forecasts the peak load of the coming window (forecast.py: the same time of
-day on earlier days, times the recent trend) over the cold start plus ``horizon_s``, and
-sizes the fleet by the measured capacity of one replica of the profile:
+``predictive`` forecasts the load of the coming window (forecast.py: the same time of day on
+earlier days, times the recent trend), highest over the cold start plus ``horizon_s``, by
+default of the buckets' busiest minutes (``size_for: peak``), and sizes the fleet by the
+measured capacity of one replica of the profile:
 
     replicas = ceil(capacity.busy_fraction(prefill tok/s, decode tok/s) / target_utilization)
 
@@ -18,7 +19,7 @@ when they are combined.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from kvtide.cluster.autoscaler.forecast import History, Load, empty_history, forecast
@@ -36,13 +37,23 @@ class PredictiveConfig:
     """Busy fraction of a replica to size for; the rest absorbs bursts and keeps queues short."""
     horizon_s: float = 600.0
     """How far past the cold start the forecast looks (its peak over the span sizes the fleet)."""
+    size_for: str = "peak"
+    """peak: the busiest observation window (minute) expected in each history bucket, since a
+    fleet cannot start replicas within a burst; mean: the bucket's mean load."""
+    down_stabilization_s: float = 0.0
+    """Size for the highest count of this long a past too (Kubernetes HPA's scale-down
+    stabilization): one quiet forecast does not drop replicas the next burst needs."""
 
     def __post_init__(self) -> None:
         check_replica_bounds(self.min_replicas, self.max_replicas)
+        if self.size_for not in ("peak", "mean"):
+            raise ValueError(f"size_for: {self.size_for!r} is not one of peak, mean")
         if not 0 < self.target_utilization <= 1:
             raise ValueError(f"target_utilization: {self.target_utilization} must be in (0, 1]")
-        if not (math.isfinite(self.horizon_s) and self.horizon_s >= 0):
-            raise ValueError(f"horizon_s: {self.horizon_s} must be a finite number >= 0")
+        for name in ("horizon_s", "down_stabilization_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: {value} must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -72,12 +83,14 @@ class ForecastState:
     last_active: datetime | None = None
     """The last observation with arrivals or a queue; before any, the first observation
     (idle time counts from what the policy has seen)."""
+    recent: tuple[tuple[datetime, int], ...] = ()
+    """The forecast counts of the last ``down_stabilization_s``."""
 
 
 def observe(state: ForecastState, obs: Observation, config) -> ForecastState:
     history = state.history.observe(config.forecast.key(obs.time), Load.of(obs), config.forecast.history_days)
     active = obs.request_rate > 0 or obs.queue_depth > 0 or state.last_active is None
-    return ForecastState(history, obs.time if active else state.last_active)
+    return replace(state, history=history, last_active=obs.time if active else state.last_active)
 
 
 def zero_allowed(obs: Observation, state: ForecastState, config) -> tuple[bool, str]:
@@ -107,13 +120,23 @@ class Predictor:
             if config.profiles[profile].capacity is None:
                 raise ValueError(f"profiles.{profile}.capacity: missing; the predictive policy sizes replicas by it")
 
+    def size(self, obs: Observation, state: ForecastState, profile: str) -> tuple[int, ForecastState, str]:
+        """``replicas_needed``, the highest over the last ``down_stabilization_s``."""
+        n, why = self.replicas_needed(obs, state, profile)
+        window = self.settings.down_stabilization_s
+        recent = tuple((t, c) for t, c in state.recent if (obs.time - t).total_seconds() < window) + ((obs.time, n),)
+        held = max(c for _, c in recent)
+        if held > n:
+            why += f"; {held} held for {window:g} s"
+        return held, replace(state, recent=recent if window > 0 else ()), why
+
     def replicas_needed(self, obs: Observation, state: ForecastState, profile: str) -> tuple[int, str]:
         capacity = self.config.profiles[profile].capacity
         peak = forecast(state.history, obs.time, obs.cold_start_s + self.settings.horizon_s, self.config.forecast,
-                        Load.of(obs))
+                        Load.of(obs), peak=self.settings.size_for == "peak")
         busy = capacity.busy_fraction(peak.prefill_tokens_per_s, peak.decode_tokens_per_s)
         n = math.ceil(busy / self.settings.target_utilization - 1e-9)
-        return n, (f"forecast peak {peak.request_rate:.2f} req/s, {peak.prefill_tokens_per_s:.0f} prompt + "
+        return n, (f"forecast {self.settings.size_for} {peak.request_rate:.2f} req/s, {peak.prefill_tokens_per_s:.0f} prompt + "
                    f"{peak.decode_tokens_per_s:.0f} output tok/s = {busy:.2f} replicas busy")
 
 
@@ -134,7 +157,7 @@ class PredictivePolicy:
     def decide(self, obs: Observation, state: ForecastState) -> Decision:
         state = observe(state, obs, self.predictor.config)
         s = self.predictor.settings
-        n, why = self.predictor.replicas_needed(obs, state, self.profile)
+        n, state, why = self.predictor.size(obs, state, self.profile)
         count = min(s.max_replicas, max(s.min_replicas, n))
         return Decision(Target({self.profile: count}, f"{why}; {count} in [{s.min_replicas}, {s.max_replicas}]"), state)
 

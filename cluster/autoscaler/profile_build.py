@@ -14,13 +14,14 @@ Rules (each a documented choice, printed by ``ProfileReport.describe``):
   ``max_num_seqs_cap``; beyond that requests would wait for KV blocks anyway.
 - Prefill chunk: the median prompt rounded up to a block, in [256, 2048]; with a cost model
   and an ITL SLO, cut to the largest block multiple whose step (chunk at the mean prompt
-  offset plus a full decode batch) stays within the SLO, since every decode row waits for it.
+  offset, token-weighted, plus a full decode batch) stays within the SLO, since every decode
+  row waits for it.
 - ``max_num_batched_tokens``: one chunk plus a decode row per sequence.
 - Router weights: with a cost model, ``decode_weight`` is a decode row's cost in prefill
   tokens (``per_decode_row_s / per_prefill_token_s``), the unit of ``router.cost``; the other
   weights keep their defaults.
-- Capacity (for ``predictive``): ``cost_model.replica_capacity`` on the distribution's mean
-  lengths, when a cost model and an ITL SLO are given.
+- Capacity (for ``predictive``): ``cost_model.replica_capacity`` at the distribution's
+  token-weighted contexts, when a cost model and an ITL SLO are given.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvtide.cluster.autoscaler.cost_model import EngineCostModel, prefill_pairs, replica_capacity
+from kvtide.cluster.autoscaler.cost_model import (
+    EngineCostModel,
+    MixContexts,
+    mix_contexts,
+    prefill_pairs,
+    replica_capacity,
+)
 from kvtide.cluster.autoscaler.kv_capacity import kv_plan, model_max_len
 from kvtide.cluster.autoscaler.observation import Percentiles, nearest_rank
 from kvtide.cluster.autoscaler.profile import EngineProfile
@@ -120,12 +127,12 @@ class ProfileReport:
 
 
 def _chunk(isl: Percentiles, options: ProfileOptions, cost: EngineCostModel | None, max_num_seqs: int,
-           context: float) -> int:
+           contexts: MixContexts) -> int:
     chunk = min(CHUNK_MAX, max(CHUNK_MIN, _round_up(isl.p50, options.block_size)))
     if cost is None or options.itl_slo_s is None:
         return chunk
-    rows_s = max_num_seqs * (cost.per_decode_row_s + cost.per_decode_pair_s * context)
-    offset = int(isl.mean / 2)
+    rows_s = max_num_seqs * (cost.per_decode_row_s + cost.per_decode_pair_s * contexts.decode_context)
+    offset = int(contexts.prefill_offset)
     while chunk > options.block_size and (
         cost.step_s(0, chunk, num_prefill_pairs=prefill_pairs(offset, chunk)) + rows_s > options.itl_slo_s
     ):
@@ -151,15 +158,15 @@ def build_profile(isl: Sequence[int], osl: Sequence[int], model_config: Mapping[
     )
     kv_tokens = kv_plan(model_config, base, check_fits=False).num_tokens
     max_num_seqs = max(1, min(options.max_num_seqs_cap, kv_tokens // _round_up(total_p.mean, block)))
-    context = isl_p.mean + osl_p.mean / 2
-    chunk = _chunk(isl_p, options, cost, max_num_seqs, context)
+    contexts = mix_contexts(isl, osl)
+    chunk = _chunk(isl_p, options, cost, max_num_seqs, contexts)
     weights = CostWeights()
     if cost is not None:
         weights = CostWeights(decode_weight=float(f"{cost.per_decode_row_s / cost.per_prefill_token_s:.3g}"))
     capacity = None
     if cost is not None and options.itl_slo_s is not None:
-        capacity = replica_capacity(cost, chunk_tokens=chunk, max_decode_rows=max_num_seqs, mean_isl=isl_p.mean,
-                                    mean_osl=osl_p.mean, itl_slo_s=options.itl_slo_s)
+        capacity = replica_capacity(cost, chunk_tokens=chunk, max_decode_rows=max_num_seqs, contexts=contexts,
+                                    itl_slo_s=options.itl_slo_s)
     profile = dataclasses.replace(base, max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk + max_num_seqs,
                                   max_prefill_chunk=chunk, router_weights=weights, capacity=capacity)
     kv_tokens = kv_plan(model_config, profile).num_tokens  # raises if max_model_len does not fit

@@ -30,6 +30,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     source.add_argument("--model", default="smollm2-135m", help="model name, HF directory or .gguf file")
     source.add_argument("--hf-config", help="the model's Hugging Face config.json instead of --model")
     p.add_argument("--quantile", type=float, default=0.99, help="of ISL+OSL, for max_model_len (default 0.99)")
+    p.add_argument("--window", metavar="HH:MM-HH:MM", help="only requests arriving in this time of day (traces "
+                   "timed from local midnight, such as bench/day_trace.py's): a season's mix")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every length by this first (the fleet "
                    "simulator replays the Azure traces at 0.25)")
     p.add_argument("--dtype", default="float32", help="the model's dtype: float32 | float16 | bfloat16")
@@ -60,6 +62,21 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
     return read_hf_config(resolve_model(args.model))
 
 
+def _window(text: str) -> tuple[float, float]:
+    from kvtide.cluster.autoscaler.scheduled import Season
+
+    start, sep, end = text.partition("-")
+    if not sep:
+        raise ValueError(f"--window: {text!r} is not HH:MM-HH:MM")
+    try:
+        season = Season("window", "any", start=start, end=end)
+    except ValueError as exc:
+        raise ValueError(f"--window {exc}") from None
+    if season.end_minute <= season.start_minute:
+        raise ValueError(f"--window: {text!r} must end after it starts (within one day)")
+    return 60.0 * season.start_minute, 60.0 * season.end_minute
+
+
 def _scaled(lengths: list[int], factor: float) -> list[int]:
     return [max(1, math.ceil(n * factor)) for n in lengths]
 
@@ -70,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.scale) and args.scale > 0):
         raise ValueError(f"--scale: {args.scale} must be a finite number > 0")
+    window = _window(args.window) if args.window else None
     isl: list[int] = []
     osl: list[int] = []
     for path in args.traces:
-        i, o = read_lengths(path)
+        i, o = read_lengths(path, window)
         isl += i
         osl += o
     if args.scale != 1.0:
@@ -89,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         pp=args.pp, block_size=args.block_size, max_num_seqs_cap=args.max_num_seqs, itl_slo_s=args.itl_slo_s,
     )
     report = build_profile(isl, osl, _model_config(args), options, cost)
-    print(f"traces: {', '.join(args.traces)}" + (f" (lengths x{args.scale:g})" if args.scale != 1.0 else ""))
+    print(f"traces: {', '.join(args.traces)}" + (f" (lengths x{args.scale:g})" if args.scale != 1.0 else "")
+          + (f", requests arriving {args.window}" if args.window else ""))
     print(report.describe())
     if args.yaml:
         import yaml

@@ -107,14 +107,21 @@ def _rows(path: str | Path) -> Iterator[tuple[float | None, int, int, str]]:
     raise ValueError(f"{path}: unknown trace format; expected .jsonl or .csv (optionally .gz)")
 
 
-def read_lengths(path: str | Path) -> tuple[list[int], list[int]]:
-    """(ISL list, OSL list) of every request in the trace."""
+def read_lengths(path: str | Path, window_s: tuple[float, float] | None = None) -> tuple[list[int], list[int]]:
+    """(ISL list, OSL list) of the trace's requests; with ``window_s`` = (start, end), only
+    those whose arrival time modulo a day is in [start, end) (for a day trace whose times
+    count from local midnight, such as bench/day_trace.py's)."""
     isl, osl = [], []
-    for _, i, o, _ in _rows(path):
+    for t, i, o, _ in _rows(path):
+        if window_s is not None:
+            if t is None:
+                raise ValueError(f"{path}: a time window needs arrival times, and a request has none")
+            if not window_s[0] <= t % 86400 < window_s[1]:
+                continue
         isl.append(i)
         osl.append(o)
     if not isl:
-        raise ValueError(f"{path}: no requests")
+        raise ValueError(f"{path}: no requests" + (" in the window" if window_s else ""))
     return isl, osl
 
 

@@ -236,6 +236,28 @@ def test_predictive_without_history_sizes_for_what_it_sees():
     assert policy.decide(obs(rate=4.0), policy.initial_state()).target.total == 4
 
 
+def test_predictive_sizes_for_the_busiest_minute_or_the_mean():
+    """Within each 5-minute bucket of the earlier days the rate alternates 1 and 3 req/s:
+    the mean is 2 (1.6 -> 2 replicas at 0.25), the peak 3 (2.4 -> 3)."""
+    start = datetime(2024, 3, 4, tzinfo=UTC)
+    noisy = [obs(start + timedelta(seconds=s), rate=1.0 if (s // 30) % 2 else 3.0) for s in range(0, 3 * 86400, 30)]
+    day4 = datetime(2024, 3, 7, 10, tzinfo=UTC)
+    for size_for, expected in (("peak", 3), ("mean", 2)):
+        policy = _predictive(size_for=size_for)
+        _, state = decide_all(policy, noisy)
+        assert policy.decide(obs(day4, rate=2.0), state).target.total == expected
+
+
+def test_predictive_holds_the_highest_recent_count_for_its_stabilization_window():
+    policy = _predictive(down_stabilization_s=600.0)
+    busy = policy.decide(obs(T0, rate=4.0), policy.initial_state())
+    assert busy.target.total == 4
+    quiet = policy.decide(obs(T0 + timedelta(seconds=300), rate=1.0), busy.state).target
+    assert quiet.total == 4 and "4 held for 600 s" in quiet.reason
+    later = policy.decide(obs(T0 + timedelta(seconds=601), rate=1.0), busy.state).target
+    assert later.total == 1
+
+
 def _to_zero(**extra):
     c = config(policy="scale_to_zero", scale_to_zero={"profile": "small", "idle_s": 600.0, "margin_s": 60.0, **extra})
     return make_policy("scale_to_zero", c)

@@ -94,6 +94,31 @@ def test_profile_command_prints_the_profile_from_a_bench_records_file(tmp_path, 
     assert "profiles:\n  chat:\n    max_model_len: 64\n" in out
 
 
+def test_profile_command_takes_a_seasons_window_of_a_day_trace(tmp_path, capsys):
+    import argparse
+
+    from kvtide.cluster.autoscaler import profile_cmd
+
+    day = tmp_path / "day.csv"
+    # Mornings short, evenings long; times in seconds from local midnight.
+    day.write_text("arrival_s,isl,osl,service\n" + "".join(f"{9 * 3600 + i},40,8,a\n" for i in range(50))
+                   + "".join(f"{20 * 3600 + i},200,40,b\n" for i in range(50)))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MODEL))
+    parser = argparse.ArgumentParser(prog="kvtide")
+    profile_cmd.add_parser(parser.add_subparsers(dest="command"))
+    for window, length in (("08:00-12:00", 48), ("19:00-21:00", 240)):
+        args = parser.parse_args(["profile", str(day), "--hf-config", str(config), "--kv-cache-gib", str(MIB),
+                                  "--window", window])
+        assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert f"requests arriving {window}" in out and "50 requests:" in out
+        assert f"max_model_len {length} " in out
+    with pytest.raises(ValueError, match="--window: '12:00-08:00' must end after it starts"):
+        args.window = "12:00-08:00"
+        args.func(args)
+
+
 def test_traces_read_each_format(tmp_path):
     azure = tmp_path / "a.csv"
     azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,4808,10\n"
@@ -112,3 +137,17 @@ def test_traces_read_each_format(tmp_path):
     untimed.write_text('{"isl": 5, "osl": 2}\n{"isl": 6, "osl": 2}\n')
     with pytest.raises(ValueError, match="2 of 2 requests have no arrival time"):
         read_arrivals(untimed)
+
+
+def test_replica_capacity_weighs_contexts_by_token():
+    from kvtide.cluster.autoscaler.cost_model import mix_contexts, replica_capacity
+
+    contexts = mix_contexts([100, 300], [10, 30])
+    assert contexts.prefill_offset == 125.0  # (100^2 + 300^2) / (2 * 400): the long prompt holds 3/4 of the tokens
+    assert contexts.decode_context == 262.5  # (10 * 105 + 30 * 315) / 40
+    cost = EngineCostModel(base_s=0.05, per_decode_row_s=0.01, per_prefill_token_s=0.001, per_prefill_pair_s=1e-6,
+                           per_decode_pair_s=1e-5)
+    cap = replica_capacity(cost, chunk_tokens=100, max_decode_rows=64, contexts=contexts, itl_slo_s=0.5)
+    assert cap.prefill_tokens_per_s == pytest.approx(100 / (0.05 + 0.1 + 100 * 125 * 1e-6))
+    # A row costs 0.01 + 262.5e-5 s; (0.5 - 0.05) / 0.012625 = 35.6: 35 rows per step.
+    assert cap.decode_tokens_per_s == pytest.approx(35 / (0.05 + 35 * 0.012625))

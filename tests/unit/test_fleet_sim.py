@@ -60,8 +60,8 @@ def _run(bench, arrivals, config=None):
 def test_a_tiny_trace_gives_the_hand_checked_times(bench):
     result = _run(bench, [(0.0, 100, 1), (20.0, 50, 3), (30.0, 200, 1), (30.0, 200, 1)])
     r0, r1, r2, r3 = result.requests
-    # r0 waits for the replica's cold start (asked for at t=0, ready at 10), then one 1.1 s step.
-    assert (r0.admitted_s, r0.first_token_s, r0.finished_s) == pytest.approx((10.0, 11.1, 11.1))
+    # The day starts warm: the replica is up at t=0 and r0 takes one 1.1 s step.
+    assert (r0.admitted_s, r0.first_token_s, r0.finished_s) == pytest.approx((0.0, 1.1, 1.1))
     # r1: a 0.6 s prefill step, then two decode steps of 0.1 s.
     assert (r1.first_token_s, r1.finished_s) == pytest.approx((20.6, 20.8))
     # r2 and r3 arrive together: 100-token chunks, one per step (the budget), FCFS.
@@ -71,17 +71,36 @@ def test_a_tiny_trace_gives_the_hand_checked_times(bench):
     assert (result.refused, result.timed_out, result.unfinished) == (0, 0, 0)
 
 
+def test_a_request_waits_for_a_cold_start_at_the_gateway(bench):
+    sim = bench["fleet_core"]
+    settings = sim.SimSettings(start=datetime(2024, 3, 5, tzinfo=UTC), cost=COST, kv_tokens={"p": 4096})
+    config = _config(static={"profile": "p", "replicas": 0})
+    fleet = sim.FleetSim(config, make_policy("static", config), settings)
+    fleet.control(0.0)
+    assert not fleet.replicas
+    fleet.policy = make_policy("static", _config())
+    fleet.control(100.0)  # asks for one replica: ready at 110 (cold start 10 s)
+    request = sim.Request(0, 100.5, 100, 1)
+    fleet.arrive(request, 100.0)
+    for now in range(100, 115):
+        fleet.sync(float(now), now + 1.0)
+        if now < 110:
+            assert list(fleet.pending) == [request]
+    assert (request.admitted_s, request.first_token_s) == pytest.approx((110.0, 111.1))
+    assert fleet.replicas["r0000"].started_s == 100.0  # paid from the moment it was asked for
+
+
 def test_the_report_counts_windows_and_drops(bench):
     # A 2000-token request fits no profile (max_model_len 1024): refused, and its window misses.
     result = _run(bench, [(0.0, 100, 1), (400.0, 50, 3), (700.0, 2000, 10)])
     assert result.refused == 1
     stats = [w for w in bench["fleet_report"].window_stats(result, 300.0) if w.num_requests]
     assert [(w.start_s, w.num_requests) for w in stats] == [(0.0, 1), (300.0, 1), (600.0, 1)]
-    assert stats[0].ttft_p90_s == pytest.approx(11.1) and math.isinf(stats[2].ttft_p90_s)
+    assert stats[0].ttft_p90_s == pytest.approx(1.1) and math.isinf(stats[2].ttft_p90_s)
     # A season boundary at 4000 s: the window at 600 s is within the hour before it, the one at 0 is not.
     s = bench["fleet_report"].summarize(result, _config(), 300.0, 2.0, [4000.0])
-    assert s.ttft_attainment == pytest.approx(1 / 3)  # 11.1 s > SLO 5 s; 0.6 s ok; refused
-    assert (s.dropped, s.ttft_misses, s.season_misses) == (1, 2, 1)
+    assert s.ttft_attainment == pytest.approx(2 / 3)  # 1.1 s and 0.6 s are within the SLO (5 s); refused
+    assert (s.dropped, s.ttft_misses, s.season_misses) == (1, 1, 1)
     assert s.usd == pytest.approx(48.0)
 
 
@@ -168,3 +187,11 @@ def test_the_shipped_day_trace_is_what_the_builder_writes(bench, day0, tmp_path)
     out = tmp_path / "day.csv.gz"
     bench["day_trace"].write_day(day0, out)
     assert gzip.decompress(out.read_bytes()) == gzip.decompress((BENCH / "data" / "day_trace.csv.gz").read_bytes())
+
+
+def test_the_plot_is_a_png(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = _run(bench, [(0.0, 100, 1), (20.0, 50, 3)])
+    out = tmp_path / "day.png"
+    bench["fleet_report"].plot([result, result], str(out), _config(), 300.0)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
