@@ -35,8 +35,17 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor
     """Shape (num_prefills, max_blocks), int64."""
     prefill_query_start_loc: list[int]
-    """num_prefills + 1 offsets into the prefill part of the batch."""
+    """num_prefills + 1 offsets into the prefill part of the batch (host)."""
     prefill_seq_lens: list[int]
+    """Host copy of each prefill's context length after this chunk."""
+    prefill_query_start_loc_t: torch.Tensor | None = None
+    """``prefill_query_start_loc`` on the batch's device, int64: what kernels read."""
+    prefill_seq_lens_t: torch.Tensor | None = None
+    """``prefill_seq_lens`` on the batch's device, int64."""
+    max_decode_seq_len: int = 0
+    """Host-side bounds, prepared with the batch, so no kernel launcher reads device memory."""
+    max_prefill_query_len: int = 0
+    max_prefill_seq_len: int = 0
 
 
 class TorchAttentionBackend:

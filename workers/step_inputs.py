@@ -174,6 +174,11 @@ def pack_batch(
         prefill_block_tables=_pad_tables(prefill_tables, device),
         prefill_query_start_loc=query_start,
         prefill_seq_lens=prefill_lens,
+        prefill_query_start_loc_t=ints(query_start),
+        prefill_seq_lens_t=ints(prefill_lens),
+        max_decode_seq_len=max(decode_lens, default=0),
+        max_prefill_query_len=max((b - a for a, b in zip(query_start, query_start[1:])), default=0),
+        max_prefill_seq_len=max(prefill_lens, default=0),
     )
     return StepInputs(ints(input_ids), ints(positions), meta, ints(logits_indices), block_copies)
 
