@@ -160,7 +160,13 @@ def _write_config(config: RunConfig, workload: str, max_len: int | None) -> None
 def _machine() -> str:
     """The client machine, for the report: on a shared box its load moves every latency."""
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return f"{platform.node()}, {os.cpu_count()} CPUs, load average {load} (1, 5, 15 min) at the start"
+    line = f"{platform.node()}, {os.cpu_count()} CPUs, load average {load} (1, 5, 15 min) at the start"
+    try:  # Linux pressure stall information: the share of time some runnable task waited for a CPU
+        some = Path("/proc/pressure/cpu").read_text().split("\n")[0].split()
+        line += f", CPU pressure {dict(kv.split('=') for kv in some[1:])['avg60']}% (PSI some, 60 s)"
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    return line
 
 
 def run(config: RunConfig, make_workload: WorkloadFactory, count_prompt) -> list[PointSummary]:
