@@ -27,13 +27,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from fleet_replica import Request, SimReplica
-
 from kvtide.cluster.autoscaler.actions import ReplicaView, counts, plan_actions
 from kvtide.cluster.autoscaler.config import AutoscaleConfig
 from kvtide.cluster.autoscaler.cost_model import EngineCostModel
 from kvtide.cluster.autoscaler.observation import Target
 from kvtide.cluster.autoscaler.window import MetricsWindow
+
+from fleet_replica import Request, SimReplica
 
 DAY_S = 86400.0
 

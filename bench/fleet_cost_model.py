@@ -44,8 +44,7 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 def measure(chunk: int = 256, reps: int = 2) -> EngineCostModel:
     configure_threads(1)
-    from kvtide.workers.engine import Engine
-    from kvtide.workers.sampling_params import SamplingParams
+    from kvtide.workers import Engine, SamplingParams
 
     engine = Engine.load("smollm2-135m", num_blocks=1100, max_num_batched_tokens=chunk, enable_prefix_caching=False)
     seq = iter(range(10**9))

@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fleet_core import DAY_S, SimResult
-
 from kvtide.cluster.autoscaler.config import AutoscaleConfig
 from kvtide.cluster.autoscaler.observation import nearest_rank
 from kvtide.cluster.autoscaler.window import weighted_percentiles
+
+from fleet_core import DAY_S, SimResult
 
 
 @dataclass(frozen=True)

@@ -37,18 +37,22 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import day_trace
-from fleet_core import DAY_S, FleetSim, SimSettings
-from fleet_report import plot, season_boundaries, summarize, table
-
 from kvtide.cluster.autoscaler.config import AutoscaleConfig, parse_config
-from kvtide.cluster.autoscaler.cost_model import EngineCostModel, mix_contexts, replica_capacity
+from kvtide.cluster.autoscaler.cost_model import (
+    EngineCostModel,
+    mix_contexts,
+    replica_capacity,
+)
 from kvtide.cluster.autoscaler.kv_capacity import kv_tokens_capacity
 from kvtide.cluster.autoscaler.observation import Observation, Percentiles
 from kvtide.cluster.autoscaler.reactive import ReactiveConfig
 from kvtide.cluster.autoscaler.registry import make_policy
 from kvtide.cluster.autoscaler.static import StaticConfig
 from kvtide.cluster.autoscaler.traces import read_arrivals
+
+import day_trace
+from fleet_core import DAY_S, FleetSim, SimSettings
+from fleet_report import plot, season_boundaries, summarize, table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -142,8 +146,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from kvtide.workers.model_files import resolve_model
-    from kvtide.workers.model_loader import read_hf_config
+    from kvtide.workers import read_hf_config, resolve_model
 
     config = load_with_overrides(args.config, args.set)
     cost = EngineCostModel.from_dict(json.loads(args.cost_model.read_text()))

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 
 from kvtide.cluster.autoscaler.forecast import empty_history
 from kvtide.cluster.autoscaler.observation import Decision, Observation, Target
-from kvtide.cluster.autoscaler.predictive import ForecastState, Predictor, ScaleToZeroConfig, observe, zero_allowed
+from kvtide.cluster.autoscaler.predictive import (
+    ForecastState,
+    Predictor,
+    ScaleToZeroConfig,
+    observe,
+    zero_allowed,
+)
 from kvtide.cluster.autoscaler.reactive import (
     ReactiveConfig,
     ReactiveState,

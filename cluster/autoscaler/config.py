@@ -35,6 +35,7 @@ from kvtide.cluster.autoscaler.scheduled import ScheduledConfig, Season
 from kvtide.cluster.autoscaler.schema import build, check_keys, where
 from kvtide.cluster.autoscaler.static import StaticConfig
 
+
 @dataclass(frozen=True)
 class AutoscaleConfig:
     policy: str

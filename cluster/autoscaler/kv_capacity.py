@@ -13,10 +13,17 @@ from typing import Any
 import torch
 
 from kvtide.cluster.autoscaler.profile import EngineProfile
-from kvtide.workers.sizing import CpuBudget, GpuMemory, KvPlan, ModelShape, ParallelLayout, plan_kv_cache
+from kvtide.workers import (
+    KV_CACHE_DTYPES,
+    CpuBudget,
+    GpuMemory,
+    KvPlan,
+    ModelShape,
+    ParallelLayout,
+    plan_kv_cache,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
 def kv_plan(model_config: Mapping[str, Any], profile: EngineProfile, *, check_fits: bool = True) -> KvPlan:
@@ -33,7 +40,7 @@ def kv_plan(model_config: Mapping[str, Any], profile: EngineProfile, *, check_fi
         memory=memory,
         layout=ParallelLayout(profile.tp, profile.pp),
         quantization=profile.quantization,
-        kv_cache_dtype=_KV_DTYPES.get(profile.kv_cache_dtype),
+        kv_cache_dtype=KV_CACHE_DTYPES.get(profile.kv_cache_dtype),
         max_model_len=profile.max_model_len if check_fits else None,
         max_num_batched_tokens=profile.max_num_batched_tokens,
         max_num_seqs=profile.max_num_seqs,

@@ -23,7 +23,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from kvtide.cluster.autoscaler.forecast import History, Load, empty_history, forecast
-from kvtide.cluster.autoscaler.observation import Decision, Observation, Target, check_replica_bounds
+from kvtide.cluster.autoscaler.observation import (
+    Decision,
+    Observation,
+    Target,
+    check_replica_bounds,
+)
 from kvtide.cluster.autoscaler.registry import register_policy
 
 

@@ -108,12 +108,12 @@ class ProfileReport:
             row("ISL", self.isl), row("OSL", self.osl), row("ISL+OSL", self.total),
             p.describe(),
             f"KV cache per replica: {self.kv_tokens} tokens (kvtide.workers.sizing.plan_kv_cache)",
-            f"max_model_len {p.max_model_len} = p{self.quantile * 100:g} of ISL+OSL rounded up to a block of "
-            f"{p.block_size}; {self.num_over} requests ({self.num_over / self.num_requests:.2%}) are longer and would "
-            "be refused",
-            f"concurrency at max_model_len: {self.concurrency} sequences of {p.max_model_len} tokens; the model-maximum "
-            f"profile ({m.max_model_len} tokens, KV {self.model_max_kv_tokens} tokens): {self.model_max_concurrency}; "
-            f"gain {gain} concurrent requests",
+            (f"max_model_len {p.max_model_len} = p{self.quantile * 100:g} of ISL+OSL rounded up to a block of "
+             f"{p.block_size}; {self.num_over} requests ({self.num_over / self.num_requests:.2%}) are longer and "
+             "would be refused"),
+            (f"concurrency at max_model_len: {self.concurrency} sequences of {p.max_model_len} tokens; the "
+             f"model-maximum profile ({m.max_model_len} tokens, KV {self.model_max_kv_tokens} tokens): "
+             f"{self.model_max_concurrency}; gain {gain} concurrent requests"),
         ])
 
     def as_yaml_mapping(self) -> dict[str, Any]:

@@ -56,8 +56,7 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.hf_config:
         with open(args.hf_config) as f:
             return json.load(f)
-    from kvtide.workers.model_files import resolve_model
-    from kvtide.workers.model_loader import read_hf_config
+    from kvtide.workers import read_hf_config, resolve_model
 
     return read_hf_config(resolve_model(args.model))
 

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from kvtide.cluster.autoscaler.observation import Decision, Observation, Target, check_replica_bounds
+from kvtide.cluster.autoscaler.observation import (
+    Decision,
+    Observation,
+    Target,
+    check_replica_bounds,
+)
 from kvtide.cluster.autoscaler.registry import register_policy
 
 

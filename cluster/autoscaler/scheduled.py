@@ -20,7 +20,12 @@ from datetime import datetime
 from types import MappingProxyType
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from kvtide.cluster.autoscaler.observation import Decision, Observation, Target, check_replica_bounds
+from kvtide.cluster.autoscaler.observation import (
+    Decision,
+    Observation,
+    Target,
+    check_replica_bounds,
+)
 from kvtide.cluster.autoscaler.registry import register_policy
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

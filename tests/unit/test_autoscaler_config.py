@@ -62,11 +62,11 @@ def test_a_valid_config_resolves_into_frozen_dataclasses():
 
 @pytest.mark.parametrize(("path", "value", "message"), [
     ("scheduled.seasons.1.max_replicas", 0, "scheduled.seasons[1].max_replicas: 0 is below min_replicas 1"),
-    ("scheduled.seasons.0.maxreplicas", 3, "scheduled.seasons[0].maxreplicas: unknown key; known keys here: name, "
-                                           "profile, min_replicas, max_replicas, replicas, days, start, end"),
+    ("scheduled.seasons.0.maxreplicas", 3, ("scheduled.seasons[0].maxreplicas: unknown key; known keys here: name, "
+                                            "profile, min_replicas, max_replicas, replicas, days, start, end")),
     ("scheduled.seasons.0.profile", "nope", "scheduled.seasons[0].profile: 'nope' is not in profiles (small, long)"),
-    ("scheduled.seasons.0.extra_replicas", {"huge": 1}, "scheduled.seasons[0].extra_replicas.huge: 'huge' is not in "
-                                                        "profiles"),
+    ("scheduled.seasons.0.extra_replicas", {"huge": 1},
+     "scheduled.seasons[0].extra_replicas.huge: 'huge' is not in profiles"),
     ("scheduled.seasons.0.days", ["monday"], "scheduled.seasons[0].days: 'monday' is not one of mon, tue"),
     ("scheduled.seasons.0.end", "25:00", "scheduled.seasons[0].end: '25:00' is not a time of day between 00:00 and 24:00"),
     ("scheduled.seasons.0.end", "08:00", "scheduled.seasons[0].end: '08:00' equals start '08:00'"),
@@ -75,13 +75,13 @@ def test_a_valid_config_resolves_into_frozen_dataclasses():
     ("profiles.small.max_num_seqs", "many", "profiles.small.max_num_seqs: expected an integer, got 'many'"),
     ("profiles.small.max_num_batched_tokens", 4, "profiles.small.max_num_batched_tokens: 4 is below max_num_seqs 8"),
     ("profiles.small.kv_cache_dtype", "fp4", "profiles.small.kv_cache_dtype: 'fp4' is not one of auto, fp8, int8"),
-    ("profiles.small.router_weights", {"decode_weight": -1.0}, "profiles.small.router_weights.decode_weight must be "
-                                                               "a finite number >= 0, got -1.0"),
+    ("profiles.small.router_weights", {"decode_weight": -1.0},
+     "profiles.small.router_weights.decode_weight must be a finite number >= 0, got -1.0"),
     ("profiles.small.capacity", {"prefill_tokens_per_s": 0, "decode_tokens_per_s": 1},
      "profiles.small.capacity.prefill_tokens_per_s: 0.0 must be a finite number > 0"),
     ("slo.ttft_p90_s", -1, "slo.ttft_p90_s: -1.0 must be a finite number > 0"),
-    ("policy", "scheduled + magic", "policy: unknown autoscaling policy 'magic' in 'scheduled + magic'; known "
-                                    "policies: predictive, reactive, scale_to_zero, scheduled, static"),
+    ("policy", "scheduled + magic", ("policy: unknown autoscaling policy 'magic' in 'scheduled + magic'; known "
+                                     "policies: predictive, reactive, scale_to_zero, scheduled, static")),
     ("window_s", 10, "window_s: 10.0 is below control_interval_s 30.0"),
     ("reactive", {"queue_up": 1.0, "queue_down": 2.0}, "reactive.queue_down: 2.0 must be >= 0 and below queue_up 1.0"),
     ("predictive", {"target_utilization": 1.5}, "predictive.target_utilization: 1.5 must be in (0, 1]"),

@@ -113,7 +113,7 @@ def test_a_scale_down_drains_without_losing_requests(bench):
     fleet = sim.FleetSim(config, make_policy("static", config), settings)
     fleet.control(0.0)
     request = sim.Request(0, 39.5, 500, 50)
-    for now in range(0, 40):
+    for now in range(40):
         if now == 39:
             fleet.arrive(request, float(now))
         fleet.sync(float(now), now + 1.0)
