@@ -2,9 +2,10 @@
 
 Formats, told apart by suffix (``.gz`` is read through gzip) and columns:
 
-- JSONL, one request a line: ``isl`` and ``osl`` (a ``kvtide bench`` records file; an
-  ``arrival_s`` key, when there, times it), or Mooncake's ``input_length``,
-  ``output_length`` and ``timestamp`` (ms);
+- JSONL, one request a line: ``isl`` and ``osl`` (a ``kvtide bench`` records file, whose
+  warmup and failed requests, ``"warmup": true`` or an ``error_code``, are left out as the
+  bench's summary leaves them out; an ``arrival_s`` key, when there, times a request), or
+  Mooncake's ``input_length``, ``output_length`` and ``timestamp`` (ms);
 - CSV with a header: Azure's ``TIMESTAMP,ContextTokens,GeneratedTokens``, or
   ``arrival_s,isl,osl[,service]`` (bench/day_trace.py's day).
 
@@ -60,6 +61,8 @@ def _jsonl(path: Path) -> Iterator[tuple[float | None, int, int, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+            if row.get("warmup") is True or row.get("error_code") is not None:
+                continue  # as the bench's own summary: warmups and failed requests do not count
             if "isl" in row or "osl" in row:
                 t = row.get("arrival_s")
                 yield (None if t is None else float(t), _length(row.get("isl"), where, "isl"),

@@ -129,6 +129,11 @@ def test_traces_read_each_format(tmp_path):
     mooncake.write_text('{"timestamp": 500, "input_length": 9, "output_length": 3, "hash_ids": [1]}\n'
                         '{"timestamp": 0, "input_length": 5, "output_length": 2, "hash_ids": [2]}\n')
     assert [(a.arrival_s, a.isl, a.osl) for a in read_arrivals(mooncake)] == [(0.0, 5, 2), (0.5, 9, 3)]
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"isl": 5, "osl": 2, "warmup": true, "error_code": null}\n'
+                       '{"isl": 6, "osl": 3, "warmup": false, "error_code": null}\n'
+                       '{"isl": 7, "osl": 0, "warmup": false, "error_code": "UNAVAILABLE"}\n')
+    assert read_lengths(records) == ([6], [3])  # warmups and failures left out, as the bench's summary does
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"isl": 5, "osl": 2}\n{"isl": 0, "osl": 2}\n')
     with pytest.raises(ValueError, match=r"b.jsonl:2: isl must be a positive integer, got 0"):
