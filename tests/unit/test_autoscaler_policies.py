@@ -240,7 +240,7 @@ def test_predictive_sizes_for_the_busiest_minute_or_the_mean():
     """Within each 5-minute bucket of the earlier days the rate alternates 1 and 3 req/s:
     the mean is 2 (1.6 -> 2 replicas at 0.25), the peak 3 (2.4 -> 3)."""
     start = datetime(2024, 3, 4, tzinfo=UTC)
-    noisy = [obs(start + timedelta(seconds=s), rate=1.0 if (s // 30) % 2 else 3.0) for s in range(0, 3 * 86400, 30)]
+    noisy = [obs(start + timedelta(seconds=s), rate=1.0 if (s // 150) % 2 else 3.0) for s in range(0, 3 * 86400, 150)]
     day4 = datetime(2024, 3, 7, 10, tzinfo=UTC)
     for size_for, expected in (("peak", 3), ("mean", 2)):
         policy = _predictive(size_for=size_for)
