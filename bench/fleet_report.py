@@ -126,6 +126,19 @@ def table(summaries: list[Summary], window_s: float, usd_per_hour: float) -> str
     return "\n".join(lines)
 
 
+def write_windows(results: list[SimResult], path: str, window_s: float) -> None:
+    """One CSV row per policy and window: its requests and its TTFT and ITL p90."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["policy", "window_start_s", "num_requests", "ttft_p90_s", "itl_p90_s"])
+        for result in results:
+            for w in window_stats(result, window_s):
+                out.writerow([result.policy, f"{w.start_s:g}", w.num_requests, f"{w.ttft_p90_s:.3f}",
+                              "" if w.itl_p90_s is None else f"{w.itl_p90_s:.4f}"])
+
+
 def plot(results: list[SimResult], path: str, config: AutoscaleConfig, window_s: float) -> None:
     import matplotlib
 

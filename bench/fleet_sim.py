@@ -52,7 +52,7 @@ from kvtide.cluster.autoscaler.traces import read_arrivals
 
 import day_trace
 from fleet_core import DAY_S, FleetSim, SimSettings
-from fleet_report import plot, season_boundaries, summarize, table
+from fleet_report import plot, season_boundaries, summarize, table, write_windows
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -140,6 +140,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--history-days", type=int, default=3)
     p.add_argument("--window-s", type=float, default=300.0, help="SLO windows")
     p.add_argument("--usd-per-hour", type=float, default=1.0, help="price of a GPU-hour (a device-hour)")
+    p.add_argument("--windows-csv", default="", help="also write every policy's per-window TTFT/ITL p90 here")
     p.add_argument("--plot", default=str(HERE / "data" / "fleet_sim_day.png"), help="PNG to write ('' for none)")
     return p.parse_args()
 
@@ -184,6 +185,9 @@ def main() -> None:
               f"{summaries[-1].ttft_attainment:.2%}", flush=True)
     print()
     print(table(summaries, args.window_s, args.usd_per_hour))
+    if args.windows_csv:
+        write_windows(results, args.windows_csv, args.window_s)
+        print(f"windows: {args.windows_csv}")
     if args.plot:
         plot(results, args.plot, config, args.window_s)
         print(f"plot: {args.plot}")

@@ -189,9 +189,14 @@ def test_the_shipped_day_trace_is_what_the_builder_writes(bench, day0, tmp_path)
     assert gzip.decompress(out.read_bytes()) == gzip.decompress((BENCH / "data" / "day_trace.csv.gz").read_bytes())
 
 
-def test_the_plot_is_a_png(bench, tmp_path):
+def test_the_plot_is_a_png_and_the_windows_a_csv(bench, tmp_path):
     pytest.importorskip("matplotlib")
     result = _run(bench, [(0.0, 100, 1), (20.0, 50, 3)])
+    windows = tmp_path / "windows.csv"
+    bench["fleet_report"].write_windows([result], str(windows), 300.0)
+    lines = windows.read_text().splitlines()
+    assert lines[:2] == ["policy,window_start_s,num_requests,ttft_p90_s,itl_p90_s", "t,0,2,1.100,0.1000"]
+    assert len(lines) == 1 + 288
     out = tmp_path / "day.png"
     bench["fleet_report"].plot([result, result], str(out), _config(), 300.0)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
