@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import random
 import statistics
 import time
@@ -293,8 +294,38 @@ def main(args: argparse.Namespace) -> None:
     step_ms = statistics.median(kv_steps_ms)
     print(f"  batch-1 decode floor: {weight_bytes / 1e6:.0f} MB weights / {read_gbs:.1f} GB/s = {floor_ms:.1f} ms; "
           f"kvtide step {step_ms:.1f} ms = {step_ms / floor_ms:.2f}x the floor")
+    print("\n(d) what crosses from the sampling shard to the replica per decode step (Ray, when the shards are actors)")
+    for batch in (1, 16, 64):
+        delta_bytes, before, after = decode_step_bytes(engine, batch)
+        print(f"  batch {batch:>2}: logits {before / 1024:.1f} KiB before (batch x vocab x 4 bytes, sampled on the replica) "
+              f"-> {after} bytes now (token ids, sampled on the shard); the step's delta going in: {delta_bytes} bytes")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} cores; other processes skew timings)")
     print(f"ratio_vs_transformers: {ratio:.2f}")
+
+
+def decode_step_bytes(engine: Engine, batch: int) -> tuple[int, int, int]:
+    """(pickled StepDelta in, logits-sized bytes the old design sent back, pickled StepOutput
+    now sent back) for one decode step of ``batch`` greedy sequences."""
+    seen: list[tuple[int, int]] = []
+    executor = engine.runner.executor
+    submit = executor.submit
+
+    def spy(delta):
+        handle = submit(delta)
+        if delta.chunks and all(len(c.token_ids) == 1 for c in delta.chunks):
+            seen.append((len(pickle.dumps(delta)), len(pickle.dumps(handle.result()))))
+        return handle
+
+    executor.submit = spy
+    try:
+        for i in range(batch):
+            engine.add_request(f"bytes-{batch}-{i}", [100 + i] * 8, greedy(4))
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        executor.submit = submit
+    delta_bytes, after = seen[-1]
+    return delta_bytes, batch * engine.config.vocab_size * 4, after
 
 
 if __name__ == "__main__":

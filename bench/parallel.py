@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import random
 import socket
@@ -132,7 +133,7 @@ def make_steps(model_dir, backend: str, num_blocks: int) -> tuple[list, list[tor
         plan = scheduler.schedule()
         inputs = prepare_inputs(plan, BLOCK_SIZE, torch.device("cpu"))
         logits = runner.forward(inputs)
-        steps.append(Step(inputs, plan_delta(tracker, plan)))
+        steps.append(Step(inputs, dataclasses.replace(plan_delta(tracker, plan), return_logits=True)))
         scheduler.complete(plan)
         logits_all.append(logits)
         sampling = [c.request for c in plan.chunks if c.sample]

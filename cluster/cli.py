@@ -9,18 +9,46 @@ import sys
 from pathlib import Path
 
 from kvtide.cluster import local_cmds, size_cmd
+from kvtide.cluster.autoscaler import profile_cmd
+from kvtide.cluster.bench import cli as bench_cli
 from kvtide.cluster.threads import configure_threads
+
+
+FLAGS = {
+    "kv_cache_memory_gib": "--kv-cache-gib", "gpu_memory_utilization": "--gpu-memory-utilization",
+    "max_num_batched_tokens": "--max-num-batched-tokens", "max_num_seqs": "--max-num-seqs",
+    "max_model_len": "--max-model-len", "block_size": "--block-size", "kv_cache_dtype": "--kv-cache-dtype",
+    "quantization": "--quantization", "dtype": "--dtype", "device": "--device",
+    "tensor_parallel_size": "--tp", "pipeline_parallel_size": "--pp",
+}  # fmt: skip
+"""Engine option -> the flag that sets it: errors name what the user typed."""
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name, HF directory or .gguf file")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (serve: GPUs if the Ray cluster has any)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: usable cores)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step's batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens in one step (prefill chunks + decodes)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU: the KV cache budget of each shard")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="GPU: the fraction of each GPU's memory the engine may use; the KV cache gets the rest "
+                        "after weights and a measured step")  # fmt: skip
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | int8 (one scale per token and KV head)")
     p.add_argument("--quantization", default="none", help="weights of the linear layers: none | fp8 | int8")
+
+
+def flag_error(exc: ValueError) -> str:
+    """The message with each engine option it starts with renamed to its flag."""
+    message = str(exc)
+    for option, flag in FLAGS.items():
+        if message.startswith(option + " ") or message.startswith(option + ":"):
+            return flag + message[len(option) :]
+    return message
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -35,9 +63,13 @@ def engine_config(args):
     """The ``EngineConfig`` the engine flags describe (validated when it is resolved)."""
     from kvtide.workers import EngineConfig
 
-    options = {"model": args.model, "kv_cache_memory_gib": args.kv_cache_gib, "block_size": args.block_size,
-               "enable_prefix_caching": not args.no_prefix_caching, "kv_cache_dtype": args.kv_cache_dtype,
-               "quantization": args.quantization, "max_model_len": args.max_model_len}  # fmt: skip
+    options = {"model": args.model, "device": args.device, "dtype": args.dtype,
+               "kv_cache_memory_gib": args.kv_cache_gib, "gpu_memory_utilization": args.gpu_memory_utilization,
+               "block_size": args.block_size, "enable_prefix_caching": not args.no_prefix_caching,
+               "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization,
+               "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+               "max_num_batched_tokens": args.max_num_batched_tokens,
+               "tensor_parallel_size": getattr(args, "tp", 1), "pipeline_parallel_size": getattr(args, "pp", 1)}  # fmt: skip
     return EngineConfig.from_kwargs(**options)
 
 
@@ -54,7 +86,7 @@ def cmd_serve(args) -> int:
     api_keys = tuple(k for k in (args.api_key or os.environ.get("KVTIDE_API_KEY", "")).split(",") if k)
     try:
         config = ServeConfig(
-            engine=engine_config(args), num_replicas=args.replicas, tp=args.tp, pp=args.pp,
+            engine=engine_config(args), num_replicas=args.replicas,
             host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, address=args.address,
             redis_url=args.redis_url, routing_policy=args.routing_policy,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
@@ -63,7 +95,7 @@ def cmd_serve(args) -> int:
                                     request_timeout_s=args.request_timeout_s),
         )  # fmt: skip
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"kvtide: error: {flag_error(exc)}", file=sys.stderr)
         return 2
     try:
         asyncio.run(serve_forever(config))
@@ -110,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                         "and the client's); past it DEADLINE_EXCEEDED / HTTP 504 (default: none)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
     size_cmd.add_parser(sub)
+    bench_cli.add_parser(sub)
+    profile_cmd.add_parser(sub)
     args = parser.parse_args(argv)
     configure_threads(getattr(args, "threads", None))  # before anything imports torch
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ValueError as exc:  # bad options: say which, without a traceback
-        print(f"kvtide: error: {exc}", file=sys.stderr)
+        print(f"kvtide: error: {flag_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -19,8 +19,6 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Every replica's engine; ``engine.model.model`` is what is served, under that name."""
     num_replicas: int = 1
-    tp: int = 1
-    pp: int = 1
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     """0 picks a free port."""
@@ -41,9 +39,6 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
-        for name in ("tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if self.drain_timeout_s < 0:
@@ -52,3 +47,11 @@ class ServeConfig:
     @property
     def model(self) -> str:
         return self.engine.model.model
+
+    @property
+    def tp(self) -> int:
+        return self.engine.parallel.tensor_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.engine.parallel.pipeline_parallel_size

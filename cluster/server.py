@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -34,7 +35,7 @@ from kvtide.cluster.replica.spec import ReplicaSpec
 from kvtide.cluster.serve_config import ServeConfig, StartupError
 from kvtide.cluster.state.store import StateStore
 from kvtide.router import ReplicaRegistration, Router
-from kvtide.workers import RequestLimits, ResolvedConfig, Tokenizer, resolve_engine
+from kvtide.workers import EngineConfig, RequestLimits, ResolvedConfig, Tokenizer, resolve_engine
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ class Server:
 
     async def _start(self) -> None:
         cfg = self.config
-        resolved = resolve_engine(cfg.engine)
-        tokenizer = Tokenizer.from_dir(resolved.model_dir)
         self._init_ray()
+        resolved = resolve_engine(self._engine_for_cluster())
+        tokenizer = Tokenizer.from_dir(resolved.model_dir)
         registrations = await self._start_replicas(resolved)
         limits = _limits(registrations)
         self._start_redis()
@@ -109,10 +110,29 @@ class Server:
             logger.info("started a local Ray cluster at %s", info.address_info.get("gcs_address"))
         self._started_ray = True
 
+    def _engine_for_cluster(self) -> EngineConfig:
+        """The engine config with ``device="auto"`` settled by the Ray cluster (GPUs if it has
+        any: the replica actors and this process hold none); a GPU replica that cannot get its
+        GPUs is refused now, not after a placement timeout."""
+        cfg = self.config
+        engine, gpus = cfg.engine, int(ray.cluster_resources().get("GPU", 0))
+        device = engine.model.device
+        if device == "auto":
+            device = "cuda" if gpus else "cpu"
+            engine = dataclasses.replace(engine, model=dataclasses.replace(engine.model, device=device))
+        need = cfg.tp * cfg.pp
+        if device == "cuda" and gpus < need:
+            raise StartupError(
+                f"a replica needs {need} GPU(s) (tp={cfg.tp} x pp={cfg.pp}, --device {engine.model.device}) but the "
+                f"Ray cluster has {gpus}; add GPU nodes, or serve on CPUs with --device cpu"
+            )
+        logger.info("replicas on %s: %d GPU(s) in the Ray cluster", device, gpus)
+        return engine
+
     async def _start_replicas(self, resolved: ResolvedConfig) -> dict[str, ReplicaRegistration]:
         cfg = self.config
         for i in range(cfg.num_replicas):
-            spec = ReplicaSpec(resolved, cfg.tp, cfg.pp, start_timeout_s=cfg.replica_start_timeout_s,
+            spec = ReplicaSpec(resolved, start_timeout_s=cfg.replica_start_timeout_s,
                                placement_owner=f"{self.placement_owner}/replica-{i}", model_name=cfg.model)  # fmt: skip
             self._actors[f"replica-{i}"] = ReplicaActor.options(num_cpus=0).remote(spec)
         registrations = {}

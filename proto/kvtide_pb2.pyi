@@ -232,7 +232,7 @@ class ClusterStatusResponse(_message.Message):
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., routing_mode: _Optional[str] = ..., num_queued: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., state_store: _Optional[_Union[StateStoreStatus, _Mapping]] = ...) -> None: ...
 
 class ReplicaRegistration(_message.Message):
-    __slots__ = ("replica_id", "model", "block_size", "hash_seed", "hash_version", "num_blocks", "max_model_len", "tp", "pp", "incarnation", "vocab_size", "max_num_seqs")
+    __slots__ = ("replica_id", "model", "block_size", "hash_seed", "hash_version", "num_blocks", "max_model_len", "tp", "pp", "incarnation", "vocab_size", "max_num_seqs", "device", "dtype", "weight_bytes", "kv_cache_bytes")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,10 @@ class ReplicaRegistration(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     model: str
     block_size: int
@@ -257,7 +261,11 @@ class ReplicaRegistration(_message.Message):
     incarnation: str
     vocab_size: int
     max_num_seqs: int
-    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[bytes] = ..., hash_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., incarnation: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    device: str
+    dtype: str
+    weight_bytes: int
+    kv_cache_bytes: int
+    def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[bytes] = ..., hash_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., incarnation: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("replica_id", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "kv_cache_usage", "num_preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "timestamp_s")

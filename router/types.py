@@ -48,6 +48,13 @@ class ReplicaRegistration:
     max_num_seqs: int = 0
     tp: int = 1
     pp: int = 1
+    device: str = ""
+    """Where its shards run: "cpu" or "cuda"."""
+    dtype: str = ""
+    weight_bytes: int = 0
+    """Weights (and buffers) over all its shards."""
+    kv_cache_bytes: int = 0
+    """KV cache over all its shards."""
 
 
 @dataclass(frozen=True)

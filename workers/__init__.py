@@ -43,11 +43,14 @@ _EXPORTS = {
     "LlamaArgs": "models.llama",
     # one shard of a replica
     "ShardRunner": "shard",
+    "ShardMemory": "shard",
+    "kv_plan": "config",
     "PipelineLinks": "shard",
     "stage_layers": "shard",
     "TensorParallel": "parallel",
     "BatchState": "step_inputs",
     "StepDelta": "step_inputs",
+    "StepOutput": "step_inputs",
     # sizing and cost
     "CpuBudget": "sizing",
     "GpuMemory": "sizing",

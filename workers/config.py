@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kvtide.kernels.kv_quant import KV_CACHE_DTYPES, is_quantized, kv_bytes_per_row
+from kvtide.kernels.kv_quant import KV_CACHE_DTYPES, is_quantized
 from kvtide.workers.attention import default_attention_backend, get_attention_backend
 from kvtide.workers.quantization import QUANTIZATIONS
+from kvtide.workers.shard import ShardMemory
+from kvtide.workers.sizing import (
+    CpuBudget,
+    GpuMemory,
+    KvPlan,
+    ModelShape,
+    ParallelLayout,
+    kv_bytes_per_token,
+    plan_kv_cache,
+)
 from kvtide.workers.tokenizer import eos_token_ids
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,7 +57,10 @@ class CacheConfig:
     num_blocks: int | None = None
     """KV blocks to allocate; None sizes the cache from ``kv_cache_memory_gib``."""
     kv_cache_memory_gib: float = 1.0
-    """Memory budget for the KV cache when ``num_blocks`` is None."""
+    """On a CPU: the KV cache budget of each shard, when ``num_blocks`` is None."""
+    gpu_memory_utilization: float = 0.9
+    """On a GPU: the fraction of each GPU's memory the engine may use; the KV cache gets what
+    the weights and the measured peak of a full step leave of it (vLLM's setting)."""
     enable_prefix_caching: bool = True
     hash_seed: str = ""
     """Salts every block hash; routers must use the same seed."""
@@ -65,7 +79,15 @@ class SchedulerConfig:
     """Cap on one request's prefill chunk per step; None lets one prefill take the budget."""
 
 
-_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Shards per pipeline stage, on one node."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages, spread over nodes."""
+
+
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     """Seeds the RNG of requests that give no seed of their own."""
 
@@ -94,6 +117,7 @@ class EngineConfig:
             model=ModelConfig(**parts["model"]),
             cache=CacheConfig(**parts["cache"]),
             scheduler=SchedulerConfig(**parts["scheduler"]),
+            parallel=ParallelConfig(**parts["parallel"]),
             **top,
         )
 
@@ -108,8 +132,10 @@ class ResolvedConfig:
     dtype: torch.dtype
     max_model_len: int
     num_blocks: int
+    """0 on a GPU until the shards measured their memory (``kv_plan``)."""
     block_size: int
     bytes_per_block: int
+    """Of the whole replica (every shard's part of a block)."""
     eos_token_ids: frozenset[int]
     """From config.json, tokenizer_config.json and generation_config.json."""
     vocab_size: int
@@ -173,29 +199,37 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
     if sc.max_prefill_chunk is not None and sc.max_prefill_chunk < 1:
         raise ValueError(f"max_prefill_chunk must be >= 1 or None, got {sc.max_prefill_chunk}")
 
-    num_layers = hf_config["num_hidden_layers"]
-    num_kv_heads = hf_config.get("num_key_value_heads", hf_config["num_attention_heads"])
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    pc = config.parallel
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(pc, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(pc, name)}")
+    shape = ModelShape.from_hf_config(hf_config)
     if cc.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
         raise ValueError(
             f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; got {cc.kv_cache_dtype!r}"
         )
-    kv_dtype = KV_CACHE_DTYPES.get(cc.kv_cache_dtype)
-    if kv_dtype is not None and head_dim % 4:
-        raise ValueError(f"kv_cache_dtype {cc.kv_cache_dtype!r} needs head_dim divisible by 4, got {head_dim}")
+    kv_dtype = KV_CACHE_DTYPES.get(cc.kv_cache_dtype) or dtype
+    if is_quantized(kv_dtype) and shape.head_dim % 4:
+        raise ValueError(f"kv_cache_dtype {cc.kv_cache_dtype!r} needs head_dim divisible by 4, got {shape.head_dim}")
+    if not (math.isfinite(cc.gpu_memory_utilization) and 0 < cc.gpu_memory_utilization <= 1):
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {cc.gpu_memory_utilization}")
     # K and V rows of every layer; a quantized row also stores its scale.
-    row_bytes = kv_bytes_per_row(head_dim, kv_dtype or dtype)
-    bytes_per_block = 2 * num_layers * cc.block_size * num_kv_heads * row_bytes
+    bytes_per_block = cc.block_size * kv_bytes_per_token(shape, kv_dtype)
     if cc.num_blocks is not None:
         num_blocks = cc.num_blocks
-    else:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks} (one block needs {bytes_per_block} bytes)")
+    elif device.type == "cpu":
         if not (math.isfinite(cc.kv_cache_memory_gib) and cc.kv_cache_memory_gib > 0):
             raise ValueError(f"kv_cache_memory_gib must be finite and > 0, got {cc.kv_cache_memory_gib}")
-        num_blocks = int(cc.kv_cache_memory_gib * 2**30 // bytes_per_block)
-    if num_blocks < 1:
-        raise ValueError(
-            f"num_blocks must be >= 1, got {num_blocks} (one block needs {bytes_per_block} bytes)"
-        )
+        plan = plan_kv_cache(
+            shape, dtype=dtype, block_size=cc.block_size, memory=CpuBudget(int(cc.kv_cache_memory_gib * 2**30)),
+            layout=ParallelLayout(pc.tensor_parallel_size, pc.pipeline_parallel_size),
+            quantization=mc.quantization, kv_cache_dtype=kv_dtype, max_model_len=max_model_len,
+        )  # fmt: skip
+        num_blocks = plan.num_blocks
+    else:
+        num_blocks = 0  # measured when the shards are on their GPUs: ``kv_plan``
     return ResolvedConfig(
         engine=config,
         model_dir=model_dir,
@@ -212,8 +246,28 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
             if mc.attention_backend == "auto"
             else get_attention_backend(mc.attention_backend).name
         ),
-        kv_cache_dtype=kv_dtype or dtype,
+        kv_cache_dtype=kv_dtype,
     )
+
+
+def kv_plan(config: ResolvedConfig, measured: Sequence[ShardMemory]) -> KvPlan:
+    """The KV cache of a replica on GPUs, by the one sizing function: ``gpu_memory_utilization``
+    of its smallest GPU, less each stage's weights, less the largest reserve its shards measured
+    (``ShardRunner.measure_memory``). Raises ``ValueError`` with the numbers when one
+    ``max_model_len`` sequence cannot fit."""
+    from kvtide.workers.model_loader import read_hf_config
+
+    pc, cc = config.engine.parallel, config.engine.cache
+    memory = GpuMemory(
+        total_bytes=min(m.total_bytes for m in measured), utilization=cc.gpu_memory_utilization,
+        reserve_bytes=max(m.reserve_bytes for m in measured),
+    )  # fmt: skip
+    return plan_kv_cache(
+        ModelShape.from_hf_config(read_hf_config(config.model_dir)), dtype=config.dtype, block_size=config.block_size,
+        memory=memory, layout=ParallelLayout(pc.tensor_parallel_size, pc.pipeline_parallel_size),
+        quantization=config.engine.model.quantization, kv_cache_dtype=config.kv_cache_dtype,
+        max_model_len=config.max_model_len,
+    )  # fmt: skip
 
 
 def _eos_ids(value: int | list[int] | None) -> frozenset[int]:

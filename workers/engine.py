@@ -7,6 +7,7 @@ choice whose stop string it found (vLLM v1's split between engine core and outpu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import deque
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+
 from kvtide.proto.kv_events import KvEvent
 from kvtide.workers.block_pool import KvSnapshot
-from kvtide.workers.config import EngineConfig, ResolvedConfig, resolve_engine
+from kvtide.workers.config import EngineConfig, ResolvedConfig, kv_plan, resolve_engine
 from kvtide.workers.engine_request import CHILD_SEPARATOR, EngineRequest, RequestLimits, check_request
 from kvtide.workers.kv_cache_manager import KVCacheManager
 from kvtide.workers.model_loader import load_model
@@ -25,7 +27,7 @@ from kvtide.workers.model_runner import Executor, LocalExecutor, ModelRunner, St
 from kvtide.workers.models.llama import LlamaForCausalLM
 from kvtide.workers.outputs import CompletionDelta
 from kvtide.workers.request import Request, RequestId, RequestStatus
-from kvtide.workers.sampler import SampledToken, SamplingRow
+from kvtide.workers.sampler import SampledToken
 from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.scheduler import Scheduler, StepPlan
 from kvtide.workers.shard import ShardRunner
@@ -65,11 +67,13 @@ class Engine:
             hash_seed=cc.hash_seed.encode(),
         )
         self.scheduler = Scheduler(config.engine.scheduler, self.kv, _child_id)
-        self.runner = ModelRunner(executor, config.block_size, self._sampling_row)
+        self.runner = ModelRunner(executor, config.block_size, self._seed_of)
         self._depth = max(1, getattr(executor, "max_in_flight", 1))
         self._in_flight: deque[tuple[StepPlan, StepHandle]] = deque()
         self._rng = random.Random(config.engine.seed)
-        self._rows: dict[RequestId, SamplingRow] = {}
+        self._seeds: dict[RequestId, int] = {}
+        """Each request's sampling seed (its own, or drawn from the engine's seed); the sampling
+        shard seeds its generator with it."""
         self._prefix_queried = 0
         self._prefix_hits = 0
 
@@ -78,20 +82,28 @@ class Engine:
         """Build from a model name or path; ``kwargs`` are flat ``EngineConfig`` options."""
         config = config or EngineConfig.from_kwargs(model=model, **kwargs)
         resolved = resolve_engine(config)
+        if resolved.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is cuda (from {config.model.device!r}) but torch finds no CUDA device here")
         net = load_model(
             resolved.model_dir, resolved.dtype, resolved.device, quantization=config.model.quantization
         )
-        logger.info(resolved.describe_kv_cache())
         return cls.from_model(net, resolved)
 
     @classmethod
     def from_model(cls, model: LlamaForCausalLM, config: ResolvedConfig) -> Engine:
-        """A single-shard engine around an already-built model."""
+        """A single-shard engine around an already-built model. On a GPU without a given
+        ``num_blocks``, the KV cache gets what the weights and a measured full step leave."""
         shard = ShardRunner(
-            model, config.num_blocks, config.block_size, kv_dtype=config.kv_cache_dtype,
-            attention_backend=config.attention_backend,
+            model, config.num_blocks or None, config.block_size, kv_dtype=config.kv_cache_dtype,
+            attention_backend=config.attention_backend, eos_token_ids=config.eos_token_ids,
         )
-        return cls(config, LocalExecutor(shard, config.block_size))
+        if not config.num_blocks:
+            sched = config.engine.scheduler
+            memory = shard.measure_memory(sched.max_num_batched_tokens, sched.max_num_seqs)
+            config = dataclasses.replace(config, num_blocks=kv_plan(config, [memory]).num_blocks)
+            shard.allocate_kv_cache(config.num_blocks)
+        logger.info(config.describe_kv_cache())
+        return cls(config, LocalExecutor(shard))
 
     # -- requests ------------------------------------------------------------------------
 
@@ -105,7 +117,7 @@ class Engine:
         r = Request(RequestId(request.request_id), list(request.prompt_token_ids), request.params)
         self.scheduler.add(r)
         seed = r.params.seed
-        self._rows[r.request_id] = self._new_row(r, seed if seed is not None else self._rng.randrange(2**63))
+        self._seeds[r.request_id] = seed if seed is not None else self._rng.randrange(2**63)
 
     def add_request(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams | None = None
@@ -246,29 +258,15 @@ class Engine:
 
     def _forget(self, request: Request) -> None:
         self.runner.forget(request.request_id)
-        self._rows.pop(request.request_id, None)
+        self._seeds.pop(request.request_id, None)
 
-    def _new_row(self, request: Request, seed: int) -> _Row:
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed)
-        stop_ids = frozenset(request.params.stop_token_ids) | (
-            frozenset() if request.params.ignore_eos else self.eos_token_ids
-        )
-        return _Row(request.params, request.prompt_token_ids, request.output_token_ids, gen, stop_ids, seed)
-
-    def _sampling_row(self, request: Request) -> SamplingRow:
-        row = self._rows.get(request.request_id)
-        if row is None:
+    def _seed_of(self, request: Request) -> int:
+        seed = self._seeds.get(request.request_id)
+        if seed is None:
             # A child forked this step, sampled in the same step as its parent (still alive);
             # choice i of a seeded request is seeded with seed + i.
-            parent = self._rows[request.parent_id]
-            row = self._rows[request.request_id] = self._new_row(request, parent.seed + request.index)
-        return row
-
-
-@dataclass
-class _Row(SamplingRow):
-    seed: int = 0
+            seed = self._seeds[request.request_id] = self._seeds[request.parent_id] + request.index
+        return seed
 
 
 def _child_id(parent: Request, index: int) -> RequestId:

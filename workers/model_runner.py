@@ -1,4 +1,5 @@
-"""Turns each ``StepPlan`` into a step delta, runs it on an executor, and samples."""
+"""Turns each ``StepPlan`` into a step delta and runs it on an executor, whose sampling shard
+samples: what comes back is a token id (and the logprobs asked for) per sampled row."""
 
 from __future__ import annotations
 
@@ -8,22 +9,24 @@ from typing import Protocol
 import torch
 
 from kvtide.workers.request import Request
-from kvtide.workers.sampler import SampledToken, Sampler, SamplingRow
+from kvtide.workers.sampler import SampledToken
 from kvtide.workers.scheduler import ScheduledChunk, StepPlan
 from kvtide.workers.shard import ShardRunner
 from kvtide.workers.step_inputs import (
-    BatchState,
     DeltaTracker,
+    ForkSpec,
+    SamplingSpec,
     StepDelta,
     StepInputs,
+    StepOutput,
     pack_batch,
 )
 
 
 class StepHandle(Protocol):
-    def result(self) -> torch.Tensor:
-        """Logits [num_sampled_seqs, vocab_size] for the step's sampling chunks, in order;
-        raises the step's failure."""
+    def result(self) -> StepOutput:
+        """The step's sampled tokens, one per sampled row in plan order (a forking chunk's
+        children after it); raises the step's failure."""
         ...
 
 
@@ -40,13 +43,13 @@ class Executor(Protocol):
 
 
 class _Done:
-    def __init__(self, logits: torch.Tensor | None = None, error: BaseException | None = None) -> None:
-        self._logits, self._error = logits, error
+    def __init__(self, output: StepOutput | None = None, error: BaseException | None = None) -> None:
+        self._output, self._error = output, error
 
-    def result(self) -> torch.Tensor:
+    def result(self) -> StepOutput:
         if self._error is not None:
             raise self._error
-        return self._logits
+        return self._output
 
 
 class LocalExecutor:
@@ -54,9 +57,8 @@ class LocalExecutor:
 
     max_in_flight = 1
 
-    def __init__(self, shard: ShardRunner, block_size: int) -> None:
+    def __init__(self, shard: ShardRunner) -> None:
         self.shard = shard
-        self.state = BatchState(block_size, shard.device)
 
     @property
     def model(self):
@@ -64,49 +66,32 @@ class LocalExecutor:
 
     def submit(self, delta: StepDelta) -> StepHandle:
         try:
-            return _Done(self.shard.forward(self.state.apply(delta)))
+            return _Done(self.shard.execute(delta))
         except Exception as exc:  # noqa: BLE001 - surfaces from result(), like a remote step
             return _Done(error=exc)
 
 
 class ModelRunner:
-    """Driver side of a replica: turns plans into step deltas, runs them, samples."""
+    """Driver side of a replica: turns plans into step deltas and runs them."""
 
-    def __init__(
-        self,
-        executor: Executor,
-        block_size: int,
-        sampling_row: Callable[[Request], SamplingRow],
-    ) -> None:
+    def __init__(self, executor: Executor, block_size: int, seed_of: Callable[[Request], int]) -> None:
+        """``seed_of`` gives each request's (or forked choice's) sampling seed."""
         self.executor = executor
         self.block_size = block_size
-        self._sampling_row = sampling_row
-        self.sampler = Sampler()
+        self._seed_of = seed_of
         self.tracker = DeltaTracker()
 
     def submit(self, plan: StepPlan) -> StepHandle:
-        return self.executor.submit(plan_delta(self.tracker, plan))
+        return self.executor.submit(plan_delta(self.tracker, plan, self._seed_of))
 
-    @torch.inference_mode()
     def finish(self, plan: StepPlan, handle: StepHandle) -> list[tuple[Request, SampledToken]]:
         """Wait for a submitted step; returns the sampled token of every sampling request
-        (forks included)."""
-        logits = handle.result()
-        sampling = [c for c in plan.chunks if c.sample]
-        if not sampling:
-            return []
-        # A request forked this step and its children sample from the same logits row.
-        repeats = [1 + len(c.forks) for c in sampling]
-        if any(r > 1 for r in repeats):
-            logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
-        requests = [r for c in sampling for r in (c.request, *c.forks)]
-        live = [i for i, r in enumerate(requests) if not r.is_finished]
-        if len(live) < len(requests):  # aborted while its step was in flight
-            logits, requests = logits[live], [requests[i] for i in live]
-            if not requests:
-                return []
-        sampled = self.sampler(logits, [self._sampling_row(r) for r in requests])
-        return list(zip(requests, sampled, strict=True))
+        (forks included) that is still running."""
+        output = handle.result()
+        requests = [r for c in plan.chunks if c.sample for r in (c.request, *c.forks)]
+        assert len(output.tokens) == len(requests), (len(output.tokens), len(requests))
+        # A request aborted while its step was in flight: its token is dropped.
+        return [(r, t) for r, t in zip(requests, output.tokens, strict=True) if not r.is_finished]
 
     def execute(self, plan: StepPlan) -> list[tuple[Request, SampledToken]]:
         """Run one step to the end."""
@@ -120,12 +105,14 @@ class ModelRunner:
         self.tracker.reset()
 
 
-def plan_delta(tracker: DeltaTracker, plan: StepPlan) -> StepDelta:
+def plan_delta(tracker: DeltaTracker, plan: StepPlan, seed_of: Callable[[Request], int] = lambda r: 0) -> StepDelta:
     """The delta that brings the shards from the previous plan (through ``tracker``) to ``plan``."""
-    chunks = [
-        tracker.chunk(c.request.request_id, c.start, _chunk_tokens(c), c.sample, c.request.block_ids)
-        for c in plan.chunks
-    ]
+    chunks = []
+    for c in plan.chunks:
+        r = c.request
+        spec = None if tracker.knows(r.request_id) else SamplingSpec(r.params, seed_of(r), tuple(r.prompt_token_ids))
+        forks = tuple(ForkSpec(f.request_id, seed_of(f)) for f in c.forks)
+        chunks.append(tracker.chunk(r.request_id, c.start, _chunk_tokens(c), c.sample, r.block_ids, spec, forks))
     return tracker.delta(chunks, plan.block_copies)
 
 

@@ -1,8 +1,10 @@
 """One shard of a replica: one tensor-parallel rank of one pipeline stage.
 
-A shard holds its slice of the weights and of the KV cache and runs its layers on the
-step's flat batch. Pipeline stages hand hidden states and residuals to the next stage with
-point-to-point send/recv (same tensor-parallel rank); the last stage computes logits.
+A shard holds its slice of the weights and of the KV cache, mirrors the step's block tables
+from the step deltas (``BatchState``) and runs its layers on the step's flat batch. Pipeline
+stages hand hidden states and residuals to the next stage with point-to-point send/recv (same
+tensor-parallel rank); the last stage computes logits, and its TP rank 0 samples them on its
+own device (``SamplingState`` + ``Sampler``): only token ids leave the shard.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from kvtide.kernels import cpu_build
 from kvtide.kernels.kv_quant import allocate_kv_cache
 from kvtide.workers.attention import get_attention_backend
 from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM
-from kvtide.workers.step_inputs import StepInputs
+from kvtide.workers.sampler import Sampler
+from kvtide.workers.sampling_state import SamplingState
+from kvtide.workers.step_inputs import BatchState, StepDelta, StepInputs, StepOutput, pack_batch
 
 
 def stage_layers(args: LlamaArgs, pp_size: int) -> list[tuple[int, int]]:
@@ -50,6 +54,16 @@ def stage_layers(args: LlamaArgs, pp_size: int) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class ShardMemory:
+    """One shard's device memory, measured before its KV cache is allocated (zeros on a CPU)."""
+
+    total_bytes: int
+    weight_bytes: int
+    reserve_bytes: int
+    """Peak of one full step beyond the weights, plus memory torch does not manage."""
+
+
+@dataclass(frozen=True)
 class PipelineLinks:
     """Global ranks of this shard's peers in the previous and next stage (same TP rank)."""
 
@@ -64,12 +78,18 @@ class ShardRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
-        num_blocks: int,
+        num_blocks: int | None,
         block_size: int,
         links: PipelineLinks = PipelineLinks(),
         kv_dtype: torch.dtype | None = None,
         attention_backend: str = "torch",
+        samples: bool = True,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
+        """``num_blocks`` None defers the KV cache to ``allocate_kv_cache`` (after
+        ``measure_reserve_bytes`` on a GPU); ``samples``: this shard samples (the last stage's
+        TP rank 0); ``eos_token_ids`` end generation (banned while a request's ``min_tokens`` is
+        not reached)."""
         self.model = model
         self.links = links
         # NOTE: the activations' dtype, not a parameter's: quantized weights are int8/fp8.
@@ -78,18 +98,80 @@ class ShardRunner:
             # NOTE: before the shard reports ready: a step never waits on a compiler.
             cpu_build.prepare()
         self.backend = get_attention_backend(attention_backend)
-        attn = model.layers[0].self_attn
-        shape = (num_blocks, attn.num_kv_heads, block_size, attn.head_dim)
+        self.block_size = block_size
         # An int8/fp8 cache holds each row's scale inside its block (kernels/kv_quant.py).
-        kv_dtype = kv_dtype or self.dtype
+        self.kv_dtype = kv_dtype or self.dtype
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if num_blocks is not None:
+            self.allocate_kv_cache(num_blocks)
+        self.batch = BatchState(block_size, self.device)
+        self.samples = samples and links.next_rank is None
+        self.sampling = SamplingState(self.device, eos_token_ids) if self.samples else None
+        self.sampler = Sampler()
+
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        """Allocate this shard's KV cache (its KV heads of its layers); returns its bytes."""
+        attn = self.model.layers[0].self_attn
+        shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_dim)
         self.kv_caches = [
-            (allocate_kv_cache(*shape, kv_dtype, self.device), allocate_kv_cache(*shape, kv_dtype, self.device))
-            for _ in model.layers
+            (allocate_kv_cache(*shape, self.kv_dtype, self.device), allocate_kv_cache(*shape, self.kv_dtype, self.device))
+            for _ in self.model.layers
         ]
+        return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
+
+    @torch.inference_mode()
+    def measure_memory(self, num_tokens: int, num_seqs: int) -> ShardMemory:
+        """What this shard's device holds beside its KV cache: weights, and the peak of one step
+        at ``num_tokens`` tokens (``max_num_batched_tokens``) plus memory torch does not manage
+        (the CUDA context, NCCL), measured by a dummy step of this shard's layers alone (no
+        pipeline send/recv). Call before ``allocate_kv_cache``. On the CPU there is nothing to
+        measure: the cache has a byte budget."""
+        if self.device.type != "cuda":
+            return ShardMemory(0, 0, 0)
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        weights = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        blocks = -(-num_tokens // self.block_size)
+        scratch = self.allocate_kv_cache(blocks)  # where the dummy step writes its K and V
+        inputs = pack_batch([([0] * num_tokens, 0, list(range(blocks)), True)], (), self.block_size, dev)
+        hidden = residual = None
+        if self.links.prev_rank is not None:
+            hidden = torch.zeros(num_tokens, self.model.args.hidden_size, dtype=self.dtype, device=dev)
+            residual = torch.zeros_like(hidden)
+        hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
+                               hidden, residual)  # fmt: skip
+        if self.links.next_rank is None:  # the logits of a full batch of sequences
+            self.model.compute_logits(hidden[:1].expand(num_seqs, -1))
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - weights - scratch
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        not_torch = max(0, (total - free) - torch.cuda.memory_reserved(dev))
+        return ShardMemory(total, weights, peak + not_torch)
 
     pipeline_wait_s = 0.0
     """Seconds spent in send/recv to neighbouring stages (waiting for a peer included): a
     stage's busy time is its step time minus this."""
+
+    @torch.inference_mode()
+    def execute(self, delta: StepDelta) -> StepOutput | torch.Tensor | None:
+        """Run one step: the sampling shard answers a ``StepOutput`` (one host transfer), or the
+        logits [num_sampled_seqs, vocab] on the CPU when ``delta.return_logits``; every other
+        shard None."""
+        inputs = self.batch.apply(delta)
+        rows = self.sampling.apply(delta) if self.sampling is not None else None
+        logits = self.forward(inputs)
+        if not self.samples:
+            return None
+        if delta.return_logits:
+            return logits.float().cpu()
+        repeats = [1 + len(c.forks) for c in delta.chunks if c.sample]
+        if any(r > 1 for r in repeats):  # a forking request's children sample from its row
+            rows_of = [i for i, r in enumerate(repeats) for _ in range(r)]
+            logits = logits[torch.tensor(rows_of, dtype=torch.long, device=logits.device)]
+        return StepOutput(tuple(self.sampler.sample(logits, rows).to_host()))
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:

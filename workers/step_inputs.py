@@ -1,4 +1,4 @@
-"""What crosses from a replica's driver to its shards each step, and how shards unpack it.
+"""What crosses between a replica's driver and its shards each step, and how shards unpack it.
 
 The driver sends a ``StepDelta``: only what changed since the previous step. Each scheduled
 chunk carries its own token ids (one sampled token for a decode) and the change to its
@@ -7,6 +7,10 @@ follow); requests that ended are named once so the shards drop their tables. Eve
 keeps a ``BatchState`` mirror of the block tables and packs the step's flat batch
 (``StepInputs``) itself, so a long-running request does not resend its whole block table
 every step, and the pack happens on the shards in parallel instead of on the driver.
+
+The sampling shard (the last stage's TP rank 0) samples on its own device and answers with a
+``StepOutput``: token ids, plus the logprobs a request asked for. A request's ``SamplingSpec``
+(params, seed, prompt) rides on its first chunk the shards see.
 
 Deltas must be applied in the order they were made: every shard of a replica receives the
 same deltas in the same order (one actor call per step per shard, executed in order).
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from kvtide.workers.attention import AttentionMetadata
+from kvtide.workers.sampler import SampledToken
+from kvtide.workers.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,34 @@ class StepInputs:
 
 
 @dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """What the sampling shard needs to sample a request: sent with its first chunk the shards
+    see (again after they restart)."""
+
+    params: SamplingParams
+    seed: int
+    """Seeds the request's generator on the sampling shard's device."""
+    prompt_token_ids: tuple[int, ...]
+    """For penalties: a prefix-cache hit means the shards never see the cached tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class ForkSpec:
+    """A choice forked from a chunk's request this step, sampled from the same logits row."""
+
+    request_id: str
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """The sampling shard's answer: one ``SampledToken`` per sampled row, in plan order (a
+    forking chunk's children right after it)."""
+
+    tokens: tuple[SampledToken, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkDelta:
     """One scheduled chunk: tokens ``[start, start + len(token_ids))`` of ``request_id``."""
 
@@ -49,6 +83,9 @@ class ChunkDelta:
     restarts from 0; copy-on-write replaces a shared last block)."""
     new_blocks: tuple[int, ...]
     """Block ids appended after the kept entries."""
+    spec: SamplingSpec | None = None
+    """Set on the first chunk of a request the shards do not know yet."""
+    forks: tuple[ForkSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +97,9 @@ class StepDelta:
     """Requests that ended since the previous delta: drop their tables (before ``chunks``)."""
     reset: bool = False
     """Drop every table first (the driver lost track, e.g. after the shards restarted)."""
+    return_logits: bool = False
+    """Tests and benchmarks: the sampling shard returns the logits [num_sampled_seqs, vocab]
+    (on the CPU) instead of sampling."""
 
 
 class DeltaTracker:
@@ -70,7 +110,17 @@ class DeltaTracker:
         self._freed: list[str] = []
         self._reset = False
 
-    def chunk(self, request_id: str, start: int, token_ids: Sequence[int], sample: bool, table: list[int]) -> ChunkDelta:
+    def chunk(
+        self,
+        request_id: str,
+        start: int,
+        token_ids: Sequence[int],
+        sample: bool,
+        table: list[int],
+        spec: SamplingSpec | None = None,
+        forks: tuple[ForkSpec, ...] = (),
+    ) -> ChunkDelta:
+        """``spec`` is sent only if the shards do not know the request yet."""
         sent = self._sent.get(request_id)
         if sent is None:
             keep = 0
@@ -79,7 +129,12 @@ class DeltaTracker:
         else:
             keep = _common_prefix(sent, table)
         self._sent[request_id] = list(table)
-        return ChunkDelta(request_id, start, tuple(token_ids), sample, keep, tuple(table[keep:]))
+        new_spec = spec if sent is None else None
+        return ChunkDelta(request_id, start, tuple(token_ids), sample, keep, tuple(table[keep:]), new_spec, forks)
+
+    def knows(self, request_id: str) -> bool:
+        """Whether the shards hold the request (its table, and its sampling state)."""
+        return request_id in self._sent
 
     def forget(self, request_id: str) -> None:
         """The request ended: the next delta tells the shards to drop its table."""

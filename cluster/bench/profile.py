@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtide.cluster.bench.stats import PointSummary
-from kvtide.workers.roofline import EngineProfileMeasurement
+from kvtide.workers import EngineProfileMeasurement
 
 
 @dataclass(frozen=True)

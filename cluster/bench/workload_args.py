@@ -65,8 +65,7 @@ def _check_fits(workload: Workload, longest: int, max_len: int | None, what: str
 
 def make_workload_factory(args) -> tuple[Callable[[int | None], Workload], Callable]:
     """The workload builder (it needs the context length) and the prompt token counter."""
-    from kvtide.workers.model_files import resolve_model
-    from kvtide.workers.tokenizer import Tokenizer
+    from kvtide.workers import Tokenizer, resolve_model
 
     tokenizer = Tokenizer.from_dir(args.tokenizer or resolve_model(args.model))
     corpus = load_corpus(tokenizer, args.corpus)

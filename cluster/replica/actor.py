@@ -35,23 +35,44 @@ PROBE_PROMPT = (1, 2, 3)
 
 class Replica(Reporting):
     def __init__(self, spec: ReplicaSpec) -> None:
+        _log_to_stderr()
         self.spec = spec
-        config = spec.config
-        self.shape = ReplicaShape(spec.tp, spec.pp, config.device.type == "cuda", spec.cpus_per_shard)
-        self.executor = RestartingExecutor(
-            lambda: RayExecutor(
-                config, self.shape, timeout_s=spec.start_timeout_s, placement_owner=spec.placement_owner
-            ),
-            max_in_flight=spec.pp,
-        )
-        self.engine = Engine(config, self.executor)
-        self._async = AsyncEngine(self.engine)
+        self.shape = ReplicaShape(spec.tp, spec.pp, spec.config.device.type == "cuda", spec.cpus_per_shard)
+        self._config = spec.config
+        """The resolved config, with the KV block count the first start decided (measured on GPUs)."""
+        self.executor = RestartingExecutor(self._start_shards, max_in_flight=spec.pp)
+        self.engine: Engine | None = None
+        """Made once the shards have started: its KV cache size is theirs."""
+        self._async: AsyncEngine | None = None
         self._probes = 0
+
+    def _start_shards(self) -> RayExecutor:
+        """On the executor's start thread: every start after the first keeps the first's blocks."""
+        shards = RayExecutor(
+            self._config, self.shape, timeout_s=self.spec.start_timeout_s, placement_owner=self.spec.placement_owner
+        )
+        self._config = shards.config
+        return shards
+
+    async def _ready(self) -> AsyncEngine:
+        """The engine, once the shards have started (bounded; raises why they could not)."""
+        if self._async is None:
+            started = asyncio.wrap_future(self.executor.started)
+            await asyncio.wait_for(started, self.spec.start_timeout_s + 30.0)
+            if self._async is None:
+                self.engine = Engine(self._config, self.executor)
+                self._async = AsyncEngine(self.engine)
+        return self._async
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("the replica is still starting its shards")
+        return self.engine
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[CompletionDelta]:
         """Call with ``.options(num_returns="streaming")``: one Ray object per delta. A request
         not checked against this replica's limits is checked first (``ValueError``)."""
-        async for delta in self._async.generate(request):
+        async for delta in (await self._ready()).generate(request):
             yield delta
 
     def abort(self, request_id: str, index: int | None = None) -> None:
@@ -63,18 +84,18 @@ class Replica(Reporting):
         request still waiting in the engine must never run. It also calls it for one choice
         whose stop string it found.
         """
-        self._async.abort(request_id, index)
+        if self._async is not None:
+            self._async.abort(request_id, index)
 
     async def health(self, timeout_s: float = 60.0) -> bool:
         """Waits for the shards' start (bounded by ``spec.start_timeout_s``; raises why it
         failed), then runs one real step: a 1-token greedy request through every shard."""
-        started = asyncio.wrap_future(self.executor.started)
-        await asyncio.wait_for(started, self.spec.start_timeout_s + 30.0)
+        engine = await self._ready()
         self._probes += 1
         request = EngineRequest(f"probe-{self._probes}", PROBE_PROMPT, SamplingParams(temperature=0.0, max_tokens=1))
 
         async def probe() -> bool:
-            deltas = [d async for d in self._async.generate(request)]
+            deltas = [d async for d in engine.generate(request)]
             return bool(deltas) and deltas[-1].finish_reason in ("length", "stop")
 
         try:
@@ -85,7 +106,11 @@ class Replica(Reporting):
             ) from None
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return self._engine().stats()
+
+    def shard_reports(self) -> list:
+        """What each running shard reported at start: device, dtype, weight bytes, memory."""
+        return list(self.executor.current().reports)
 
     def num_restarts(self) -> int:
         return self.executor.num_restarts
@@ -106,8 +131,16 @@ class Replica(Reporting):
         """Stop publishing, stop stepping, kill every shard and free their placement
         (idempotent)."""
         self.stop_publishing()
-        self._async.shutdown()
+        if self._async is not None:
+            self._async.shutdown()
         self.executor.shutdown()
+
+
+def _log_to_stderr() -> None:
+    """Ray forwards a worker's stderr to the driver: show this process's INFO lines there."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 ReplicaActor = ray.remote(Replica)

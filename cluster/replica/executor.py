@@ -1,11 +1,14 @@
 """Runs one replica's model on Ray actors: TP shards packed per node, PP stages across nodes.
 
 Every step goes to every shard (each holds a slice of the weights and of the KV cache), and
-the logits come back from the last stage's TP rank 0. Plain actor calls, no compiled graphs.
+the sampled tokens come back from the last stage's TP rank 0, which samples on its own device.
+Plain actor calls, no compiled graphs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 
@@ -16,8 +19,10 @@ from kvtide.cluster.replica.logs import ray_logs_hint
 from kvtide.cluster.replica.placement import ReplicaPlacement, ReplicaShape, place_replica
 from kvtide.cluster.replica.shard_actor import ShardActor, ShardReady
 from kvtide.cluster.replica.spec import ShardSpec
-from kvtide.workers import LlamaArgs, ResolvedConfig, StepDelta, read_hf_config, stage_layers
+from kvtide.workers import LlamaArgs, ResolvedConfig, StepDelta, StepOutput, kv_plan, read_hf_config, stage_layers
 from ray.exceptions import GetTimeoutError, RayError
+
+logger = logging.getLogger(__name__)
 
 RemoteShard = ray.remote(ShardActor)
 
@@ -79,10 +84,20 @@ class RayExecutor:
             self.reports: list[ShardReady] = self._wait_ready(
                 [w.init.remote(address, timeout_s) for w in self._workers], timeout_s
             )
+            if config.num_blocks == 0:  # on GPUs: sized from what the shards measured
+                config = dataclasses.replace(config, num_blocks=kv_plan(config, [r.memory for r in self.reports]).num_blocks)
+            self.kv_bytes: list[int] = ray.get([w.allocate.remote(config.num_blocks) for w in self._workers],
+                                               timeout=timeout_s)  # fmt: skip
         except BaseException:
             self.shutdown()
             raise
-        self._last = (shape.pp - 1) * shape.tp  # rank whose execute() returns the logits
+        self.config = config
+        """With the number of KV blocks decided (measured on GPUs)."""
+        for r, kv in zip(self.reports, self.kv_bytes, strict=True):
+            logger.info("shard (stage %d, tp_rank %d) on %s: %s %s, weights %.1f MiB, KV cache %.1f MiB (%d blocks)",
+                        r.stage, r.tp_rank, r.node_id[:8], r.device, r.dtype, r.weight_bytes / 2**20, kv / 2**20,
+                        config.num_blocks)  # fmt: skip
+        self._last = (shape.pp - 1) * shape.tp  # the sampling shard: last stage, TP rank 0
         self.max_in_flight = shape.pp if max_in_flight is None else max_in_flight
         """Steps in flight at once: one micro-batch per pipeline stage by default."""
 
@@ -138,8 +153,8 @@ class RayExecutor:
         shared = ray.put(delta)  # serialized once, read by every shard
         return RayStep(self, [w.execute.remote(shared) for w in self._workers])
 
-    def execute(self, delta: StepDelta) -> torch.Tensor:
-        """Run one step to the end: logits [num_sampled_seqs, vocab]."""
+    def execute(self, delta: StepDelta) -> StepOutput | torch.Tensor:
+        """Run one step to the end: its ``StepOutput`` (the logits when ``delta.return_logits``)."""
         return self.submit(delta).result()
 
     def shutdown(self) -> None:
@@ -172,8 +187,8 @@ class RayStep:
     def __init__(self, executor: RayExecutor, refs: list) -> None:
         self._executor, self._refs = executor, refs
 
-    def result(self) -> torch.Tensor:
-        """The last stage's logits; raises the first shard failure (after which the replica
+    def result(self) -> StepOutput | torch.Tensor:
+        """The sampling shard's answer; raises the first shard failure (after which the replica
         must be shut down: its peers may be stuck in a collective) or a timeout."""
         ex, refs = self._executor, self._refs
         results: dict = {}

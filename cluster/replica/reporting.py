@@ -1,7 +1,7 @@
 """What a replica tells the cluster about itself: its registration (hash parameters and request
 limits), its load, its KV cache's snapshot and events, published to the state store.
 
-A mixin of ``Replica`` (its methods are actor methods); it needs ``self.engine`` and
+A mixin of ``Replica`` (its methods are actor methods); it needs ``self._engine()`` and
 ``self.spec``. The replica is the only place an engine's stats become a ``ReplicaLoad``.
 """
 
@@ -26,7 +26,8 @@ class Reporting:
         """What this replica registers under ``replica_id``. The incarnation is fixed per
         process, so a restarted replica under the same id is told apart (its event ids start
         again at 0)."""
-        cfg, limits = self.engine.config, self.engine.limits
+        cfg, limits = self._engine().config, self._engine().limits
+        shards = self.executor.current()
         if not self._incarnation:
             self._incarnation = uuid.uuid4().hex
         return ReplicaRegistration(
@@ -42,15 +43,19 @@ class Reporting:
             max_num_seqs=limits.max_num_seqs,
             tp=self.spec.tp,
             pp=self.spec.pp,
+            device=cfg.device.type,
+            dtype=str(cfg.dtype).removeprefix("torch."),
+            weight_bytes=sum(r.weight_bytes for r in shards.reports),
+            kv_cache_bytes=sum(shards.kv_bytes),
         )
 
     def load(self) -> ReplicaLoad:
-        s = self.engine.stats()
+        s = self._engine().stats()
         return ReplicaLoad(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             num_free_blocks=s.num_free_blocks,
-            num_total_blocks=self.engine.config.num_blocks,
+            num_total_blocks=self._engine().config.num_blocks,
             kv_cache_usage=s.kv_cache_usage,
             num_preemptions=s.num_preemptions,
             prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
@@ -60,13 +65,13 @@ class Reporting:
 
     def kv_snapshot(self) -> KvSnapshot:
         """(last_event_id, cached block hashes) for a router's resync; safe while stepping."""
-        return self.engine.kv_snapshot()
+        return self._engine().kv_snapshot()
 
     def take_kv_events(self) -> list[KvEvent]:
         """KV events since the last call, for a caller that feeds a router directly (tests,
         ``bench/routing.py``). Not together with ``start_publishing``: each event goes to one
         consumer."""
-        return self.engine.drain_kv_events()
+        return self._engine().drain_kv_events()
 
     def start_publishing(
         self, url: str, replica_id: str, interval_s: float = 0.1, ttl_s: float = 3.0
@@ -81,7 +86,7 @@ class Reporting:
                 return reg
             current.stop()
         self._publisher = ReplicaPublisher(
-            url, reg, self.engine.drain_kv_events, self.load, interval_s=interval_s, ttl_s=ttl_s
+            url, reg, self._engine().drain_kv_events, self.load, interval_s=interval_s, ttl_s=ttl_s
         )
         self._publisher.start()
         return reg
@@ -101,6 +106,6 @@ class Reporting:
         """Drop the prefix cache (an ``AllBlocksCleared`` event tells the router), for
         benchmarks that compare policies from a cold cache. Only while the replica is idle:
         returns False, changing nothing, while a request is queued or running."""
-        if self.engine.has_unfinished_requests():
+        if self._engine().has_unfinished_requests():
             return False
-        return self.engine.kv.reset_prefix_cache()
+        return self._engine().kv.reset_prefix_cache()

@@ -12,10 +12,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-import torch
-
 from kvtide.cluster.replica.executor import RayExecutor
-from kvtide.workers import StepDelta
+from kvtide.workers import StepDelta, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +31,6 @@ class RestartingExecutor:
     NOTE: ``forward`` runs on the engine's stepping thread only; ``current`` and ``shutdown``
     may run on another thread, so the swap of workers is under ``_lock``.
     """
-
-    device = torch.device("cpu")
 
     def __init__(self, start: Callable[[], RayExecutor], max_in_flight: int) -> None:
         self._start = start
@@ -136,7 +132,7 @@ class WatchedStep:
     def __init__(self, owner: RestartingExecutor, workers, step, error: BaseException | None = None) -> None:
         self._owner, self._workers, self._step, self._error = owner, workers, step, error
 
-    def result(self) -> torch.Tensor:
+    def result(self) -> StepOutput:
         if self._error is not None:
             raise self._error
         try:

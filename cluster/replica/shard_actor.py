@@ -4,8 +4,9 @@
 ``ray.remote(ShardActor)``. Its lifecycle: construct (cheap), ``rendezvous_address()`` on global rank 0, ``init(address)`` on
 every shard at once (the torch.distributed rendezvous needs them all), then ``execute`` once
 per step on every shard, then ``shutdown``. Each step arrives as a ``StepDelta`` (only what
-changed since the last step); the shard's ``BatchState`` mirrors the block tables and packs
-the flat batch here, so the driver never ships whole block tables.
+changed since the last step); the shard mirrors the block tables and packs the flat batch
+here, so the driver never ships whole block tables, and the last stage's TP rank 0 samples
+here, so only token ids travel back.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from urllib.parse import urlsplit
 import torch
 import torch.distributed as dist
 
+from kvtide.cluster.replica.devices import CudaProbe, shard_device
 from kvtide.cluster.replica.spec import ShardSpec
 from kvtide.workers import (
-    BatchState,
     LlamaArgs,
     PipelineLinks,
+    ShardMemory,
     ShardRunner,
     StepDelta,
+    StepOutput,
     TensorParallel,
     load_model,
     read_hf_config,
@@ -37,7 +40,8 @@ from kvtide.workers import (
 
 @dataclass(frozen=True)
 class ShardReady:
-    """What a shard reports once it has joined its groups and loaded its weights."""
+    """What a shard reports once it has joined its groups, loaded its weights and measured its
+    device's memory (before its KV cache exists)."""
 
     rank: int
     stage: int
@@ -46,6 +50,12 @@ class ShardReady:
     pid: int
     layer_start: int
     layer_end: int
+    device: str
+    """The device Ray assigned it: "cpu" or "cuda:<index>"."""
+    dtype: str
+    weight_bytes: int
+    memory: ShardMemory
+    """Measured on a GPU (zeros on a CPU): what ``kv_plan`` sizes the KV cache from."""
 
 
 class InjectedFailure(RuntimeError):
@@ -57,13 +67,12 @@ class ShardActor:
         self.spec = spec
         self.rank = spec.rank
         self.host = spec.host
-        self.device = torch.device("cuda", 0) if spec.use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        self.device: torch.device | None = None
+        """Resolved in ``init`` from what Ray assigned this actor (``resolve_device``)."""
         self.runner: ShardRunner | None = None
         self.execute_s = 0.0
         self._fail_after: int | None = None  # see inject_failure()
         self._listener: socket.socket | None = None
-        # NOTE: only the last stage's TP rank 0 returns logits; its peers hold identical copies.
-        self.returns_logits = spec.stage == spec.pp_size - 1 and spec.tp_rank == 0
 
     def rendezvous_address(self) -> str:
         """A ``tcp://`` address on this node for the process group's store (call on global rank 0).
@@ -74,8 +83,29 @@ class ShardActor:
         self._listener = socket.create_server((self.host, 0))
         return f"tcp://{self.host}:{self._listener.getsockname()[1]}"
 
+    def gpu_assignment(self) -> tuple[list[str], str | None]:
+        """(the GPU ids Ray assigned this actor, its CUDA_VISIBLE_DEVICES): what
+        ``resolve_device`` reads."""
+        import ray
+
+        return ray.get_runtime_context().get_accelerator_ids().get("GPU", []), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    def resolve_device(self, probe: CudaProbe | None = None) -> str:
+        """The device Ray assigned this shard (``devices.shard_device``); raises ``NoDeviceError``
+        naming the shard when it asked for a GPU it cannot use. ``probe``: tests' CUDA seam."""
+        import ray
+
+        ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if self.spec.use_gpu else []
+        where = f"shard (stage {self.spec.stage}, tp_rank {self.spec.tp_rank}) on {self.host}"
+        device = shard_device(self.spec.use_gpu, ids, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                              probe or CudaProbe.of_this_process(), where)  # fmt: skip
+        self.device = device
+        return str(device)
+
     def init(self, init_method: str, timeout_s: float) -> ShardReady:
-        """Join the process group and every stage's TP group, then load this shard's weights."""
+        """Join the process group and every stage's TP group, load this shard's weights and
+        measure its device's memory; the KV cache comes with ``allocate``."""
+        self.resolve_device()
         interface = _interface_of(self.host)
         if interface is not None:  # else gloo/NCCL pick an interface from the hostname
             os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
@@ -107,11 +137,19 @@ class ShardActor:
             next_rank=self.rank + spec.tp_size if spec.stage < spec.pp_size - 1 else None,
         )
         self.runner = ShardRunner(
-            model, config.num_blocks, config.block_size, links, kv_dtype=config.kv_cache_dtype,
-            attention_backend=config.attention_backend,
+            model, None, config.block_size, links, kv_dtype=config.kv_cache_dtype,
+            attention_backend=config.attention_backend, samples=spec.tp_rank == 0,
+            eos_token_ids=config.eos_token_ids,
         )
-        self.batch = BatchState(config.block_size, self.device)
-        return ShardReady(self.rank, spec.stage, spec.tp_rank, self.node_id(), os.getpid(), start, end)
+        sched = config.engine.scheduler
+        memory = self.runner.measure_memory(sched.max_num_batched_tokens, sched.max_num_seqs)
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        return ShardReady(self.rank, spec.stage, spec.tp_rank, self.node_id(), os.getpid(), start, end,
+                          str(self.device), str(config.dtype).removeprefix("torch."), weight_bytes, memory)  # fmt: skip
+
+    def allocate(self, num_blocks: int) -> int:
+        """Allocate this shard's KV cache; returns its bytes."""
+        return self.runner.allocate_kv_cache(num_blocks)
 
     def _tp_group(self):
         """This stage's TP group. NOTE: ``new_group`` is collective over the whole world, so every
@@ -122,9 +160,9 @@ class ShardActor:
         groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(self.spec.pp_size)]
         return groups[self.spec.stage]
 
-    def execute(self, delta: StepDelta) -> torch.Tensor | None:
-        """Run this shard's part of one step: logits [num_sampled_seqs, vocab] (on CPU) from the
-        last stage's TP rank 0, None from every other shard."""
+    def execute(self, delta: StepDelta) -> StepOutput | torch.Tensor | None:
+        """Run this shard's part of one step: the sampled tokens from the last stage's TP rank 0
+        (``ShardRunner.execute``), None from every other shard."""
         if self.runner is None:
             raise RuntimeError(f"shard rank {self.rank} was not initialized; call init() first")
         if self._fail_after is not None:
@@ -133,9 +171,9 @@ class ShardActor:
                 self._fail_after = None
                 raise InjectedFailure(f"shard rank {self.rank}: failure injected for a test")
         t0 = time.perf_counter()
-        logits = self.runner.forward(self.batch.apply(delta))
+        output = self.runner.execute(delta)
         self.execute_s += time.perf_counter() - t0
-        return logits.cpu() if self.returns_logits else None
+        return output
 
     def timings(self) -> tuple[float, float]:
         """(seconds in ``execute``, of which waiting in pipeline send/recv) since start."""

@@ -11,10 +11,7 @@ from kvtide.workers import EngineConfig, ResolvedConfig, resolve_engine
 @dataclass(frozen=True)
 class ReplicaSpec:
     config: ResolvedConfig
-    tp: int = 1
-    """Tensor-parallel shards per pipeline stage."""
-    pp: int = 1
-    """Pipeline stages."""
+    """Its layout too: ``config.engine.parallel``."""
     cpus_per_shard: float = 1.0
     start_timeout_s: float = 300.0
     """How long its shards may take to start: placement, process groups, weights, CPU kernels."""
@@ -24,18 +21,21 @@ class ReplicaSpec:
     model_name: str = ""
     """The name it serves under (default: the model directory's name)."""
 
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    @property
+    def tp(self) -> int:
+        return self.config.engine.parallel.tensor_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.config.engine.parallel.pipeline_parallel_size
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", tp: int = 1, pp: int = 1, **options) -> ReplicaSpec:
         """Resolve ``model`` with flat ``EngineConfig`` options; the rest are this spec's fields."""
         own = {k: options.pop(k) for k in ("cpus_per_shard", "start_timeout_s", "placement_owner", "model_name")
                if k in options}  # fmt: skip
-        config = resolve_engine(EngineConfig.from_kwargs(model=model, **options))
-        return cls(config, tp, pp, **own)
+        engine = EngineConfig.from_kwargs(model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, **options)
+        return cls(resolve_engine(engine), **own)
 
 
 @dataclass(frozen=True)

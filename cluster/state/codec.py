@@ -10,7 +10,7 @@ from kvtide.router import ReplicaLoad, ReplicaRegistration
 
 _REGISTRATION_FIELDS = (
     "replica_id", "block_size", "hash_seed", "hash_version", "num_blocks", "model", "incarnation",
-    "max_model_len", "vocab_size", "max_num_seqs", "tp", "pp",
+    "max_model_len", "vocab_size", "max_num_seqs", "tp", "pp", "device", "dtype", "weight_bytes", "kv_cache_bytes",
 )  # fmt: skip
 _LOAD_FIELDS = (
     "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "kv_cache_usage", "num_preemptions",

@@ -8,6 +8,7 @@ by greedy sampling on the single-shard reference.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -27,7 +28,7 @@ from kvtide.workers.request import Request, RequestId, RequestStatus
 from kvtide.workers.sampling_params import SamplingParams
 from kvtide.workers.scheduler import Scheduler
 from kvtide.workers.shard import ShardRunner
-from kvtide.workers.step_inputs import ChunkDelta, DeltaTracker, StepDelta, StepInputs
+from kvtide.workers.step_inputs import ChunkDelta, DeltaTracker, SamplingSpec, StepDelta, StepInputs
 
 from tests.tiny import write_tiny_llama
 
@@ -93,7 +94,7 @@ def reference_steps(model_dir: Path, max_tokens: int = 4) -> list[Step]:
         plan = scheduler.schedule()
         inputs = prepare_inputs(plan, BLOCK_SIZE, torch.device("cpu"))
         logits = runner.forward(inputs)
-        steps.append(Step(inputs, plan_delta(tracker, plan), logits))
+        steps.append(Step(inputs, dataclasses.replace(plan_delta(tracker, plan), return_logits=True), logits))
         sampling = [c.request for c in plan.chunks if c.sample]
         for request, token in zip(sampling, logits.argmax(dim=-1).tolist(), strict=True):
             request.append_output_token(token)
@@ -184,7 +185,8 @@ def test_shards_talk_over_loopback_only(replica):
 
 
 def test_failed_shard_raises_and_shutdown_leaves_no_process(replica, steps):
-    bad_block = ChunkDelta("bad", 0, (1, 2, 3), True, keep_blocks=0, new_blocks=(NUM_BLOCKS + 5,))
+    spec = SamplingSpec(SamplingParams(), 0, (1, 2, 3))
+    bad_block = ChunkDelta("bad", 0, (1, 2, 3), True, keep_blocks=0, new_blocks=(NUM_BLOCKS + 5,), spec=spec)
     bad = StepDelta((bad_block,), ())
     with pytest.raises(RuntimeError, match=r"shard \(stage 0, tp_rank \d\) failed the step"):
         replica.executor.execute(bad)
@@ -224,7 +226,7 @@ def test_quantized_kv_cache_and_weights_reach_every_shard(cluster, models):
         while scheduler.num_unfinished:
             plan = scheduler.schedule()
             want = local.forward(prepare_inputs(plan, BLOCK_SIZE, torch.device("cpu")))
-            got = executor.execute(plan_delta(tracker, plan))
+            got = executor.execute(dataclasses.replace(plan_delta(tracker, plan), return_logits=True))
             torch.testing.assert_close(got, want, **TOLERANCE)
             for request, token in zip([c.request for c in plan.chunks if c.sample], want.argmax(-1).tolist(), strict=True):
                 request.append_output_token(token)

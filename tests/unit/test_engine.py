@@ -392,8 +392,8 @@ class DeferredExecutor(LocalExecutor):
     """Takes ``depth`` steps at once and runs each only when someone waits for it (in
     submission order, as pipeline stages do), so the engine really overlaps its steps."""
 
-    def __init__(self, shard, block_size: int, depth: int) -> None:
-        super().__init__(shard, block_size)
+    def __init__(self, shard, depth: int) -> None:
+        super().__init__(shard)
         self.max_in_flight = depth
         self.queue: list = []  # [delta, outcome or None]
         self.max_seen_in_flight = 0
@@ -419,7 +419,7 @@ class DeferredExecutor(LocalExecutor):
 def make_pipelined_engine(tiny: Tiny, depth: int, **kwargs) -> Engine:
     engine = make_engine(tiny, **kwargs)
     local = engine.runner.executor
-    engine.runner.executor = DeferredExecutor(local.shard, engine.config.block_size, depth)
+    engine.runner.executor = DeferredExecutor(local.shard, depth)
     engine._depth = depth
     return engine
 

@@ -127,7 +127,7 @@ def test_cpu_budget_reproduces_resolve(gib, kv_cache_dtype, block_size):
     """Today's CPU sizing: ``kv_cache_memory_gib`` over the whole model's bytes per block."""
     config = KNOWN_CONFIGS["smollm2-135m"]
     engine = EngineConfig.from_kwargs(
-        device="cpu", dtype="float32", attention_backend="torch", kv_cache_memory_gib=gib,
+        device="cpu", dtype="float32", attention_backend="torch", kv_cache_memory_gib=gib, max_model_len=2048,
         kv_cache_dtype=kv_cache_dtype, block_size=block_size,
     )  # fmt: skip
     resolved = resolve(engine, "unused", config)
