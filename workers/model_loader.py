@@ -35,16 +35,25 @@ def load_model(
     layer_end: int | None = None,
     quantization: str = "none",
 ) -> LlamaForCausalLM:
+    """Layers ``[layer_start, layer_end)`` of the model in ``model_dir``, this TP rank's slice,
+    on ``device`` in ``dtype``.
+
+    NOTE: the model is built on the meta device (shapes and dtypes, no storage), then given
+    uninitialized storage directly on ``device`` in its final dtypes and filled slice by slice
+    from the checkpoint: the full model never exists on one device, and no fp32 copy of a
+    bf16/fp16 shard is ever made. Raises ``ValueError`` when a parameter got no weights."""
     args = LlamaArgs.from_hf_config(read_hf_config(model_dir))
-    model = LlamaForCausalLM(args, tp, dtype, layer_start, layer_end)
-    if quantization != "none":
-        method = get_linear_method(quantization, device)
-        for module in model.modules():
-            if hasattr(module, "set_method"):
-                module.set_method(method)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(f"model directory {str(model_dir)!r} has no *.safetensors files")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args, tp, dtype, layer_start, layer_end)
+        if quantization != "none":
+            method = get_linear_method(quantization, device)
+            for module in model.modules():
+                if hasattr(module, "set_method"):
+                    module.set_method(method)
+    model.materialize(device)
     loaded: dict[int, set[int]] = {}  # parameter id -> checkpoint shards copied into it
     expected: dict[int, int] = {}
     with torch.no_grad():
@@ -69,7 +78,7 @@ def load_model(
     ]
     if missing:
         raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights for: {', '.join(missing[:8])}")
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _param(module: torch.nn.Module, is_bias: bool) -> torch.nn.Parameter:

@@ -24,6 +24,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.local_vocab = -(-vocab_size // tp.size)
         self.vocab_start = tp.rank * self.local_vocab
+        # In the model dtype, as the LM head sharing it (logits are cast to fp32 after).
         self.weight = nn.Parameter(
             torch.zeros(self.local_vocab, hidden_size, dtype=dtype), requires_grad=False
         )
@@ -31,6 +32,9 @@ class VocabParallelEmbedding(nn.Module):
     def load(self, shard: int, weight: Any, is_bias: bool = False) -> None:
         end = min(self.vocab_start + self.local_vocab, self.vocab_size)
         self.weight[: end - self.vocab_start].copy_(weight[self.vocab_start : end])
+        # The last rank's padding rows (vocab not divisible by tp) have no checkpoint rows;
+        # the storage may come uninitialized from ``to_empty``, so they are zeroed here.
+        self.weight[max(0, end - self.vocab_start) :].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [num_tokens] -> [num_tokens, hidden]."""

@@ -119,8 +119,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(a, tp, dtype)
         self.mlp = LlamaMLP(a, tp, dtype)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype)
 
     def forward(self, x, residual, rope, kv_cache, meta, backend):
         h, residual = self.input_layernorm(x, residual)
@@ -149,18 +149,38 @@ class LlamaForCausalLM(nn.Module):
         self.layer_end = a.num_layers if layer_end is None else layer_end
         self.is_first = layer_start == 0
         self.is_last = self.layer_end == a.num_layers
-        self.rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
+        self.rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling, dtype)
         self.embed_tokens = (
             VocabParallelEmbedding(a.vocab_size, a.hidden_size, tp, dtype) if self.is_first else None
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(a, tp, dtype) for _ in range(self.layer_start, self.layer_end)
         )
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps) if self.is_last else None
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, dtype) if self.is_last else None
         if self.is_last:
             self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size, tp, dtype)
             if a.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def ties_head(self) -> bool:
+        """The LM head shares the embedding's weight (a tied model whose one stage holds both)."""
+        return self.is_last and self.embed_tokens is not None and self.lm_head.weight is self.embed_tokens.weight
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Give a model built on the meta device uninitialized storage on ``device``, in the
+        dtypes it was built with, and compute its rotary tables there. Every parameter is then
+        filled from the checkpoint (the loader checks it).
+
+        NOTE: ``to_empty`` replaces each module's parameters on its own, which would give a tied
+        head a second embedding-sized tensor; the head is detached first and re-tied after."""
+        tied = self.ties_head
+        if tied:
+            self.lm_head.weight = None
+        self.to_empty(device=device)
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary.compute_tables()
 
     def forward(
         self,
