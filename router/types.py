@@ -74,6 +74,8 @@ class ReplicaLoad:
     prefix_cache_hit_tokens: int = 0
     timestamp_s: float = 0.0
     """Wall clock (unix seconds) when it was taken; 0 when unknown."""
+    num_restarts: int = 0
+    """Times the replica restarted its shards."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class ClusterState:
         self.store = store
         self.on_replica_lost: Callable[[str], None] | None = None
         """Told once when a replica leaves for good (dead, or its heartbeat expired)."""
+        self.lost: set[str] = set()
+        """Replicas that left (until one registers again under the same id)."""
         self.poll_interval_s = poll_interval_s
         self.load_interval_s = load_interval_s
         self._loads_polled_at = float("-inf")
@@ -127,6 +129,7 @@ class ClusterState:
         """A replica known without Redis (direct registration); raises ``ValueError`` if its
         hash parameters differ from the router's."""
         self.router.register(registration)
+        self.lost.discard(registration.replica_id)
 
     def replica_failed(self, replica_id: str) -> None:
         """The replica is dead (a request or a load poll found it so): stop routing to it now,
@@ -141,6 +144,7 @@ class ClusterState:
         self._lost(replica_id)
 
     def _lost(self, replica_id: str) -> None:
+        self.lost.add(replica_id)
         if self.on_replica_lost is not None:
             self.on_replica_lost(replica_id)
 
@@ -231,6 +235,7 @@ class ClusterState:
                 self._rejected.add(reg)  # once: the registry repeats it every heartbeat
                 continue
             logger.info("replica %s %s (%d KV blocks)", rid, "re-registered" if known else "registered", reg.num_blocks)
+            self.lost.discard(rid)
             self._cursors.setdefault(rid, b"0")
             self._needs_resync[rid] = now
         for rid in self.router.replica_ids():

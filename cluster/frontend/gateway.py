@@ -113,6 +113,7 @@ class Gateway:
         cancelling its consumer) aborts the request on its replica."""
         request = prepared.request
         async with self.admission.admitted(prepared.arrival_s, self._within_deadline):
+            self.metrics.queue_time.observe(time.perf_counter() - prepared.arrival_s)
             try:
                 routed = self.replicas.choose(request.prompt_token_ids, request.params.max_tokens)
             except NoReplicaAvailable as exc:

@@ -77,7 +77,9 @@ def _response(request_id: str, d: ChoiceDelta) -> kvtide_pb2.GenerateResponse:
     return msg
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: ServingError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: ServingError, gateway: Gateway | None = None) -> None:
+    if gateway is not None:
+        gateway.metrics.errors.labels(exc.code.value).inc()
     metadata = ()
     if exc.retry_after_s is not None:
         metadata = (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
@@ -97,7 +99,7 @@ class KvtideServicer(kvtide_pb2_grpc.KvtideServicer):
             async for msg in self._stream(prompt, request.params, request.request_id):
                 yield msg
         except ServingError as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.gateway)
 
     async def Chat(self, request, context):
         try:
@@ -108,7 +110,7 @@ class KvtideServicer(kvtide_pb2_grpc.KvtideServicer):
             async for msg in self._stream(prompt, request.params, request.request_id):
                 yield msg
         except ServingError as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.gateway)
 
     async def _stream(self, prompt, params, client_request_id: str):
         prepared = await self.gateway.prepare(prompt, sampling_kwargs(params), client_request_id or None)
@@ -128,7 +130,7 @@ class KvtideServicer(kvtide_pb2_grpc.KvtideServicer):
                 text, special = request.text, request.add_special_tokens
             ids = await gw.prompts.encode("text", text, add_special_tokens=special, cap=False)
         except ServingError as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.gateway)
         return kvtide_pb2.TokenizeResponse(token_ids=ids, max_model_len=gw.limits.max_model_len)
 
     async def ListModels(self, request, context):

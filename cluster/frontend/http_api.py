@@ -66,7 +66,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(ServingError)
     async def on_serving_error(request: Request, exc: ServingError):
-        gateway.metrics.rejected.labels(exc.code.value).inc()
+        gateway.metrics.errors.labels(exc.code.value).inc()
         return error_response(exc)
 
     @app.exception_handler(_BodyTooLarge)

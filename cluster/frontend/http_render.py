@@ -100,7 +100,7 @@ async def respond(request, gateway, stream, num_choices: int, body, kind: str, i
         await stream.aclose()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = _sse(head, kind + ".chunk", first, stream, chat, include_usage, gateway.tokenizer)
+    events = _sse(head, kind + ".chunk", first, stream, chat, include_usage, gateway)
     return StreamingResponse(events, media_type="text/event-stream")
 
 
@@ -126,7 +126,8 @@ async def _unless_disconnected(request: Request, awaitable):
             await asyncio.wait({task})
 
 
-async def _sse(head, kind, first, stream, chat: bool, include_usage: bool, tokenizer) -> AsyncIterator[str]:
+async def _sse(head, kind, first, stream, chat: bool, include_usage: bool, gateway: Gateway) -> AsyncIterator[str]:
+    tokenizer = gateway.tokenizer
     try:
         delta, seen = first, set()
         while delta is not None:
@@ -144,6 +145,7 @@ async def _sse(head, kind, first, stream, chat: bool, include_usage: bool, token
                 yield _event({**head, "object": kind, "choices": [], "usage": _usage(delta.usage)})
             delta = await anext(stream, None)
     except ServingError as exc:
+        gateway.metrics.errors.labels(exc.code.value).inc()
         status, error_type = HTTP_STATUS[exc.code]
         yield _event({"error": {"message": exc.message, "type": error_type, "param": None, "code": status}})
     finally:

@@ -26,6 +26,15 @@ _REPLICA_METRICS = (
     ("num_preemptions", CounterMetricFamily, "kvtide:num_preemptions", "Requests preempted for KV blocks."),
     ("prefix_cache_hit_tokens", CounterMetricFamily, "kvtide:prefix_cache_hits", "Prompt tokens found cached."),
     ("prefix_cache_queried_tokens", CounterMetricFamily, "kvtide:prefix_cache_queries", "Prompt tokens looked up."),
+    ("num_total_blocks", GaugeMetricFamily, "kvtide:kv_cache_blocks_total", "KV blocks of the replica's cache."),
+    ("num_free_blocks", GaugeMetricFamily, "kvtide:kv_cache_blocks_free",
+     "KV blocks a request could take now (cached-but-unused ones included)."),
+    ("num_restarts", CounterMetricFamily, "kvtide:replica_restarts", "Times the replica restarted its shards."),
+)  # fmt: skip
+_REGISTRATION_METRICS = (
+    # (ReplicaRegistration field, name, help)
+    ("weight_bytes", "kvtide:replica_weight_bytes", "Weights over all the replica's shards."),
+    ("kv_cache_bytes", "kvtide:replica_kv_cache_bytes", "KV cache over all the replica's shards."),
 )
 
 
@@ -53,6 +62,29 @@ class _ReplicaCollector(Collector):
         for r in replicas:
             exact.add_metric([r.replica_id], float(r.exact))
         yield exact
+        yield from self._registrations([r.replica_id for r in replicas])
+
+    def _registrations(self, replica_ids: list[str]):
+        state = self._replicas.state
+        regs = [state.router.registration(rid) for rid in replica_ids] if state is not None else []
+        for attr, name, help_text in _REGISTRATION_METRICS:
+            family = GaugeMetricFamily(name, help_text, labels=["replica"])
+            for reg in regs:
+                family.add_metric([reg.replica_id], float(getattr(reg, attr)))
+            yield family
+        info = GaugeMetricFamily("kvtide:replica_info", "1 per replica: where its shards run.",
+                                 labels=["replica", "device", "dtype", "tp", "pp"])  # fmt: skip
+        for reg in regs:
+            info.add_metric([reg.replica_id, reg.device, reg.dtype, str(reg.tp), str(reg.pp)], 1.0)
+        yield info
+        up = GaugeMetricFamily("kvtide:replica_up", "1 while the replica is routed to, 0 once it was lost.",
+                               labels=["replica"])  # fmt: skip
+        for rid in replica_ids:
+            up.add_metric([rid], 1.0)
+        for rid in sorted(state.lost) if state is not None else ():
+            if rid not in replica_ids:
+                up.add_metric([rid], 0.0)
+        yield up
 
 
 class RequestTimer:
@@ -102,9 +134,14 @@ class FrontendMetrics:
         self.requests = Counter(
             "kvtide:request_success", "Finished requests by finish reason.", ["finished_reason"], registry=r
         )
-        self.rejected = Counter(
-            "kvtide:request_rejected", "Requests refused before streaming, by error code.", ["code"], registry=r
-        )
+        self.errors = Counter(
+            "kvtide:request_errors", "Requests answered with an error (refused, or failed mid-stream), by code.",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "kvtide:request_queue_time_seconds", "Arrival (tokenization included) to admission at the frontend.",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
         r.register(_ReplicaCollector(replicas))
 
     def request_timer(self, arrival_s: float) -> RequestTimer:

@@ -61,6 +61,7 @@ class Reporting:
             prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
             timestamp_s=time.time(),
+            num_restarts=self.executor.num_restarts,
         )
 
     def kv_snapshot(self) -> KvSnapshot:

@@ -14,7 +14,7 @@ _REGISTRATION_FIELDS = (
 )  # fmt: skip
 _LOAD_FIELDS = (
     "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "kv_cache_usage", "num_preemptions",
-    "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "timestamp_s",
+    "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "timestamp_s", "num_restarts",
 )  # fmt: skip
 
 
