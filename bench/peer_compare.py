@@ -8,6 +8,7 @@ so a drift in the machine's load hits both. See bench/peers.py for what is measu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -183,20 +184,32 @@ def compare(args: argparse.Namespace, s: Settings) -> None:
     print(f"model {model_dir} fp32; {args.threads} threads each; max_num_seqs {s.max_num_seqs}, "
           f"{s.max_num_batched_tokens} tokens/step, {s.kv_cache_gib} GiB KV cache; seed {args.seed}"
           f"{'; QUICK' if args.quick else ''}; raw results in {s.out_dir}", flush=True)
+    digest = engine_digest()
+    print(f"kvtide source: {engine_source()}", flush=True)
     results: dict[tuple[str, str], Result] = {}
+    failures = []
     for i, pair in enumerate(pairs):
         job = Job(str(model_dir), args.threads, pair.prefix_caching, s.max_num_seqs, s.max_num_batched_tokens,
                   s.kv_cache_gib, list(pair.workloads), single_prompt if pair.single else [],
                   single_new if pair.single else 0, (2 if args.quick else 3) if pair.single else 0)
         for system in SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]:
-            results[pair.label, system] = run_system(system, job, pair.label, s)
+            try:
+                results[pair.label, system] = run_system(system, job, pair.label, s)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:  # report the pairs that ran
+                failures.append(f"{pair.label} {system}: {exc}")
+                print(f"  [{pair.label}] {system} FAILED; this pair is left out of the report", flush=True)
+    pairs = [p for p in pairs if (p.label, "kvtide") in results and (p.label, "vllm") in results]
+    changed = digest != engine_digest()
 
-    first = results[pairs[0].label, "kvtide"], results[pairs[0].label, "vllm"]
-    for r in first:
-        print(f"{r.system} {r.version}: " + "; ".join(r.notes))
+    for system in SYSTEMS:
+        r = next((results[p.label, system] for p in pairs), None)
+        if r is not None:
+            print(f"{system} {r.version}: " + "; ".join(r.notes))
     ratio = float("nan")
     for name, w in workloads.items():
         runs = [(p.label, results[p.label, "kvtide"], results[p.label, "vllm"]) for p in pairs if any(x.name == name for x in p.workloads)]
+        if not runs:
+            continue
         med = report_workload(w, runs, et)
         if name == "mixed":
             ratio = med
@@ -204,4 +217,28 @@ def compare(args: argparse.Namespace, s: Settings) -> None:
     if singles:
         report_single(singles, single_new)
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+    if changed:
+        print(f"WARNING: kvtide's engine files changed on disk during the run (now {engine_source()}): pairs may differ")
+    for f in failures:
+        print(f"FAILED: {f}")
     print(f"ratio_vs_vllm: {ratio:.2f}" + ("" if "mixed" in workloads else "  (mixed workload not run)"))
+    if failures:
+        raise SystemExit(1)
+
+
+def engine_digest() -> str:
+    """A digest of kvtide's engine files as they are on disk (other engineers may edit the
+    tree while a run is going)."""
+    repo = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha1()
+    for path in sorted(p for d in ("workers", "kernels") for p in (repo / d).rglob("*") if p.suffix in (".py", ".cpp")):
+        digest.update(str(path.relative_to(repo)).encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def engine_source() -> str:
+    repo = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.rstrip()  # noqa: E731
+    changed = git("status", "--porcelain", "--", "workers", "kernels").splitlines()
+    return (f"commit {git('rev-parse', '--short', 'HEAD')}, workers/ + kernels/ digest {engine_digest()}"
+            + (f" ({len(changed)} files differ from the commit)" if changed else ""))
