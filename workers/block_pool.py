@@ -8,17 +8,28 @@ NOTE: invariants, checked by the property tests:
 - a block is in the free queue iff its ref count is 0;
 - ``cached_hash(b) == h`` iff ``get_cached_block(h) == b``: the hash map and the per-block
   hashes are two views of one bijection;
-- every change to that map is reported by exactly one pending ``KvEvent``, in order, with
-  ``event_id`` 0, 1, 2, ... per pool.
+- every change to that map is reported by exactly one ``KvEvent``, in order, with
+  ``event_id`` 0, 1, 2, ... per pool; it stays pending until drained or dropped (below).
+
+The pending events are bounded: past ``max_pending_hashes`` hashes (one turnover of the
+cache, every block stored and evicted once: ``2 * num_blocks`` by default) the oldest are
+dropped, never the newest, and the ids keep counting, so every drop shows as a gap at the
+next drain. Nothing has to drain the pool (the offline ``LLM``, a replica that publishes
+nowhere); one that drains late sees the gap and resyncs from ``snapshot()``, as the router
+does after any lost event. A cap was chosen over recording only while a consumer is attached:
+it needs no attach protocol between threads, it also bounds a consumer that stops draining,
+and past it a snapshot (at most ``num_blocks`` hashes) is the cheaper way to catch up anyway.
 
 Mutating calls: ``allocate``, ``touch``, ``free``, ``cache_full_blocks``,
-``reset_prefix_cache``, ``take_events``. Everything else only reads. Not thread-safe: one
-engine step loop owns the pool.
+``reset_prefix_cache``. Everything else only reads, except ``take_events`` and
+``drain_events``, which any thread may call. Otherwise not thread-safe: one engine step loop
+owns the pool.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
@@ -40,11 +51,17 @@ class KvSnapshot(NamedTuple):
 
 
 class BlockPool:
-    """``num_blocks`` KV blocks with ids ``0..num_blocks-1``, all free at the start."""
+    """``num_blocks`` KV blocks with ids ``0..num_blocks-1``, all free at the start.
 
-    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+    ``max_pending_hashes`` bounds the undrained events, counting each event's hashes (an
+    ``AllBlocksCleared`` counts one); None means ``2 * num_blocks``.
+    """
+
+    def __init__(self, num_blocks: int, enable_caching: bool, max_pending_hashes: int | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        if max_pending_hashes is not None and max_pending_hashes <= 0:
+            raise ValueError(f"max_pending_hashes must be positive, got {max_pending_hashes}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self._ref_counts = [0] * num_blocks
@@ -52,7 +69,12 @@ class BlockPool:
         self._hash_to_block: dict[BlockHash, int] = {}
         # Front = next to be allocated (least recently freed); values unused.
         self._free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._events: list[KvEvent] = []
+        self.max_pending_hashes = max_pending_hashes or 2 * num_blocks
+        self._events: deque[KvEvent] = deque()
+        self._num_pending_hashes = 0
+        self._num_events_dropped = 0
+        self._events_lock = threading.Lock()
+        """Guards the three fields above: the stepping thread emits, a publisher drains."""
         self._next_event_id = 0
 
     # ---- reads -------------------------------------------------------------------------
@@ -77,6 +99,17 @@ class BlockPool:
     def get_cached_block(self, block_hash: BlockHash) -> int | None:
         """The block cached under ``block_hash`` (in use or free), or None. Does not touch it."""
         return self._hash_to_block.get(block_hash)
+
+    @property
+    def num_pending_hashes(self) -> int:
+        """Hashes in the events not yet drained: at most ``max_pending_hashes``, or the newest
+        event's alone when it has more."""
+        return self._num_pending_hashes
+
+    @property
+    def num_events_dropped(self) -> int:
+        """Events dropped undrained since the pool was made (each left a gap in the ids)."""
+        return self._num_events_dropped
 
     @property
     def cached_blocks(self) -> Mapping[BlockHash, int]:
@@ -192,11 +225,6 @@ class BlockPool:
         self._emit(AllBlocksCleared(self._next_event_id))
         return True
 
-    def take_events(self) -> list[KvEvent]:
-        """The events since the last call, oldest first; the pool forgets them."""
-        events, self._events = self._events, []
-        return events
-
     # ---- reads and takes from another thread ------------------------------------------
 
     def snapshot(self) -> KvSnapshot:
@@ -210,16 +238,28 @@ class BlockPool:
         return KvSnapshot(last_event_id, tuple(self._hash_to_block))
 
     def drain_events(self) -> list[KvEvent]:
-        """Like ``take_events``, but safe while the stepping thread emits: the list object is
-        never swapped, only its first ``n`` entries cut (each list operation is atomic under
-        the GIL), so an event appended meanwhile stays for the next call. Use one of
-        ``take_events`` and ``drain_events`` per pool, not both."""
-        n = len(self._events)
-        events = self._events[:n]
-        del self._events[:n]
+        """The pending events, oldest first; the pool forgets them. Safe while the stepping
+        thread emits: an event emitted meanwhile is either returned or left for the next call.
+        The first one's id is past the previous call's last when events were dropped between
+        the two calls."""
+        with self._events_lock:
+            events = list(self._events)
+            self._events.clear()
+            self._num_pending_hashes = 0
         return events
+
+    take_events = drain_events
 
     def _emit(self, event: KvEvent) -> None:
         assert event.event_id == self._next_event_id
-        self._events.append(event)
+        with self._events_lock:
+            self._events.append(event)
+            self._num_pending_hashes += _num_hashes(event)
+            while self._num_pending_hashes > self.max_pending_hashes and len(self._events) > 1:
+                self._num_pending_hashes -= _num_hashes(self._events.popleft())
+                self._num_events_dropped += 1
         self._next_event_id += 1
+
+
+def _num_hashes(event: KvEvent) -> int:
+    return 1 if isinstance(event, AllBlocksCleared) else len(event.block_hashes)
