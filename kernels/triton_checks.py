@@ -3,6 +3,11 @@
 A Triton kernel given a wrong stride or dtype reads garbage or faults far from the cause, so
 every launcher checks its tensors first and raises a ``ValueError`` naming the argument, what
 it got and what it needs.
+
+NOTE: the checks read shapes, strides, dtypes and devices, and the host-side ints a launcher is
+given, never a value in device memory: on a GPU every such read is a host sync (and breaks
+CUDA graph capture). Values only the device holds (sequence lengths, offsets, slots) are the
+producer's contract, which each launcher documents; the torch twins check them on the CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ def check_tensor(
         check(ok, f"{name} must have shape {want}, got {tuple(t.shape)}")
     if unit_last_stride and t.numel() > 1:
         check(t.stride(-1) == 1, f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_host_int(name: str, value: object, lo: int, hi: int, bounds: str = "") -> int:
+    """A Python int in ``[lo, hi]`` (``bounds`` says where they come from), prepared on the
+    host: a tensor here would be read back from the device, so it is refused, not converted."""
+    check(
+        isinstance(value, int) and not isinstance(value, bool),
+        f"{name} must be a Python int prepared on the host, got {type(value).__name__}",
+    )
+    check(lo <= value <= hi, f"{name} must be in [{lo}, {hi}]{bounds}, got {value}")
+    return value
 
 
 def check_head_dim(head_dim: int) -> None:

@@ -15,6 +15,8 @@ The torch twin is ``attention_ref.paged_decode_attention_ref``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ from kvtide.kernels.triton_checks import (
     check,
     check_device,
     check_head_dim,
+    check_host_int,
     check_tensor,
 )
 from kvtide.kernels.triton_kv_write import check_kv_cache, scale_strides
@@ -59,7 +62,7 @@ def load_kv_tile(
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    scale_log2, block_size, partition_size, num_splits,
+    scale_log2, block_size, capacity, partition_size, num_splits,
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_cb, stride_ch, stride_ct,
     stride_sb, stride_sh, stride_st,
@@ -70,7 +73,9 @@ def _decode_split_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    # NOTE: clamped to the block table's width, so a length that breaks the contract gives a
+    # wrong row, never a read past the table.
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), capacity)
     start = split * partition_size
     end = tl.minimum(start + partition_size, seq_len)
 
@@ -151,12 +156,17 @@ def dot_config(dtype: torch.dtype) -> tuple[bool, str]:
     return False, "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.cache
+def _multi_processor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Splits exist to fill a GPU's SMs: about two programs per SM, partitions of at least
     128 tokens; one split off CUDA (the interpreter runs programs one after another)."""
     if device.type != "cuda":
         return 1
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 2 * _multi_processor_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(max_seq_len, 128), triton.cdiv(programs, num_seqs * num_kv_heads)))
 
 
@@ -171,14 +181,23 @@ def paged_decode_attention(
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    *,
+    max_seq_len: int,
 ) -> torch.Tensor:
-    """Same contract as ``paged_decode_attention_ref``.
+    """Same contract as ``paged_decode_attention_ref``, plus ``max_seq_len``.
 
     query: [num_seqs, num_heads, head_dim] fp32/fp16/bf16 (computed in fp32);
     k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim] of query's dtype, or
     int8/fp8 with k_scale, v_scale [num_blocks, num_kv_heads, block_size] fp32;
-    block_tables: [num_seqs, max_blocks] int32/int64; seq_lens: [num_seqs] int32/int64, each
-    in [1, max_blocks * block_size]. ``num_splits`` partitions per sequence (None: by size).
+    block_tables: [num_seqs, max_blocks] int32/int64; seq_lens: [num_seqs] int32/int64 on the
+    query's device. ``max_seq_len``: a host int, at least every ``seq_lens`` value (the batch's
+    maximum, known when the batch was packed); it sizes the splits and tiles. ``num_splits``
+    partitions per sequence (None: by size).
+
+    Never reads device memory, so it never syncs with the host. The producer's contract,
+    unchecked here: each ``seq_lens[i]`` in ``[1, max_seq_len]`` and its first
+    ``ceil(seq_lens[i] / block_size)`` table entries valid block ids. A length past the
+    table's width is clamped to it; one past ``max_seq_len`` loses its last tokens.
     """
     check_tensor("query", query, dim=3, dtypes=FLOAT_DTYPES)
     num_seqs, num_heads, head_dim = query.shape
@@ -193,11 +212,10 @@ def paged_decode_attention(
     check_tensor("out", out, dim=3, dtypes=(query.dtype,), shape=query.shape)
     check_device(_decode_split_kernel, query=query, k_cache=k_cache, v_cache=v_cache, k_scale=k_scale,
                  v_scale=v_scale, block_tables=block_tables, seq_lens=seq_lens, out=out)
+    capacity = block_tables.shape[1] * block_size
+    hi = check_host_int("max_seq_len", max_seq_len, min(1, num_seqs), capacity, " (block_tables width x block_size)")
     if num_seqs == 0:
         return out
-    lo, hi = (int(x) for x in torch.aminmax(seq_lens))
-    capacity = block_tables.shape[1] * block_size
-    check(1 <= lo and hi <= capacity, f"seq_lens must be in [1, {capacity}] (block_tables width x block_size), got [{lo}, {hi}]")
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, hi, query.device)
     check(isinstance(num_splits, int) and num_splits >= 1, f"num_splits must be an int >= 1, got {num_splits!r}")
@@ -219,7 +237,7 @@ def paged_decode_attention(
         query, k_cache, v_cache,
         k_scale if k_scale is not None else k_cache, v_scale if v_scale is not None else v_cache,
         block_tables, seq_lens, out, part_acc, part_m, part_l,
-        scale * LOG2E, block_size, partition, num_splits,
+        scale * LOG2E, block_size, capacity, partition, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *scale_strides(k_scale),

@@ -60,7 +60,7 @@ def _quantize(x, QUANT: tl.constexpr, QMAX_: tl.constexpr, MIN_ABSMAX_: tl.const
 @triton.jit
 def _write_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
-    num_tokens, num_kv_heads, block_size,
+    num_tokens, num_kv_heads, block_size, num_slots,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ch, stride_ct,
     stride_sb, stride_sh, stride_st,
@@ -71,8 +71,9 @@ def _write_kv_kernel(
     h = tl.arange(0, HEADS_PAD)
     d = tl.arange(0, HEAD_DIM)
     slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1).to(tl.int64)
-    # NOTE: a negative slot marks a padding token with nothing to store.
-    rows = (slot >= 0)[:, None] & (h < num_kv_heads)[None, :]  # [BLOCK_T, HEADS_PAD]
+    # NOTE: a negative slot marks a padding token with nothing to store; a slot past the
+    # cache breaks the launcher's contract and is dropped rather than written out of bounds.
+    rows = ((slot >= 0) & (slot < num_slots))[:, None] & (h < num_kv_heads)[None, :]  # [BLOCK_T, HEADS_PAD]
     mask = rows[:, :, None]
     t3 = t[:, None, None]
     h3 = h[None, :, None]
@@ -139,8 +140,12 @@ def write_kv(
     """Scatter new K/V into the cache (same contract as ``write_kv_ref``).
 
     key, value: [num_tokens, num_kv_heads, head_dim]; k_cache, v_cache: [num_blocks,
-    num_kv_heads, block_size, head_dim]; slot_mapping: [num_tokens] int32/int64;
-    k_scale, v_scale: [num_blocks, num_kv_heads, block_size] fp32 for an int8/fp8 cache.
+    num_kv_heads, block_size, head_dim]; slot_mapping: [num_tokens] int32/int64 on the same
+    device; k_scale, v_scale: [num_blocks, num_kv_heads, block_size] fp32 for an int8/fp8 cache.
+
+    Never reads device memory, so it never syncs with the host. The producer's contract,
+    unchecked here: each slot is -1 (a padding token, skipped) or in ``[0, num_blocks *
+    block_size)``, and no two tokens share a slot; a slot past the cache is dropped.
     """
     check_tensor("key", key, dim=3, dtypes=FLOAT_DTYPES)
     num_tokens, num_kv_heads, head_dim = key.shape
@@ -164,7 +169,7 @@ def write_kv(
         key, value, k_cache, v_cache,
         k_scale if k_scale is not None else k_cache, v_scale if v_scale is not None else v_cache,
         slot_mapping,
-        num_tokens, num_kv_heads, k_cache.shape[2],
+        num_tokens, num_kv_heads, k_cache.shape[2], k_cache.shape[0] * k_cache.shape[2],
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *scale_strides(k_scale),

@@ -22,6 +22,7 @@ from kvtide.kernels.triton_checks import (
     check,
     check_device,
     check_head_dim,
+    check_host_int,
     check_tensor,
 )
 from kvtide.kernels.triton_decode import LOG2E, dot_config, load_kv_tile
@@ -32,7 +33,7 @@ from kvtide.kernels.triton_kv_write import check_kv_cache, scale_strides
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
     query_start_loc_ptr, seq_lens_ptr, out_ptr,
-    scale_log2, block_size,
+    scale_log2, block_size, capacity, num_tokens,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ch, stride_ct,
     stride_sb, stride_sh, stride_st,
@@ -46,13 +47,15 @@ def _prefill_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q < q_len:
-        seq_len = tl.load(seq_lens_ptr + seq)
+        # NOTE: clamps and masks keep offsets or lengths that break the launcher's contract
+        # inside the block table and the query rows: a wrong result, never a stray access.
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), capacity)
         context = seq_len - q_len  # cached tokens before the first new one
 
         r = tl.arange(0, BLOCK_Q * GROUP_PAD)
         token = q_tile * BLOCK_Q + r // GROUP_PAD
         head = kv_head * GROUP + r % GROUP_PAD
-        row_ok = (token < q_len) & (r % GROUP_PAD < GROUP)
+        row_ok = (token < q_len) & (r % GROUP_PAD < GROUP) & (q_start + token >= 0) & (q_start + token < num_tokens)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -92,19 +95,29 @@ def paged_prefill_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    query_start_loc: list[int] | torch.Tensor,
-    seq_lens: list[int] | torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    *,
+    max_query_len: int,
+    max_seq_len: int,
 ) -> torch.Tensor:
-    """Same contract as ``paged_prefill_attention_ref``.
+    """Same contract as ``paged_prefill_attention_ref``, with the offsets and lengths as
+    tensors on the query's device and their maxima as host ints.
 
     query: [num_tokens, num_heads, head_dim] fp32/fp16/bf16; k_cache, v_cache and their
     scales as for ``paged_decode_attention``; block_tables: [num_seqs, max_blocks];
-    query_start_loc: num_seqs + 1 non-decreasing offsets from 0 to num_tokens; seq_lens:
-    [num_seqs], each at least its query length and at most max_blocks * block_size.
+    query_start_loc: [num_seqs + 1] int32/int64; seq_lens: [num_seqs] int32/int64.
+    ``max_query_len`` (sizes the grid) and ``max_seq_len``: host ints, at least the largest
+    query length and sequence length (the batch's maxima, known when it was packed).
+
+    Never reads device memory, so it never syncs with the host. The producer's contract,
+    unchecked here: ``query_start_loc`` rises from 0 to num_tokens; each ``seq_lens[i]`` is
+    in ``[its query length, max_seq_len]``, with that many tokens' blocks in its table row;
+    each query length is at most ``max_query_len`` (rows past it are not computed).
     """
     check_tensor("query", query, dim=3, dtypes=FLOAT_DTYPES)
     num_tokens, num_heads, head_dim = query.shape
@@ -112,41 +125,33 @@ def paged_prefill_attention(
     check_kv_cache(k_cache, v_cache, k_scale, v_scale, head_dim, query.dtype)
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     check(num_heads % num_kv_heads == 0, f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    qsl = torch.as_tensor(query_start_loc, dtype=torch.int64, device=query.device)
-    lens = torch.as_tensor(seq_lens, dtype=torch.int64, device=query.device)
-    check_tensor("seq_lens", lens, dim=1)
-    num_seqs = lens.shape[0]
-    check_tensor("query_start_loc", qsl, dim=1, shape=(num_seqs + 1,))
+    check_tensor("seq_lens", seq_lens, dim=1, dtypes=(torch.int32, torch.int64))
+    num_seqs = seq_lens.shape[0]
+    check_tensor("query_start_loc", query_start_loc, dim=1, dtypes=(torch.int32, torch.int64), shape=(num_seqs + 1,))
     check_tensor("block_tables", block_tables, dim=2, dtypes=(torch.int32, torch.int64), shape=(num_seqs, None))
     if out is None:
         out = torch.empty_like(query)
     check_tensor("out", out, dim=3, dtypes=(query.dtype,), shape=query.shape)
     check_device(_prefill_kernel, query=query, k_cache=k_cache, v_cache=v_cache, k_scale=k_scale,
-                 v_scale=v_scale, block_tables=block_tables, out=out)
-    if num_seqs == 0 or num_tokens == 0:
-        return out
-    q_lens = qsl.diff()
+                 v_scale=v_scale, block_tables=block_tables, query_start_loc=query_start_loc,
+                 seq_lens=seq_lens, out=out)
     capacity = block_tables.shape[1] * block_size
-    check(
-        int(qsl[0]) == 0 and int(qsl[-1]) == num_tokens and bool((q_lens >= 0).all()),
-        f"query_start_loc must rise from 0 to num_tokens ({num_tokens}), got {qsl.tolist()}",
-    )
-    check(
-        bool((lens >= q_lens).all()) and int(lens.max()) <= capacity,
-        f"each seq_len must be in [its query length, {capacity}]; seq_lens {lens.tolist()}, "
-        f"query lengths {q_lens.tolist()}",
-    )
+    busy = num_seqs > 0 and num_tokens > 0
+    q_hi = check_host_int("max_query_len", max_query_len, int(busy), num_tokens, " (num_tokens)")
+    check_host_int("max_seq_len", max_seq_len, q_hi, capacity, " (max_query_len, block_tables width x block_size)")
+    if not busy:
+        return out
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     # NOTE: 64 query rows (tokens x group) and 64 keys per tile; tl.dot needs 16 of each.
     block_q = max(1, 64 // group_pad)
     dot_fp16, precision = dot_config(query.dtype)
-    grid = (num_seqs, triton.cdiv(int(q_lens.max()), block_q), num_kv_heads)
+    grid = (num_seqs, triton.cdiv(q_hi, block_q), num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache,
         k_scale if k_scale is not None else k_cache, v_scale if v_scale is not None else v_cache,
-        block_tables, qsl, lens, out,
-        scale * LOG2E, block_size,
+        block_tables, query_start_loc, seq_lens, out,
+        scale * LOG2E, block_size, capacity, num_tokens,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *scale_strides(k_scale),

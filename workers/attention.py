@@ -142,6 +142,11 @@ class TritonAttentionBackend(TorchAttentionBackend):
 
     Imported on construction, not with this module: the kernels are compiled for CUDA, or run
     by the interpreter when ``TRITON_INTERPRET=1`` was set before they were first imported.
+
+    NOTE: ``forward`` never reads device memory: the launchers take the metadata's device
+    tensors and its host-side maxima (``max_decode_seq_len``, ``max_prefill_query_len``,
+    ``max_prefill_seq_len``), prepared once per step with the batch. ``decode`` and
+    ``prefill`` are the launchers themselves, whose signatures add those maxima.
     """
 
     name = "triton"
@@ -152,13 +157,43 @@ class TritonAttentionBackend(TorchAttentionBackend):
         from kvtide.kernels.triton_prefill import paged_prefill_attention
 
         self.write_kv = write_kv
+        self.decode = paged_decode_attention
         self.prefill = paged_prefill_attention
-        self._decode = paged_decode_attention
 
-    def decode(
-        self, q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=None, v_scale=None, out=None
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
-        return self._decode(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale, out=out)
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
+        head_dim = q.shape[-1]
+        k_cache, k_scale = split_kv_cache(k_cache, head_dim)
+        v_cache, v_scale = split_kv_cache(v_cache, head_dim)
+        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        nd = meta.num_decode_tokens
+        out = torch.empty_like(q)
+        if nd:
+            self.decode(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, k_scale, v_scale,
+                out=out[:nd], max_seq_len=meta.max_decode_seq_len,
+            )
+        if nd < q.shape[0]:
+            if meta.prefill_query_start_loc_t is None or meta.prefill_seq_lens_t is None:
+                raise ValueError(
+                    "the triton attention backend needs prefill_query_start_loc_t and prefill_seq_lens_t "
+                    "(the device copies pack_batch makes); this AttentionMetadata has None"
+                )
+            self.prefill(
+                q[nd:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc_t,
+                meta.prefill_seq_lens_t, scale, k_scale, v_scale, out=out[nd:],
+                max_query_len=meta.max_prefill_query_len, max_seq_len=meta.max_prefill_seq_len,
+            )
+        return out
 
 
 ATTENTION_BACKENDS: dict[str, Callable[[], TorchAttentionBackend]] = {

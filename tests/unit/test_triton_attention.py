@@ -74,6 +74,11 @@ def poisoned(like: torch.Tensor) -> torch.Tensor:
     return torch.full_like(like, float("nan"))
 
 
+def on(device, *lists: list[int]) -> tuple[torch.Tensor, ...]:
+    """Host lists as the int64 device tensors the launchers read (``AttentionMetadata``'s)."""
+    return tuple(torch.tensor(x, dtype=torch.int64, device=device) for x in lists)
+
+
 # -- KV write ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -163,7 +168,7 @@ def test_decode_matches_twin(device, block_size, num_heads, num_kv_heads, head_d
     want = paged_decode_attention_ref(q, k_cache.cpu(), v_cache.cpu(), tables.cpu(), lens, head_dim**-0.5)
     out = poisoned(q).to(device)
     got = paged_decode_attention(q.to(device), k_cache, v_cache, tables, lens.to(device), head_dim**-0.5,
-                                 num_splits=num_splits, out=out)
+                                 num_splits=num_splits, out=out, max_seq_len=max(seq_lens))
     assert got is out and not got.isnan().any()
     torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
 
@@ -178,7 +183,7 @@ def test_quantized_decode_matches_twin(device, kv, num_splits):
     lens = torch.tensor(seq_lens)
     want = paged_decode_attention_ref(q, k_cache.cpu(), v_cache.cpu(), tables.cpu(), lens, 0.125, ks.cpu(), vs.cpu())
     got = paged_decode_attention(q.to(device), k_cache, v_cache, tables, lens.to(device), 0.125, ks, vs,
-                                 num_splits=num_splits, out=poisoned(q).to(device))
+                                 num_splits=num_splits, out=poisoned(q).to(device), max_seq_len=max(seq_lens))
     torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
 
 
@@ -213,8 +218,9 @@ def run_prefill(device, block_size, num_heads, num_kv_heads, head_dim, dtype, kv
     want = paged_prefill_attention_ref(q, k_cache.cpu(), v_cache.cpu(), tables.cpu(), qsl, seq_lens,
                                        head_dim**-0.5, cpu(ks), cpu(vs))
     out = poisoned(q).to(device)
-    got = paged_prefill_attention(q.to(device), k_cache, v_cache, tables, qsl, seq_lens, head_dim**-0.5,
-                                  ks, vs, out=out)
+    got = paged_prefill_attention(q.to(device), k_cache, v_cache, tables, *on(device, qsl, seq_lens),
+                                  head_dim**-0.5, ks, vs, out=out, max_query_len=max(q_lens),
+                                  max_seq_len=max(seq_lens))
     assert got is out and not got.isnan().any()
     return got.cpu(), want
 
@@ -246,8 +252,9 @@ def test_block_size_1_and_16_agree(device):
     for block_size in (1, 16):
         k_cache, v_cache, _, _, tables, _, _, _ = make_cache(seq_lens, block_size, 2, 64, torch.float32, device, seed=7)
         lens = torch.tensor(seq_lens, device=device)
-        outs.append((paged_decode_attention(q_dec, k_cache, v_cache, tables, lens, 0.125, num_splits=2),
-                     paged_prefill_attention(q_pre, k_cache, v_cache, tables, qsl, seq_lens, 0.125)))
+        outs.append((paged_decode_attention(q_dec, k_cache, v_cache, tables, lens, 0.125, num_splits=2, max_seq_len=40),
+                     paged_prefill_attention(q_pre, k_cache, v_cache, tables, *on(device, qsl, seq_lens), 0.125,
+                                             max_query_len=40, max_seq_len=40)))
     (dec1, pre1), (dec16, pre16) = outs
     torch.testing.assert_close(dec1, dec16, **TOL[torch.float32])
     torch.testing.assert_close(pre1, pre16, **TOL[torch.float32])
@@ -259,21 +266,74 @@ def test_launchers_reject_bad_arguments():
     k_cache = torch.zeros(4, 2, 16, 64)
     tables, lens = torch.zeros(1, 2, dtype=torch.long), torch.tensor([5])
     q = torch.zeros(1, 6, 64)
+    decode = lambda q, k, v, t, l, **kw: paged_decode_attention(q, k, v, t, l, 1.0, **{"max_seq_len": 5, **kw})
     with pytest.raises(ValueError, match="query has dtype torch.int32"):
-        paged_decode_attention(q.int(), k_cache, k_cache, tables, lens, 1.0)
+        decode(q.int(), k_cache, k_cache, tables, lens)
     with pytest.raises(ValueError, match=r"multiple of num_kv_heads \(2\)"):
-        paged_decode_attention(torch.zeros(1, 5, 64), k_cache, k_cache, tables, lens, 1.0)
-    with pytest.raises(ValueError, match=r"seq_lens must be in \[1, 32\].*got \[33, 33\]"):
-        paged_decode_attention(q, k_cache, k_cache, tables, torch.tensor([33]), 1.0)
+        decode(torch.zeros(1, 5, 64), k_cache, k_cache, tables, lens)
+    with pytest.raises(ValueError, match=r"max_seq_len must be in \[1, 32\] \(block_tables width x block_size\), got 33"):
+        decode(q, k_cache, k_cache, tables, lens, max_seq_len=33)
+    with pytest.raises(ValueError, match=r"max_seq_len must be in \[1, 32\].*got 0"):
+        decode(q, k_cache, k_cache, tables, lens, max_seq_len=0)
+    with pytest.raises(ValueError, match="max_seq_len must be a Python int prepared on the host, got Tensor"):
+        decode(q, k_cache, k_cache, tables, lens, max_seq_len=lens.max())
+    with pytest.raises(ValueError, match="seq_lens has dtype torch.float32"):
+        decode(q, k_cache, k_cache, tables, lens.float())
     with pytest.raises(ValueError, match="head_dim must be a power of two"):
-        paged_decode_attention(torch.zeros(1, 6, 48), torch.zeros(4, 2, 16, 48), torch.zeros(4, 2, 16, 48),
-                               tables, lens, 1.0)
+        decode(torch.zeros(1, 6, 48), torch.zeros(4, 2, 16, 48), torch.zeros(4, 2, 16, 48), tables, lens)
     with pytest.raises(ValueError, match="needs k_scale and v_scale"):
         int8 = torch.zeros(4, 2, 16, 64, dtype=torch.int8)
-        paged_decode_attention(q, int8, int8, tables, lens, 1.0)
+        decode(q, int8, int8, tables, lens)
     with pytest.raises(ValueError, match="contiguous in its last dimension"):
-        paged_decode_attention(q.transpose(0, 2).contiguous().transpose(0, 2), k_cache, k_cache, tables, lens, 1.0)
-    with pytest.raises(ValueError, match="query_start_loc must rise from 0 to num_tokens"):
-        paged_prefill_attention(torch.zeros(3, 6, 64), k_cache, k_cache, tables, [0, 2], [5], 1.0)
+        decode(q.transpose(0, 2).contiguous().transpose(0, 2), k_cache, k_cache, tables, lens)
+
+    qsl = torch.tensor([0, 3])
+    prefill = lambda q, qsl, l, **kw: paged_prefill_attention(
+        q, k_cache, k_cache, tables, qsl, l, 1.0, **{"max_query_len": 3, "max_seq_len": 5, **kw})
+    with pytest.raises(ValueError, match="query_start_loc must be a torch.Tensor, got list"):
+        prefill(torch.zeros(3, 6, 64), [0, 3], lens)
+    with pytest.raises(ValueError, match=r"query_start_loc must have shape \(2,\), got \(3,\)"):
+        prefill(torch.zeros(3, 6, 64), torch.tensor([0, 1, 3]), lens)
+    with pytest.raises(ValueError, match=r"max_query_len must be in \[1, 3\] \(num_tokens\), got 4"):
+        prefill(torch.zeros(3, 6, 64), qsl, lens, max_query_len=4)
+    with pytest.raises(ValueError, match=r"max_seq_len must be in \[3, 32\].*got 2"):
+        prefill(torch.zeros(3, 6, 64), qsl, lens, max_seq_len=2)
+    with pytest.raises(ValueError, match=r"max_seq_len must be in \[3, 32\].*got 40"):
+        prefill(torch.zeros(3, 6, 64), qsl, lens, max_seq_len=40)
+    with pytest.raises(ValueError, match="max_query_len must be a Python int prepared on the host, got float"):
+        prefill(torch.zeros(3, 6, 64), qsl, lens, max_query_len=3.0)
     with pytest.raises(ValueError, match="slot_mapping must have shape"):
         write_kv(torch.zeros(3, 2, 64), torch.zeros(3, 2, 64), k_cache, k_cache, torch.zeros(2, dtype=torch.long))
+
+
+# -- values that break the producer's contract stay inside the cache -----------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lengths_past_the_block_table_are_clamped_to_it(device):
+    """The launchers never read lengths back, so a length past the block table's width (the
+    producer's bug) must cost a wrong answer, not a read past the table: the kernels clamp it
+    to the width, which is what the twin computes for that width."""
+    block_size, width = 16, 2
+    k_cache, v_cache, _, _, tables, _, _, _ = make_cache([32, 32], block_size, 2, 64, torch.float32, device)
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(4))
+    want = paged_decode_attention_ref(q, k_cache.cpu(), v_cache.cpu(), tables.cpu(), torch.tensor([32, 32]), 0.125)
+    (lens,) = on(device, [32, 32 + 1000])
+    got = paged_decode_attention(q.to(device), k_cache, v_cache, tables, lens, 0.125, max_seq_len=width * block_size)
+    torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
+
+    qp = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(5))
+    want = paged_prefill_attention_ref(qp, k_cache.cpu(), v_cache.cpu(), tables.cpu(), [0, 2, 4], [32, 32], 0.125)
+    got = paged_prefill_attention(qp.to(device), k_cache, v_cache, tables, *on(device, [0, 2, 4], [32, 32 + 1000]),
+                                  0.125, max_query_len=2, max_seq_len=32)
+    torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_kv_drops_slots_past_the_cache(device):
+    k_cache = torch.zeros(2, 1, 4, 16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.ones(3, 1, 16, device=device)
+    (slots,) = on(device, [1, 8, 7])  # slot 8 is one past the last of 2 blocks x 4
+    write_kv(key, key, k_cache, v_cache, slots)
+    written = k_cache.view(8, 16)[:, 0].cpu()
+    assert written.tolist() == [0, 1, 0, 0, 0, 0, 0, 1]
