@@ -23,7 +23,7 @@ def _llm(args):
     return LLM(engine=Engine.load(config=engine_config(args)))
 
 
-def _stream(llm, request_id: str, prompt: str, params) -> str:
+def _stream(llm, request_id: str, prompt: str | list[int], params) -> str:
     """Run one request to completion, printing text as it arrives."""
     pieces, tokens, t0 = [], 0, time.perf_counter()
     for text, num_tokens in llm.stream(prompt, params, request_id):
@@ -43,7 +43,7 @@ def cmd_generate(args) -> int:
     llm = _llm(args)
     prompt = args.prompt
     if not args.raw:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = llm.chat_token_ids([{"role": "user", "content": prompt}])
     try:
         _stream(llm, "generate", prompt, sampling_params(args))
     except ValueError as exc:
@@ -91,7 +91,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt = llm.tokenizer.apply_chat_template(history)
+        prompt = llm.chat_token_ids(history)
         try:
             reply = _stream(llm, f"chat-{turn}", prompt, params)
         except ValueError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvtide.workers.detokenizer import IncrementalDetokenizer
 from kvtide.workers.engine import Engine
@@ -104,6 +105,18 @@ class LLM:
             )
             for r in requests
         ]
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> RequestOutput:
+        """One chat run to completion: rendered by the model's chat template and tokenized as a
+        chat (``chat_token_ids``)."""
+        return self.generate([self.chat_token_ids(messages)], params)[0]
+
+    def chat_token_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt ids of a chat: the template's text, with one BOS at most
+        (``Tokenizer.encode_chat``). Pass them to ``generate`` or ``stream``."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer.json, so no chat template; pass token ids")
+        return self.tokenizer.encode_chat(self.tokenizer.apply_chat_template(messages))
 
     def stream(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str = "stream"

@@ -168,6 +168,22 @@ class Tokenizer:
             ids.insert(0, bos)
         return ids[:max_tokens]
 
+    def add_special_tokens_for_chat(self, rendered: str) -> bool:
+        """Whether a chat rendered by ``apply_chat_template`` is encoded with special tokens.
+
+        Not when the text already starts with the BOS token (a template that writes
+        ``{{ bos_token }}``, as Llama's, Mistral's and Gemma's do): a post-processor or
+        ``add_bos_token`` would put a second BOS before it, and transformers and vLLM encode
+        such chats without special tokens. Otherwise yes, as any prompt, so a template that
+        leaves the BOS to the tokenizer still gets it.
+        """
+        bos = self.config.bos_token
+        return not (bos and rendered.startswith(bos))
+
+    def encode_chat(self, rendered: str) -> list[int]:
+        """Token ids of a chat rendered by ``apply_chat_template``: one BOS at most."""
+        return self.encode(rendered, add_special_tokens=self.add_special_tokens_for_chat(rendered))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -80,14 +80,17 @@ class Gateway:
         return self.prompts.render_chat(messages)
 
     async def prepare(
-        self, prompt: str | Sequence[int], params: Mapping[str, Any], request_id: str | None = None
+        self, prompt: str | Sequence[int], params: Mapping[str, Any], request_id: str | None = None,
+        chat: bool = False,
     ) -> PreparedRequest:
         """Tokenize (off the event loop) and check, once; ``params`` are ``SamplingParams``
-        fields, ``max_tokens`` None (or absent) meaning the rest of the context. Raises
+        fields, ``max_tokens`` None (or absent) meaning the rest of the context; ``chat``: the
+        prompt is what ``render_chat`` returned (``PromptTokenizer.encode_chat``). Raises
         ServingError(INVALID_ARGUMENT) naming the field."""
         arrival_s = time.perf_counter()
         if isinstance(prompt, str):
-            token_ids = await self.prompts.encode("prompt", prompt)
+            encode = self.prompts.encode_chat if chat else self.prompts.encode
+            token_ids = await encode("prompt", prompt)
         else:
             token_ids = list(prompt)
         max_len = self.limits.max_model_len

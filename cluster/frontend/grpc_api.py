@@ -107,13 +107,13 @@ class KvtideServicer(kvtide_pb2_grpc.KvtideServicer):
             self.gateway.check_model(request.model)
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             prompt = self.gateway.render_chat(messages)
-            async for msg in self._stream(prompt, request.params, request.request_id):
+            async for msg in self._stream(prompt, request.params, request.request_id, chat=True):
                 yield msg
         except ServingError as exc:
             await _abort(context, exc, self.gateway)
 
-    async def _stream(self, prompt, params, client_request_id: str):
-        prepared = await self.gateway.prepare(prompt, sampling_kwargs(params), client_request_id or None)
+    async def _stream(self, prompt, params, client_request_id: str, chat: bool = False):
+        prepared = await self.gateway.prepare(prompt, sampling_kwargs(params), client_request_id or None, chat)
         request_id = client_request_id or prepared.request_id
         async for d in self.gateway.generate(prepared):
             yield _response(request_id, d)
@@ -125,10 +125,9 @@ class KvtideServicer(kvtide_pb2_grpc.KvtideServicer):
             gw.check_model(request.model)
             if request.WhichOneof("input") == "chat":
                 messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-                text, special = gw.render_chat(messages), True
+                ids = await gw.prompts.encode_chat("text", gw.render_chat(messages), cap=False)
             else:
-                text, special = request.text, request.add_special_tokens
-            ids = await gw.prompts.encode("text", text, add_special_tokens=special, cap=False)
+                ids = await gw.prompts.encode("text", request.text, request.add_special_tokens, cap=False)
         except ServingError as exc:
             await _abort(context, exc, self.gateway)
         return kvtide_pb2.TokenizeResponse(token_ids=ids, max_model_len=gw.limits.max_model_len)

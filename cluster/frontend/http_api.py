@@ -132,7 +132,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             kwargs["max_tokens"] = body.max_completion_tokens
             renamed["max_tokens"] = "max_completion_tokens"
         try:
-            prepared = await gateway.prepare(prompt, kwargs)
+            prepared = await gateway.prepare(prompt, kwargs, chat=True)
         except ServingError as exc:  # name the field the client sent, not the engine's
             message = exc.message
             for engine_name, field_name in renamed.items():

@@ -63,6 +63,11 @@ class PromptTokenizer:
             limit = self.max_model_len if cap else _UNCAPPED
             return await loop.run_in_executor(self._pool, self.tokenizer.encode_capped, text, limit, add_special_tokens)
 
+    async def encode_chat(self, field: str, rendered: str, cap: bool = True) -> list[int]:
+        """``encode`` for a chat ``render_chat`` rendered: with special tokens or not as
+        ``Tokenizer.add_special_tokens_for_chat`` decides (no second BOS)."""
+        return await self.encode(field, rendered, self.tokenizer.add_special_tokens_for_chat(rendered), cap)
+
     def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The chat through the model's template; raises ``ServingError`` naming the message."""
         if not messages:
