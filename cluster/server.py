@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
+import secrets
 import uuid
 from typing import Any
 
@@ -33,9 +33,10 @@ from kvtide.cluster.replica.logs import ray_logs_hint
 from kvtide.cluster.replica.placement import remove_groups
 from kvtide.cluster.replica.spec import ReplicaSpec
 from kvtide.cluster.serve_config import ServeConfig, StartupError
+from kvtide.cluster.startup import engine_for_cluster, limits_of, root_cause
 from kvtide.cluster.state.store import StateStore
 from kvtide.router import ReplicaRegistration, Router
-from kvtide.workers import EngineConfig, RequestLimits, ResolvedConfig, Tokenizer, resolve_engine
+from kvtide.workers import ResolvedConfig, Tokenizer, resolve_engine
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,10 @@ class Server:
     async def _start(self) -> None:
         cfg = self.config
         self._init_ray()
-        resolved = resolve_engine(self._engine_for_cluster())
+        resolved = resolve_engine(engine_for_cluster(self.config))
         tokenizer = Tokenizer.from_dir(resolved.model_dir)
         registrations = await self._start_replicas(resolved)
-        limits = _limits(registrations)
+        limits = limits_of(registrations)
         self._start_redis()
         state = await self._start_cluster_state(registrations)
         self.gateway = Gateway(cfg.model, limits, tokenizer, ReplicaSet(state.handles, state), cfg.frontend)
@@ -110,25 +111,6 @@ class Server:
             logger.info("started a local Ray cluster at %s", info.address_info.get("gcs_address"))
         self._started_ray = True
 
-    def _engine_for_cluster(self) -> EngineConfig:
-        """The engine config with ``device="auto"`` settled by the Ray cluster (GPUs if it has
-        any: the replica actors and this process hold none); a GPU replica that cannot get its
-        GPUs is refused now, not after a placement timeout."""
-        cfg = self.config
-        engine, gpus = cfg.engine, int(ray.cluster_resources().get("GPU", 0))
-        device = engine.model.device
-        if device == "auto":
-            device = "cuda" if gpus else "cpu"
-            engine = dataclasses.replace(engine, model=dataclasses.replace(engine.model, device=device))
-        need = cfg.tp * cfg.pp
-        if device == "cuda" and gpus < need:
-            raise StartupError(
-                f"a replica needs {need} GPU(s) (tp={cfg.tp} x pp={cfg.pp}, --device {engine.model.device}) but the "
-                f"Ray cluster has {gpus}; add GPU nodes, or serve on CPUs with --device cpu"
-            )
-        logger.info("replicas on %s: %d GPU(s) in the Ray cluster", device, gpus)
-        return engine
-
     async def _start_replicas(self, resolved: ResolvedConfig) -> dict[str, ReplicaRegistration]:
         cfg = self.config
         for i in range(cfg.num_replicas):
@@ -156,7 +138,7 @@ class Server:
                 f"{cfg.tp * cfg.pp} shard(s), then one probe step); see {ray_logs_hint()}"
             ) from None
         except ray.exceptions.RayError as exc:
-            raise StartupError(f"{rid} failed to start: {_root_cause(exc)}") from exc
+            raise StartupError(f"{rid} failed to start: {root_cause(exc)}") from exc
         if not ok:
             raise StartupError(f"{rid} started but its probe step did not finish; see {ray_logs_hint()}")
 
@@ -177,12 +159,27 @@ class Server:
             else:
                 state.register(registrations[rid])
         state.start()
-        deadline = asyncio.get_running_loop().time() + cfg.replica_start_timeout_s
-        while router.replica_ids() != sorted(self._actors):
-            if asyncio.get_running_loop().time() > deadline:
-                raise StartupError(f"replicas did not register with the router: {router.status()}")
-            await asyncio.sleep(0.05)
+        await self._wait_registered(router)
         return state
+
+    async def _wait_registered(self, router: Router, timeout_s: float = 60.0) -> None:
+        """Every replica in the router; fails fast, naming the replica and why, when one cannot
+        reach the state store (each publishes within a tick when it can)."""
+        loop = asyncio.get_running_loop()
+        deadline, next_check = loop.time() + timeout_s, loop.time() + 3.0
+        while (missing := sorted(set(self._actors) - set(router.replica_ids()))):
+            now = loop.time()
+            if now > next_check and self._state.store is not None:
+                next_check = now + 2.0
+                for rid in missing:
+                    stats = await asyncio.wait_for(self._actors[rid].publisher_stats.remote(), 10.0)
+                    if stats.get("failed") and not stats.get("published"):
+                        raise StartupError(
+                            f"{rid} cannot reach the state store at {self._state.store.public_url}: {stats['last_error']}"
+                        )
+            if now > deadline:
+                raise StartupError(f"replicas {missing} did not register with the router within {timeout_s:g} s")
+            await asyncio.sleep(0.05)
 
     def _replica_lost(self, replica_id: str) -> None:
         """The replica left the router for good: free its shards' placement groups once Ray
@@ -198,13 +195,20 @@ class Server:
         logger.warning("%s is dead; freed its %d placement group(s)", replica_id, freed)
 
     def _start_redis(self) -> None:
+        """The embedded Redis (unless ``redis_url`` names one): on loopback for the private
+        cluster this server started; on this node's cluster address, with a generated password,
+        for a cluster other nodes have joined, so every replica reaches it."""
         url = self.config.redis_url
         if url is None:
             from kvtide.cluster.state.redis_server import start_redis
 
-            self._redis = start_redis(self.config.host)
+            if self._started_ray and self.config.address is None:
+                host, password = "127.0.0.1", None
+            else:
+                host, password = ray.util.get_node_ip_address(), secrets.token_urlsafe(24)
+            self._redis = start_redis(host, password=password)
             url = self._redis.url
-            logger.info("embedded Redis on %s", url)
+            logger.info("embedded Redis on %s", self._redis.public_url)
         self.redis_url = url or None
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
@@ -258,23 +262,3 @@ async def _stop_replica(actor) -> None:
         await asyncio.wait_for(actor.shutdown.remote(), 30.0)
     with contextlib.suppress(Exception):
         ray.kill(actor)
-
-
-def _limits(registrations: dict[str, ReplicaRegistration]) -> RequestLimits:
-    """The request limits every replica reported (they share one configuration)."""
-    limits = {
-        rid: RequestLimits(r.max_model_len, r.vocab_size, r.max_num_seqs, r.num_blocks, r.block_size)
-        for rid, r in registrations.items()
-    }
-    distinct = set(limits.values())
-    if len(distinct) != 1:
-        raise StartupError(f"the replicas report different request limits: {limits}")
-    return distinct.pop()
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error's text: Ray wraps a replica's constructor error in two layers."""
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    return str(cause or exc).strip().splitlines()[-1]

@@ -66,7 +66,9 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if request.checked != self.engine.limits:
-            request = check_request(request_id, request.prompt_token_ids, request.params, self.engine.limits)
+            request = check_request(
+                request_id, request.prompt_token_ids, request.params, self.engine.limits, request.output_token_ids
+            )
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(_Add(request))

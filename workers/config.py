@@ -142,6 +142,9 @@ class ResolvedConfig:
     attention_backend: str
     kv_cache_dtype: torch.dtype
     """Storage dtype of the KV cache: the model's ``dtype``, or int8 / fp8 (quantized)."""
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The model's config.json, read once where it was resolved: a process on another node
+    (a replica actor, a shard before it has the files) needs the model's shape, not its path."""
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -247,6 +250,7 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
             else get_attention_backend(mc.attention_backend).name
         ),
         kv_cache_dtype=kv_dtype,
+        hf_config=dict(hf_config),
     )
 
 
@@ -255,15 +259,13 @@ def kv_plan(config: ResolvedConfig, measured: Sequence[ShardMemory]) -> KvPlan:
     of its smallest GPU, less each stage's weights, less the largest reserve its shards measured
     (``ShardRunner.measure_memory``). Raises ``ValueError`` with the numbers when one
     ``max_model_len`` sequence cannot fit."""
-    from kvtide.workers.model_loader import read_hf_config
-
     pc, cc = config.engine.parallel, config.engine.cache
     memory = GpuMemory(
         total_bytes=min(m.total_bytes for m in measured), utilization=cc.gpu_memory_utilization,
         reserve_bytes=max(m.reserve_bytes for m in measured),
     )  # fmt: skip
     return plan_kv_cache(
-        ModelShape.from_hf_config(read_hf_config(config.model_dir)), dtype=config.dtype, block_size=config.block_size,
+        ModelShape.from_hf_config(config.hf_config), dtype=config.dtype, block_size=config.block_size,
         memory=memory, layout=ParallelLayout(pc.tensor_parallel_size, pc.pipeline_parallel_size),
         quantization=config.engine.model.quantization, kv_cache_dtype=config.kv_cache_dtype,
         max_model_len=config.max_model_len,

@@ -111,10 +111,13 @@ class Engine:
         """Queue a request. One checked against this engine's limits is taken as is; any other
         is checked here first (the engine's guard): raises ``ValueError``, changing nothing."""
         if request.checked != self.limits:
-            request = check_request(request.request_id, request.prompt_token_ids, request.params, self.limits)
+            request = check_request(
+                request.request_id, request.prompt_token_ids, request.params, self.limits, request.output_token_ids
+            )
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        r = Request(RequestId(request.request_id), list(request.prompt_token_ids), request.params)
+        r = Request(RequestId(request.request_id), list(request.prompt_token_ids), request.params,
+                    output_token_ids=list(request.output_token_ids))  # fmt: skip
         self.scheduler.add(r)
         seed = r.params.seed
         self._seeds[r.request_id] = seed if seed is not None else self._rng.randrange(2**63)

@@ -43,10 +43,22 @@ class EngineRequest:
     params: SamplingParams
     checked: RequestLimits | None = None
     """The limits ``check_request`` checked it against; None when nothing has."""
+    output_token_ids: tuple[int, ...] = ()
+    """Tokens already generated for it elsewhere (a request moved off a replica that died): the
+    engine recomputes their KV with the prompt's and goes on from there, as after a preemption.
+    They count against ``params.max_tokens``, and the penalties see them as output."""
+
+    def resumed(self, request_id: str, output_token_ids: tuple[int, ...]) -> EngineRequest:
+        """This request, to go on after ``output_token_ids`` (under a new id), still checked."""
+        return EngineRequest(request_id, self.prompt_token_ids, self.params, self.checked, output_token_ids)
 
 
 def check_request(
-    request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, limits: RequestLimits
+    request_id: str,
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    limits: RequestLimits,
+    output_token_ids: Sequence[int] = (),
 ) -> EngineRequest:
     """The checked request; raises ``ValueError`` naming the field, the value and the limit."""
     if not isinstance(request_id, str) or not request_id or CHILD_SEPARATOR in request_id:
@@ -75,10 +87,16 @@ def check_request(
             f"n is too large: {params.n}. A replica runs at most {limits.max_num_seqs} sequences "
             "at once (max_num_seqs)"
         )
+    outputs = tuple(output_token_ids)
+    if len(outputs) >= params.max_tokens or any(not isinstance(t, int) or not 0 <= t < vocab for t in outputs):
+        raise ValueError(
+            f"a resumed request's {len(outputs)} output tokens must be token ids in [0, {vocab}) and fewer "
+            f"than max_tokens={params.max_tokens}"
+        )
     need = limits.blocks_for(num_prompt + params.max_tokens)
     if need > limits.num_blocks:
         raise ValueError(
             f"request needs {need} KV blocks ({num_prompt} prompt + {params.max_tokens} max_tokens) "
             f"but the whole cache has {limits.num_blocks}; it can never fit"
         )
-    return EngineRequest(request_id, token_ids, params, limits)
+    return EngineRequest(request_id, token_ids, params, limits, outputs)

@@ -168,7 +168,7 @@ class ClusterState:
             await self._resync_due()
             return False
         if self._store_up is False:
-            logger.info("state store %s is back; resyncing every replica", self.store.url)
+            logger.info("state store %s is back; resyncing every replica", self.store.public_url)
             for rid in self.router.replica_ids():
                 self._needs_resync[rid] = now
         self._store_up = True
@@ -190,7 +190,7 @@ class ClusterState:
         return True
 
     def store_status(self) -> StoreStatus:
-        return StoreStatus(self.store.url if self.store else None, self.store_up, self.num_outages, self.num_resyncs)
+        return StoreStatus(self.store.public_url if self.store else None, self.store_up, self.num_outages, self.num_resyncs)
 
     def status(self) -> pb.ClusterStatusResponse:
         """The cluster's view as this frontend's router has it."""
@@ -255,7 +255,7 @@ class ClusterState:
             self.num_outages += 1
             logger.warning(
                 "state store %s unreachable (%s); routing on last-known state, approximate mode",
-                self.store.url if self.store else None, exc,
+                self.store.public_url if self.store else None, exc,
             )
             for rid in self.router.replica_ids():
                 self.router.mark_unsynced(rid)

@@ -22,22 +22,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from kvtide.cluster.frontend.admission import Admission
 from kvtide.cluster.frontend.errors import Code, ServingError, invalid
-from kvtide.cluster.frontend.handles import (
-    ReplicaFailed,
-    ReplicaGone,
-    ReplicaRejected,
-    ReplicaStream,
-    ReplicaUnreachable,
-    StreamCancelled,
-)
+from kvtide.cluster.frontend.choices import Active, Choice, ReplicaLost, mapped
 from kvtide.cluster.frontend.metrics import FrontendMetrics
 from kvtide.cluster.frontend.prompts import PromptTokenizer
-from kvtide.cluster.frontend.replicas import NoReplicaAvailable, ReplicaSet, RoutedReplica
+from kvtide.cluster.frontend.replicas import NoReplicaAvailable, ReplicaSet
 from kvtide.cluster.frontend.requests import ChoiceDelta, FrontendConfig, PreparedRequest, Usage
 from kvtide.workers import IncrementalDetokenizer, RequestLimits, SamplingParams, Tokenizer, check_request
 
@@ -62,7 +54,7 @@ class Gateway:
         self.metrics = metrics or FrontendMetrics(replicas)
         self.prompts = PromptTokenizer(tokenizer, limits.max_model_len, self.config.tokenizer_threads)
         self.admission = Admission(self.config)
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, Active] = {}
 
     @property
     def draining(self) -> bool:
@@ -121,9 +113,9 @@ class Gateway:
                 routed = self.replicas.choose(request.prompt_token_ids, request.params.max_tokens)
             except NoReplicaAvailable as exc:
                 raise ServingError(Code.UNAVAILABLE, f"no replica can serve the request: {exc}") from exc
-            active = self._active[request.request_id] = _Active(routed)
+            active = self._active[request.request_id] = Active(routed)
             try:
-                async with contextlib.aclosing(self._choices(prepared, routed, active)) as choices:
+                async with contextlib.aclosing(self._choices(prepared, active)) as choices:
                     while True:
                         try:
                             delta = await self._within_deadline(anext(choices), prepared.arrival_s, "generating")
@@ -133,7 +125,7 @@ class Gateway:
             finally:
                 self._active.pop(request.request_id, None)
                 if not active.finished:
-                    self.replicas.on_ended(routed.replica_id)  # else the router counts it forever
+                    self.replicas.on_ended(active.routed.replica_id)  # else the router counts it forever
                     self.metrics.finished(active.outcome)
 
     async def _within_deadline(self, awaitable, arrival_s: float, doing: str):
@@ -152,23 +144,62 @@ class Gateway:
                 f"(request_timeout_s={timeout_s:g})",
             ) from None
 
-    async def _choices(self, prepared: PreparedRequest, routed: RoutedReplica, active: _Active):
+    async def _choices(self, prepared: PreparedRequest, active: Active):
+        """The request's choices as the client sees them, from as many replicas as it takes: one
+        that dies (or fails the step) mid-stream hands the request, prompt plus the tokens so
+        far, to another (``max_migrations`` times at most) and the stream goes on."""
         request = prepared.request
-        choices = [_Choice(IncrementalDetokenizer.for_request(self.tokenizer, request.prompt_token_ids,
+        choices = [Choice(IncrementalDetokenizer.for_request(self.tokenizer, request.prompt_token_ids,
                                                               request.params)) for _ in range(request.params.n)]  # fmt: skip
-        remaining, cached = len(choices), 0
         timer = self.metrics.request_timer(prepared.arrival_s)
+        current, failed = request, set()
+        for attempt in range(self.config.max_migrations + 1):
+            try:
+                async for out in self._attempt(current, active, choices, timer):
+                    yield out
+                break
+            except ReplicaLost as lost:
+                failed.add(active.routed.replica_id)
+                current = self._migrate(request, choices, active, lost, failed, attempt)
+                logger.warning("%s; moved request %s (%d tokens so far) to replica %s", lost, request.request_id,
+                               choices[0].num_tokens, active.routed.replica_id)  # fmt: skip
+        num_output = sum(c.num_tokens for c in choices)
+        timer.finished(len(request.prompt_token_ids), num_output)
+        self.metrics.finished(choices[-1].finish_reason or "")
+        active.finished = True
+        self.replicas.on_finished(active.routed.replica_id, len(request.prompt_token_ids), num_output)
+
+    def _migrate(self, request, choices, active: Active, lost: ReplicaLost, failed: set, attempt: int):
+        """The request to send next, to a replica ``active.routed`` now names; raises a retryable
+        ServingError (UNAVAILABLE) when it cannot be moved."""
+        active.outcome = "error"  # unless it moves and finishes
+        if request.params.n > 1 or attempt >= self.config.max_migrations or active.abort_reason:
+            why = "a request with n > 1 is not moved" if request.params.n > 1 else "it was moved too often"
+            raise ServingError(Code.UNAVAILABLE, f"{lost}; {why}: retry it")
+        self.replicas.on_ended(active.routed.replica_id)
+        tokens = (*request.prompt_token_ids, *choices[0].token_ids)
+        try:  # another replica; the same one if it is the only one and only failed the step
+            active.routed = self.replicas.choose(tokens, request.params.max_tokens, exclude=failed)
+        except NoReplicaAvailable:
+            if lost.gone:
+                raise ServingError(Code.UNAVAILABLE, f"{lost}; no other replica can take it: retry it") from None
+            active.routed = self.replicas.choose(tokens, request.params.max_tokens)
+        self.metrics.migrations.inc()
+        return request.resumed(f"{request.request_id}-m{attempt + 1}", tuple(choices[0].token_ids))
+
+    async def _attempt(self, request, active: Active, choices: list[Choice], timer):
+        """One replica's stream of the request's unfinished choices."""
+        routed = active.routed
+        remaining = sum(not c.finished for c in choices)
         stream = active.stream = routed.handle.generate(request)
-        async with contextlib.aclosing(stream), contextlib.aclosing(_mapped(stream, routed, active, self.replicas)) as deltas:
+        async with contextlib.aclosing(stream), contextlib.aclosing(mapped(stream, routed, active, self.replicas)) as deltas:
             async for d in deltas:
                 choice = choices[d.index]
                 if choice.finished:
                     continue  # a step or two the replica ran past its stop string
                 if d.finish_reason == "error":
-                    active.outcome = "error"
-                    raise ServingError(Code.INTERNAL, f"replica {routed.replica_id} failed: {d.error}")
+                    raise ReplicaLost(f"replica {routed.replica_id} failed the step: {d.error}")
                 out = choice.take(d)
-                cached = d.num_cached_tokens
                 timer.tokens(len(out.token_ids))
                 stopped_here = choice.finished and not d.finished  # its stop string, not the engine
                 if choice.finished:
@@ -177,21 +208,15 @@ class Gateway:
                         routed.handle.abort(request.request_id, d.index)  # the others go on
                 usage = None
                 if not remaining:
-                    usage = Usage(len(request.prompt_token_ids), sum(c.num_tokens for c in choices), cached)
+                    usage = Usage(len(request.prompt_token_ids), sum(c.num_tokens for c in choices), d.num_cached_tokens)
                 yield ChoiceDelta(out.index, out.token_ids, out.text, out.logprobs, out.finish_reason,
                                   out.stop_reason, routed.replica_id, usage)  # fmt: skip
                 if not remaining and stopped_here:
                     break  # closing the stream aborts what the replica still runs of it
         if remaining:
-            raise ServingError(
-                Code.UNAVAILABLE if active.abort_reason else Code.INTERNAL,
-                active.abort_reason or f"replica {routed.replica_id} ended the stream before every choice finished",
-            )
-        num_output = sum(c.num_tokens for c in choices)
-        timer.finished(len(request.prompt_token_ids), num_output)
-        self.metrics.finished(out.finish_reason or "")
-        active.finished = True
-        self.replicas.on_finished(routed.replica_id, len(request.prompt_token_ids), num_output)
+            if active.abort_reason:
+                raise ServingError(Code.UNAVAILABLE, active.abort_reason)
+            raise ReplicaLost(f"replica {routed.replica_id} ended the stream before every choice finished")
 
     # -- drain -----------------------------------------------------------------------------
 
@@ -212,59 +237,3 @@ class Gateway:
 
     def close(self) -> None:
         self.prompts.close()
-
-
-@dataclass
-class _Active:
-    routed: RoutedReplica
-    stream: ReplicaStream | None = None
-    abort_reason: str | None = None
-    finished: bool = False
-    """Every choice finished and the router was told (``on_finished``)."""
-    outcome: str = "abort"
-    """The finish reason counted if it does not finish: "abort" (cancelled, timed out,
-    drained) unless the replica failed it ("error")."""
-
-
-@dataclass
-class _Choice:
-    """One choice's text and tokens, as the client sees them."""
-
-    detok: IncrementalDetokenizer
-    num_tokens: int = 0
-    finished: bool = False
-
-    def take(self, d) -> ChoiceDelta:
-        pushed_before = self.detok.num_tokens_pushed
-        released = self.detok.push(d.token_ids, final=d.finished)
-        ids, finish, stop = d.token_ids, d.finish_reason, d.stop_reason
-        if released.stop_string is not None:  # the stop string ends it here, whatever the engine said
-            ids = ids[: self.detok.num_tokens_to_stop - pushed_before]
-            finish, stop = "stop", released.stop_string
-        self.num_tokens += len(ids)
-        self.finished = finish is not None
-        return ChoiceDelta(d.index, tuple(ids), released.text, d.logprobs[: len(ids)], finish, stop, "")
-
-
-async def _mapped(stream: ReplicaStream, routed: RoutedReplica, active: _Active, replicas: ReplicaSet):
-    """The replica's deltas, its errors as ServingErrors."""
-    rid = routed.replica_id
-    try:
-        async for d in stream:
-            yield d
-    except ReplicaRejected as exc:
-        active.outcome = "error"
-        raise invalid(str(exc)) from exc
-    except ReplicaUnreachable as exc:
-        active.outcome = "error"  # not dead: keep routing to it
-        raise ServingError(Code.UNAVAILABLE, str(exc)) from exc
-    except ReplicaGone as exc:
-        active.outcome = "error"
-        replicas.replica_failed(rid)
-        raise ServingError(Code.UNAVAILABLE, str(exc)) from exc
-    except StreamCancelled as exc:
-        raise ServingError(Code.UNAVAILABLE, active.abort_reason or str(exc)) from exc
-    except ReplicaFailed as exc:
-        active.outcome = "error"
-        raise ServingError(Code.INTERNAL, str(exc)) from exc
-

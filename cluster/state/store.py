@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -60,6 +61,7 @@ class EventBatch:
 class StateStore:
     def __init__(self, url: str, options: StoreOptions | None = None) -> None:
         self.url = url
+        self.public_url = public_url(url)
         self.options = o = options or StoreOptions()
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -149,6 +151,14 @@ class StateStore:
     async def status(self) -> pb.ClusterStatusResponse | None:
         raw = await self._redis.get(self._key("status"))
         return None if raw is None else _parse(pb.ClusterStatusResponse, raw)
+
+
+def public_url(url: str) -> str:
+    """``url`` with its password hidden, for logs and errors."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"))
 
 
 def _parse(message_type, raw: bytes):

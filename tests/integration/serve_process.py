@@ -54,6 +54,11 @@ class ServeProcess:
     def http_base(self) -> str:
         return re.search(r"OpenAI HTTP API on (http://127\.0\.0\.1:\d+/v1)", self.log)[1]
 
+    @property
+    def http_port(self) -> int:
+        """The HTTP port, whatever address the server binds."""
+        return int(re.search(r"OpenAI HTTP API on https?://[^\s/]+:(\d+)/v1", self.log)[1])
+
     def interrupt(self, sig: int = signal.SIGINT, timeout_s: float = 120.0) -> int:
         """What Ctrl-C in a terminal does: ``sig`` to the whole process group; returns the exit code."""
         os.killpg(self.proc.pid, sig)

@@ -126,15 +126,20 @@ class EngineReplica:
     """A ``ReplicaHandle`` over a real in-process ``AsyncEngine`` (a tiny model): the gateway's
     whole path, no Ray."""
 
-    def __init__(self, engine, replica_id: str = "r0") -> None:
+    def __init__(self, engine, replica_id: str = "r0", die_after: int | None = None, error=None, deaths: int = 1) -> None:
+        """``die_after``: the first ``deaths`` streams raise ``error`` after that many deltas (a
+        replica that dies, or fails its step, mid-stream)."""
         from kvtide.workers import AsyncEngine
 
         self.replica_id = replica_id
         self.engine = engine
         self.async_engine = AsyncEngine(engine, idle_wait_s=0.02)
         self.aborted: list[tuple[str, int | None]] = []
+        self.requests: list = []
+        self.die_after, self.error, self.deaths = die_after, error, deaths
 
     def generate(self, request) -> _EngineStream:
+        self.requests.append(request)
         return _EngineStream(self, request)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
@@ -160,11 +165,20 @@ class _EngineStream:
         self._replica, self._request = replica, request
         self._gen = replica.async_engine.generate(request)
         self._done = False
+        self._dies_after = None
+        if replica.die_after is not None and replica.deaths > 0:
+            replica.deaths -= 1
+            self._dies_after = replica.die_after
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
+        if self._dies_after is not None:
+            if self._dies_after == 0:
+                self._replica.abort(self._request.request_id)  # the engine goes with the process
+                raise self._replica.error
+            self._dies_after -= 1
         try:
             return await anext(self._gen)
         except StopAsyncIteration:

@@ -10,6 +10,7 @@ import torch
 
 from kvtide.workers.config import EngineConfig, resolve
 from kvtide.workers.engine import Engine
+from kvtide.workers.engine_request import check_request
 from kvtide.workers.model_loader import load_model, read_hf_config
 from kvtide.workers.model_runner import LocalExecutor
 from kvtide.workers.request import RequestStatus
@@ -491,3 +492,23 @@ def test_a_step_that_cannot_even_be_submitted_fails_its_requests_and_the_engine_
     assert_all_blocks_free(engine)
     result = generate(engine, {"c": PROMPTS["p13"]})
     assert result[("c", 0)].token_ids == reference["p13"]
+
+
+# -- a request resumed with the tokens it already generated (migrated off a dead replica) ----
+
+
+@pytest.mark.parametrize("done", [1, 5, NEW_TOKENS - 1])
+def test_a_resumed_request_goes_on_exactly_where_it_stopped(tiny, reference, done):
+    engine = make_engine(tiny)
+    request = check_request("p9-resumed", PROMPTS["p9"], GREEDY, engine.limits, reference["p9"][:done])
+    engine.add(request)
+    result = run(engine)
+    choice = result[("p9-resumed", 0)]
+    assert choice.token_ids == reference["p9"][done:]  # only the new tokens come back
+    assert choice.finish_reason == "length"
+
+
+def test_a_resumed_request_must_leave_something_to_generate(tiny, reference):
+    engine = make_engine(tiny)
+    with pytest.raises(ValueError, match="output tokens must be token ids .* fewer than max_tokens="):
+        check_request("full", PROMPTS["p9"], GREEDY, engine.limits, reference["p9"])
