@@ -44,7 +44,12 @@ async def merged(gateway: Gateway, prepared: list[PreparedRequest]) -> AsyncIter
     """The prompts of one completions request as one stream of choices, as OpenAI numbers them:
     prompt i's choice j is index ``i * n + j``. Each prompt is its own request (admitted and
     routed on its own, so a batch spreads over replicas); the usage of all of them, summed,
-    rides on the last delta. One failing prompt fails the request and aborts the others."""
+    rides on the last delta. One failing prompt fails the request and aborts the others.
+
+    NOTE: once every prompt's usage came, no pump is cancelled: each is at the end of its
+    stream and ends on its own (its request counted with its finish reason, as the one-prompt
+    path waits for its stream's end too); cancelling one still closing would count it aborted.
+    Before that, closing the merged stream cancels every pump, aborting each prompt."""
     if len(prepared) == 1:
         async with contextlib.aclosing(gateway.generate(prepared[0])) as only:
             async for d in only:
@@ -82,8 +87,9 @@ async def merged(gateway: Gateway, prepared: list[PreparedRequest]) -> AsyncIter
                 delta = dataclasses.replace(delta, usage=total)
             yield delta
     finally:
-        for t in tasks:
-            t.cancel()  # closes each prompt's stream, which aborts it on its replica
+        if len(usages) < len(prepared):
+            for t in tasks:
+                t.cancel()  # closes each prompt's stream, which aborts it on its replica
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
