@@ -243,25 +243,29 @@ def test_engine_steps_through_triton_without_host_reads(tmp_path, monkeypatch, h
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA without the interpreter")
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 def test_triton_forward_does_not_sync_on_cuda(kv_cache_dtype):
     device = torch.device("cuda")
+    if kv_cache_dtype == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("Triton's fp8 needs compute capability 8.9 (kernels/capability.py)")
     q, k, v, (k_cache, v_cache), meta = backend_inputs(device, kv_cache_dtype)
+    want_caches = (k_cache.clone(), v_cache.clone())
+    want = TorchAttentionBackend().forward(q, k, v, *want_caches, meta, 0.25)
     backend = TritonAttentionBackend()
     x = torch.randn(q.shape[0], 64, device=device)
     weight = torch.ones(64, device=device)
     cos, sin = torch.ones(q.shape[0], 1, 16, device=device), torch.zeros(q.shape[0], 1, 16, device=device)
 
-    def step():
-        backend.forward(q, k, v, k_cache, v_cache, meta, 0.25)
+    def step() -> torch.Tensor:
         triton_norm_rope.rms_norm(x, weight, 1e-5, x)
         triton_norm_rope.rotary_embedding(q, k, cos, sin)
+        return backend.forward(q, k, v, k_cache, v_cache, meta, 0.25)
 
     step()  # compiles the kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        got = step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
