@@ -53,11 +53,12 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_seqs, hidden] -> logits [num_seqs, vocab_size] (float32).
 
-        NOTE: up to 32 rows, computed as (W @ hidden^T)^T: on this CPU's MKL that runs
+        NOTE: fp32 up to 32 rows is computed as (W @ hidden^T)^T: on this CPU's MKL that runs
         1.3-2.2x faster than F.linear for a 49152 x 576 head, and 0.6x at 64 rows, where
         F.linear takes over (bench/linear_layout.py). No second copy of the tied weight.
+        bf16/fp16 always use F.linear, transformers' own matmul (no faster either way there).
         """
-        if hidden.shape[0] <= 32:
+        if hidden.shape[0] <= 32 and hidden.dtype == torch.float32:
             local = torch.mm(self.weight, hidden.t()).t().contiguous()
         else:
             local = F.linear(hidden, self.weight)
