@@ -27,6 +27,8 @@ from kvtide.workers.llm import LLM, StepFailedError
 from kvtide.workers.model_loader import load_model, read_hf_config
 from kvtide.workers.models import llama
 from kvtide.workers.sampling_params import SamplingParams
+from kvtide.workers.shard import ShardRunner
+from kvtide.workers.step_inputs import pack_batch
 
 from tests.tiny import write_tiny_llama
 
@@ -34,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=1)
 PROMPTS = [[5, 17, 33, 41, 60], [7, 7, 8, 90, 12, 13, 40, 41, 3], list(range(20, 37))]
-ENGINE_OPTIONS = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+ENGINE_OPTIONS = {"num_blocks": 64, "block_size": 4, "max_num_seqs": 8, "max_num_batched_tokens": 64}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,29 @@ def test_norm_returns_the_activations_dtype(dtype):
     x, residual = torch.randn(3, 64).to(dtype), torch.randn(3, 64).to(dtype)
     out, res = norm(x, residual.clone())
     assert out.dtype == res.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_pipeline_stages_loaded_apart_give_the_whole_models_logits(tmp_path, dtype):
+    # What a Ray shard loads: a slice of the layers, here of a tied model whose last stage
+    # reads its LM head from the embedding's checkpoint tensor.
+    model_dir = write_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    ids = list(range(20, 37))
+    inputs = pack_batch([(ids, 0, list(range(5)), True)], (), 4, torch.device("cpu"))
+
+    def run(model, hidden=None, residual=None):
+        shard = ShardRunner(model, 8, 4)
+        return model(inputs.input_ids, inputs.positions, shard.kv_caches, inputs.meta, shard.backend, hidden, residual)
+
+    whole = load_model(model_dir, dtype)
+    first, last = load_model(model_dir, dtype, layer_end=1), load_model(model_dir, dtype, layer_start=1)
+    assert first.norm is None and last.embed_tokens is None and last.lm_head.weight.dtype == dtype
+    with torch.inference_mode():
+        want = whole.compute_logits(run(whole)[0])
+        hidden, residual = run(first)
+        assert hidden.dtype == residual.dtype == dtype
+        got = last.compute_logits(run(last, hidden, residual)[0])
+    assert torch.equal(got, want)
 
 
 # -- the model is built on the meta device -------------------------------------------------
