@@ -105,7 +105,7 @@ def run_inner_suite(tmp_path: Path) -> dict[str, str]:
     subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "fake_cuda", "-p", "no:cacheprovider", "-q",
          "--junitxml", str(tmp_path / "report.xml"), "test_inner.py"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     outcomes = {}
     for case in ET.parse(tmp_path / "report.xml").iter("testcase"):
@@ -171,7 +171,7 @@ print(count)
 def test_workers_and_kernels_import_without_ray_servers_or_protobuf():
     done = subprocess.run(
         [sys.executable, "-c", f"BLOCKED = {set(NOT_ON_THE_GPU_MACHINE)!r}\n" + IMPORT_EVERYTHING],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.strip()) >= 40  # every module of both packages was imported
@@ -181,7 +181,7 @@ def test_the_blocker_blocks():
     """The import test above would pass vacuously if the blocker let Ray through."""
     done = subprocess.run(
         [sys.executable, "-c", "BLOCKED = {'json'}\n" + IMPORT_EVERYTHING.split("import kvtide")[0] + "import json"],
-        capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0 and "json is not on the GPU machine" in done.stderr
 
@@ -214,7 +214,7 @@ def test_dry_run_checks_everything_that_needs_no_cuda(tmp_path):
     out = tmp_path / "summary.json"
     done = subprocess.run(
         gpu_check_command("--dry-run", "--out", str(out), "--work-dir", str(tmp_path / "work")),
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads(out.read_text())
@@ -257,7 +257,7 @@ def uses_a_function_not_written_yet(ctx):
 sections.SECTIONS = (sections.Section("memory", "sizing", uses_a_function_not_written_yet, uses_a_function_not_written_yet),)
 sys.exit(run.main(["--dry-run", "--out", {str(out)!r}, "--work-dir", {str(tmp_path / "work")!r}]))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     (section,) = json.loads(out.read_text())["sections"]
     assert section["status"] == "not available" and section["error"] is None
@@ -268,7 +268,7 @@ sys.exit(run.main(["--dry-run", "--out", {str(out)!r}, "--work-dir", {str(tmp_pa
 def test_unknown_sections_are_refused_by_name(tmp_path):
     done = subprocess.run(
         [sys.executable, str(TOOL / "run.py"), "--dry-run", "--only", "engine_dtypes,warp_drive",
-         "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
+         "--work-dir", str(tmp_path)], check=False, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0 and "--only names unknown sections ['warp_drive']; known: environment" in done.stderr
 
@@ -298,7 +298,7 @@ def test_carried_wheels_are_unpacked_only_where_the_machine_lacks_them(tmp_path)
     assert done["kvtide_fake_dep"] == "unpacked" and done["pluggy"].startswith("present ")
     assert not (site / "pluggy").exists()
     found = subprocess.run([sys.executable, "-c", "import kvtide_fake_dep; print(kvtide_fake_dep.VERSION)"],
-                           env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=60)
+                           env={**os.environ, "PYTHONPATH": str(site)}, check=False, capture_output=True, text=True, timeout=60)
     assert found.stdout.strip() == "1.0", found.stderr
     assert set(bootstrap.CARRIED) >= {"gguf", "pytest", "pluggy", "iniconfig", "pygments"}
 
@@ -320,7 +320,7 @@ def test_the_gpu_sections_run_on_a_cpu_with_a_tiny_model(tmp_path):
     done = subprocess.run(
         [sys.executable, str(TOOL / "run.py"), "--device", "cpu", "--shape", "tiny", "--quick", "--only", only,
          "--out", str(out), "--work-dir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600,
+        check=False, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     status = {s["name"]: s["status"] for s in json.loads(out.read_text())["sections"]}

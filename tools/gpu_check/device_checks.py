@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from common import Context, common_prefix, engine, greedy, need, need_cuda, release
 from plan import BACKENDS
 from report import NotAvailable, Row, fraction, row_for
@@ -81,7 +80,7 @@ def memory(ctx: Context) -> list[Row]:
     shape = ModelShape.from_hf_config(ctx.shared["hf_config"])
     share = gpu_shares(shape, ParallelLayout(), dtype)[0]
     predicted_reserve = estimate(shape, ParallelLayout(), share, dtype, tokens, seqs)
-    free, total = torch.cuda.mem_get_info()
+    _, total = torch.cuda.mem_get_info()
     predicted = plan_kv_cache(shape, dtype=dtype, block_size=p.block_size, memory=GpuMemory(total, util),
                               max_num_batched_tokens=tokens, max_num_seqs=seqs)  # fmt: skip
     base = torch.cuda.memory_allocated()
@@ -225,7 +224,7 @@ def _transformers_decode(ctx: Context, prompt_len: int) -> dict[int, float]:
     model = AutoModelForCausalLM.from_pretrained(str(ctx.model_dir), dtype=torch.bfloat16).to(ctx.device).eval()
     steps, rates = ctx.plan.decode_steps, {}
 
-    def timed(ids, new: int) -> float:
+    def timed(model, ids, new: int) -> float:
         _sync(ctx)
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
@@ -237,8 +236,8 @@ def _transformers_decode(ctx: Context, prompt_len: int) -> dict[int, float]:
         with torch.inference_mode():
             for streams in ctx.plan.streams:
                 ids = torch.randint(3, ctx.shared["vocab_size"], (streams, prompt_len), device=ctx.device)
-                timed(ids, 4)  # warm
-                rates[streams] = streams * steps / max(timed(ids, 1 + steps) - timed(ids, 1), 1e-9)
+                timed(model, ids, 4)  # warm
+                rates[streams] = streams * steps / max(timed(model, ids, 1 + steps) - timed(model, ids, 1), 1e-9)
     finally:
         del model
         release()

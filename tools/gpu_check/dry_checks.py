@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from common import Context, need
 from plan import BACKENDS, DTYPES, KV_DTYPES
 from report import Row, row_for

@@ -11,7 +11,18 @@ from __future__ import annotations
 import math
 import time
 
-from common import Context, common_prefix, engine, generate, greedy, need, release, short, teacher_forced, top1_agreement
+from common import (
+    Context,
+    common_prefix,
+    engine,
+    generate,
+    greedy,
+    need,
+    release,
+    short,
+    teacher_forced,
+    top1_agreement,
+)
 from plan import BACKENDS, DTYPES, KV_DTYPES
 from report import NotAvailable, Row, row_for
 
@@ -46,7 +57,7 @@ def _runs(ctx: Context, label: str, **options) -> tuple[list[Row], dict | None]:
         return [row], {"greedy": tokens, "teacher": tf}
     except NotAvailable:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a failed engine is a FAIL row; the next one runs
         return [Row(label, "", "FAIL", short(exc))], None
     finally:
         del eng
@@ -153,7 +164,7 @@ def sampling(ctx: Context) -> list[Row]:
     return [
         row_for("completions and logprobs", not problems, f"{len(choices)} choices x {n} tokens",
                 problems[0] if problems else f"backend {backend}; logprobs finite, <= 0, top-k sorted, the "
-                "sampled token's logprob equal to its top-k entry", problems=len(problems)),  # fmt: skip
+                "sampled token's logprob equal to its top-k entry", problems=len(problems)),
         row_for("same seed, same tokens", same, "identical" if same else "different", "two runs, seed 7, n=2"),
         Row("n=2 choices differ", f"{distinct}/{len(pairs)} prompts", "info", "temperature 4, top-k 50, top-p 0.9 (random weights: peaked logits)"),
     ]

@@ -69,7 +69,9 @@ class Plan:
 
 
 def _estimates(p: Plan) -> dict[str, float]:
-    gen_steps = p.num_new_tokens + 2  # prefill + decodes + the step that finishes
+    # greedy: prefill + decodes + the step that finishes; teacher-forced: one 1-token request
+    # per prefix, max_num_seqs of them a step
+    gen_steps = p.num_new_tokens + 2 + -(-p.teacher_seqs * p.teacher_positions // p.max_num_seqs) + 1
     runs = len(DTYPES) * len(BACKENDS)
     return {
         "environment": 1.0,
@@ -78,8 +80,7 @@ def _estimates(p: Plan) -> dict[str, float]:
         "engine_dtypes": runs * (LOAD_S + gen_steps * STEP_S) + len(DTYPES) * COMPILE_S,
         "kv_cache_dtypes": len(KV_DTYPES) * len(BACKENDS) * (LOAD_S + gen_steps * STEP_S) + len(KV_DTYPES) * COMPILE_S,
         "sampling": LOAD_S + 3 * gen_steps * STEP_S,
-        "vs_transformers": 2 * (HF_LOAD_S + LOAD_S) + 2 * (p.teacher_seqs * p.teacher_positions // 64 + 4) * STEP_S
-        + COMPILE_S / 3,
+        "vs_transformers": 2 * (HF_LOAD_S + LOAD_S + gen_steps * STEP_S),
         "nccl": 8.0 + LOAD_S + gen_steps * STEP_S,
         "memory": 2 * LOAD_S + 10 * STEP_S + 5.0,
         "host_syncs": len(BACKENDS) * (LOAD_S + 4 * STEP_S),

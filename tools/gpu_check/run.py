@@ -27,13 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
+T0 = time.monotonic()  # the time budget counts from here: imports and CUDA start-up included
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-import bootstrap  # noqa: E402
-from plan import make_plan  # noqa: E402
-from report import NotAvailable, Row, SectionResult, summary, table, to_json  # noqa: E402
+import bootstrap
+from plan import make_plan
+from report import NotAvailable, Row, SectionResult, summary, table, to_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.append(str(REPO))  # tests/tiny.py writes the checkpoint; last, so it shadows nothing
 
     import torch
-
     from common import Context, hf_config, short, write_model
     from sections import select
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.shared.update(hf_config=hf_config(args.shape), wheels=wheels)
     ctx.shared["vocab_size"] = ctx.shared["hf_config"]["vocab_size"]
     chosen = select(args.only)
-    started, results = time.monotonic(), []
+    started, results = T0, []
     meta = {
         "mode": plan.mode, "dry_run": args.dry_run, "argv": sys.argv[1:],
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "budget_s": budget_s,
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             result.rows = (section.dry if args.dry_run else section.run)(ctx)
         except NotAvailable as exc:
             result.rows.append(Row("section", "", f"not available: {exc}"))
-        except Exception as exc:  # one section's failure must not stop the others
+        except Exception as exc:  # noqa: BLE001 - one section's failure must not stop the others
             result.error = short(exc, 600)
         result.seconds = time.monotonic() - ctx.started
         print(f"[gpu-check] {section.name}: {result.status} ({result.seconds:.0f}s)", file=sys.stderr, flush=True)
@@ -141,7 +141,7 @@ def _cuda_usable() -> bool:
     try:
         torch.cuda.synchronize()
         return torch.ones(1, device="cuda").add(1).item() == 2.0
-    except Exception:
+    except Exception:  # noqa: BLE001 - any error here means the context is gone
         return False
 
 
@@ -155,9 +155,9 @@ def _in_fresh_process(args: argparse.Namespace, names: list[str], budget_s: floa
     cmd += ["--device", args.device, "--shape", args.shape] + (["--quick"] if args.quick else [])
     print(f"[gpu-check] CUDA context lost; running {', '.join(names)} in a fresh process", file=sys.stderr)
     try:
-        subprocess.run(cmd, timeout=budget_s + 30, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, timeout=budget_s + 30, stdout=subprocess.DEVNULL, check=False)
         sections = json.loads(out.read_text())["sections"]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the child's failure is reported, not raised
         return [SectionResult(n, "", 0.0, error=f"fresh process failed: {exc}") for n in names]
     found = []
     for s in sections:
@@ -168,7 +168,8 @@ def _in_fresh_process(args: argparse.Namespace, names: list[str], budget_s: floa
 
 def _commit() -> str | None:
     try:
-        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None
