@@ -134,7 +134,7 @@ def gpu_tests(ctx: Context, timeout_s: float) -> list[Row]:
         return [Row("gpu-marked tests", "no files", "FAIL", "no tests/unit file marks a test gpu")]
     # -P: the repository root stays off sys.path; kvtide comes from the linked site folder.
     cmd = [sys.executable, "-P", "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *files]
-    log = ctx.work / ("gpu_tests_collect.log" if ctx.dry_run else "gpu_tests.log")
+    log = ctx.shared.get("log_dir", ctx.work) / ("gpu_tests_collect.log" if ctx.dry_run else "gpu_tests.log")
     cmd += ["--collect-only", "-q"] if ctx.dry_run else ["-v", "-rfEs"]
     t0 = time.monotonic()
     with open(log, "w") as out:

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan("quick" if args.quick else "full")
     budget_s = args.budget_s or plan.budget_s
     ctx = Context(REPO, args.work_dir, plan, args.dry_run, args.device, args.shape)
-    ctx.shared.update(hf_config=hf_config(args.shape), wheels=wheels)
+    log_dir = (args.out or default_out()).parent  # beside the summary: under $OUT it comes back
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ctx.shared.update(hf_config=hf_config(args.shape), wheels=wheels, log_dir=log_dir)
     ctx.shared["vocab_size"] = ctx.shared["hf_config"]["vocab_size"]
     chosen = select(args.only)
     started, results = T0, []
