@@ -5,7 +5,10 @@ machine has, so ``make test`` on a GPU workstation runs the same CPU tests as CI
 not marked ``gpu`` (``CudaGuard``):
 - ``torch.cuda.is_available()`` is False and ``torch.cuda.device_count()`` 0, so the code
   under test resolves ``device="auto"`` to the CPU (with fp32 and the CPU backends);
-- ``CUDA_VISIBLE_DEVICES`` is "" for the processes it starts (servers, Ray nodes and workers);
+- on a machine with CUDA, ``CUDA_VISIBLE_DEVICES`` is "" for the processes it starts (servers,
+  Ray nodes and workers). Not on one without: there is nothing to hide, and Ray refuses to
+  start a node that declares fake GPUs (tests/integration/test_gpu_placement.py) when the
+  variable lists fewer devices than it declares;
 - touching CUDA fails it: ``torch.cuda._lazy_init`` raises ``CudaTouchedError`` (torch calls
   it for the first CUDA tensor of a process and in every ``torch.cuda`` query), and the test
   fails after its call even when the code under test swallowed that error. Once a gpu test
@@ -101,7 +104,7 @@ class CudaGuard:
         """The state for one test's setup, call and teardown: CUDA hidden unless ``gpu``."""
         self.allowed, self.test_name, self.touches = gpu, name, []
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if not gpu:
+        if not gpu and self.machine_has_cuda:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         try:
             yield
