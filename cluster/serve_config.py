@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvtide.cluster.frontend.requests import FrontendConfig
+from kvtide.cluster.state.health import SupervisionConfig
 from kvtide.workers import EngineConfig
 
 
@@ -35,6 +36,7 @@ class ServeConfig:
     stats_interval_s: float = 2.0
     """How often replica loads are polled when there is no Redis to publish them."""
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:

@@ -8,6 +8,9 @@ it (``ClusterState``), and serves gRPC and OpenAI HTTP. ``stop()`` drains: healt
 NOT_SERVING, new requests get UNAVAILABLE / 503, in-flight ones get ``drain_timeout_s`` to
 finish and are then aborted with a reason that says so; then it stops everything it started,
 in reverse order, and nothing it did not.
+
+While serving, a ``Supervisor`` checks each replica's health (see ``supervisor.py``); a dead
+replica is made anew under its id, its placement groups freed.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from kvtide.cluster.frontend.grpc_server import GrpcServer, start_grpc_server
 from kvtide.cluster.frontend.ray_handles import RayReplicaHandle
 from kvtide.cluster.frontend.replicas import ReplicaSet
 from kvtide.cluster.frontend.http_server import HttpServer
-from kvtide.cluster.replica.actor import ReplicaActor
+from kvtide.cluster.replica.actor import ReplicaActor, stop_replica
 from kvtide.cluster.replica.logs import ray_logs_hint
 from kvtide.cluster.replica.placement import remove_groups
 from kvtide.cluster.replica.spec import ReplicaSpec
 from kvtide.cluster.serve_config import ServeConfig, StartupError
 from kvtide.cluster.startup import engine_for_cluster, limits_of, root_cause
 from kvtide.cluster.state.store import StateStore
+from kvtide.cluster.supervisor import Supervisor
 from kvtide.router import ReplicaRegistration, Router
 from kvtide.workers import ResolvedConfig, Tokenizer, resolve_engine
 
@@ -56,6 +60,10 @@ class Server:
         self._redis = None
         self._tasks: list[asyncio.Task] = []
         self._state: ClusterState | None = None
+        self._resolved: ResolvedConfig | None = None
+        self._generation: dict[str, int] = {}
+        """replica id -> how many times it was made (its placement groups are named by it)."""
+        self.supervisor: Supervisor | None = None
         self.placement_owner = f"kvtide-{uuid.uuid4().hex[:12]}"
         """Prefix of every placement group this server's replicas create."""
 
@@ -88,6 +96,8 @@ class Server:
         self.grpc = await start_grpc_server(self.gateway, cfg.host, cfg.grpc_port, cert, key)
         self.http = await HttpServer.start(self.gateway, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key,
                                            cfg.drain_timeout_s)  # fmt: skip
+        self.supervisor = Supervisor(state, self._actors, self._recreate, self._set_serving, cfg.supervision)
+        self._tasks.append(asyncio.create_task(self.supervisor.run()))
         scheme = "https" if cert else "http"
         logger.info("gRPC (kvtide.v1.Kvtide, health, reflection) on %s:%d", cfg.host, self.grpc_port)
         logger.info("OpenAI HTTP API on %s://%s:%d/v1 (metrics on /metrics)", scheme, cfg.host, self.http_port)
@@ -102,21 +112,17 @@ class Server:
         else:
             # Logical CPUs for placement only: each replica asks one per shard.
             num_cpus = max(os.cpu_count() or 1, cfg.num_replicas * cfg.tp * cfg.pp)
-            # NOTE: address="local": a bare ray.init() would join any cluster already running
-            # on this machine (someone else's) instead of starting ours. The private cluster
-            # stays on loopback whatever --host the API binds.
-            info = ray.init(
-                address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1"
-            )
+            # NOTE: address="local": a bare ray.init() would join someone else's cluster on this
+            # machine. The private cluster stays on loopback whatever --host the API binds.
+            info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                            _node_ip_address="127.0.0.1")  # fmt: skip
             logger.info("started a local Ray cluster at %s", info.address_info.get("gcs_address"))
         self._started_ray = True
 
     async def _start_replicas(self, resolved: ResolvedConfig) -> dict[str, ReplicaRegistration]:
-        cfg = self.config
-        for i in range(cfg.num_replicas):
-            spec = ReplicaSpec(resolved, start_timeout_s=cfg.replica_start_timeout_s,
-                               placement_owner=f"{self.placement_owner}/replica-{i}", model_name=cfg.model)  # fmt: skip
-            self._actors[f"replica-{i}"] = ReplicaActor.options(num_cpus=0).remote(spec)
+        self._resolved = resolved
+        for i in range(self.config.num_replicas):
+            self._actors[f"replica-{i}"] = self._new_actor(f"replica-{i}")
         registrations = {}
         for rid, actor in self._actors.items():
             await self._wait_ready(rid, actor)
@@ -124,6 +130,35 @@ class Server:
             logger.info("%s ready: tp=%d pp=%d, %d KV blocks of %d tokens",
                         rid, reg.tp, reg.pp, reg.num_blocks, reg.block_size)  # fmt: skip
         return registrations
+
+    def _new_actor(self, rid: str):
+        cfg, gen = self.config, self._generation.get(rid, -1) + 1
+        self._generation[rid] = gen
+        spec = ReplicaSpec(self._resolved, start_timeout_s=cfg.replica_start_timeout_s,
+                           placement_owner=self._owner(rid, gen), model_name=cfg.model)  # fmt: skip
+        return ReplicaActor.options(num_cpus=0).remote(spec)
+
+    def _owner(self, rid: str, gen: int) -> str:
+        return f"{self.placement_owner}/{rid}/g{gen}"
+
+    async def _recreate(self, rid: str):
+        """The supervisor's: a dead replica made anew under its id, ready, and back in the router."""
+        old_gen, state = self._generation[rid], self._state
+        await asyncio.to_thread(remove_groups, self._owner(rid, old_gen))
+        actor = self._actors[rid] = self._new_actor(rid)
+        state.handles[rid].actor = actor
+        await self._wait_ready(rid, actor)
+        if state.store is not None:
+            await actor.start_publishing.remote(self.redis_url, rid)
+        else:
+            state.register(await actor.registration.remote(rid))
+        return actor
+
+    async def _set_serving(self, serving: bool) -> None:
+        if self.gateway is not None:
+            self.gateway.healthy = serving
+        if self.grpc is not None and not self.gateway.draining:
+            await self.grpc.set_serving(serving)
 
     async def _wait_ready(self, rid: str, actor) -> None:
         """The replica's start (its shards start within ``replica_start_timeout_s``, kernel
@@ -184,15 +219,17 @@ class Server:
     def _replica_lost(self, replica_id: str) -> None:
         """The replica left the router for good: free its shards' placement groups once Ray
         confirms the actor is gone (a live one keeps them)."""
-        self._tasks.append(asyncio.create_task(self._free_if_dead(replica_id)))
+        handle = RayReplicaHandle(replica_id, self._state.handles[replica_id].actor)
+        owner = self._owner(replica_id, self._generation[replica_id])
+        self._tasks.append(asyncio.create_task(self._free_if_dead(handle, owner)))
 
-    async def _free_if_dead(self, replica_id: str) -> None:
-        handle = self._state.handles[replica_id]
+    async def _free_if_dead(self, handle: RayReplicaHandle, owner: str) -> None:
+        """``handle`` and ``owner``: the actor that was lost, not one made anew since."""
         if await handle.alive():
-            logger.info("%s left routing but is alive; its placement groups stay until stop", replica_id)
+            logger.info("%s left routing but is alive; its placement groups stay", handle.replica_id)
             return
-        freed = await asyncio.to_thread(remove_groups, f"{self.placement_owner}/{replica_id}")
-        logger.warning("%s is dead; freed its %d placement group(s)", replica_id, freed)
+        freed = await asyncio.to_thread(remove_groups, owner)
+        logger.warning("%s is dead; freed its %d placement group(s)", handle.replica_id, freed)
 
     def _start_redis(self) -> None:
         """The embedded Redis (unless ``redis_url`` names one): on loopback for the private
@@ -214,6 +251,8 @@ class Server:
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Drain, then stop everything this server started (idempotent)."""
         timeout_s = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         if self.grpc is not None:
             await self.grpc.set_serving(False)
         if self.gateway is not None:
@@ -235,7 +274,7 @@ class Server:
                 await self._state.store.close()
             self._state = None
         # All replicas at once: one slow or dead replica must not hold up the others' shutdown.
-        await asyncio.gather(*(_stop_replica(actor) for actor in self._actors.values()))
+        await asyncio.gather(*(stop_replica(actor) for actor in self._actors.values()))
         if self._actors and ray.is_initialized():
             # Each replica frees its shards' groups in shutdown(); this frees those of any that
             # died or did not get that far (Ray would keep them until this job ends).
@@ -252,13 +291,3 @@ class Server:
             self.gateway.close()
         self.gateway, self.grpc, self.http = None, None, None
 
-
-async def _stop_replica(actor) -> None:
-    """Leave the registry, stop stepping and free the shards; then kill the actor. Never raises:
-    whatever fails here, the rest of ``Server.stop`` (Redis, Ray) still runs."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(actor.stop_publishing.remote(), 10.0)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(actor.shutdown.remote(), 30.0)
-    with contextlib.suppress(Exception):
-        ray.kill(actor)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self._dead: BaseException | None = None
+        self._tick_s = time.monotonic()
+        self._step_started_s: float | None = None
         self._thread = threading.Thread(target=self._run, name="kvtide-engine", daemon=True)
         self._thread.start()
 
@@ -121,15 +124,32 @@ class AsyncEngine:
                         for i in ended:
                             self._deliver(request_id, CompletionDelta(request_id, i, (), finish_reason="abort"))
 
+    @property
+    def alive(self) -> bool:
+        """The stepping thread runs."""
+        return self._dead is None and self._thread.is_alive()
+
+    def loop_ages_s(self) -> tuple[float, float | None]:
+        """(seconds since the stepping loop last went round, seconds the step under way has
+        taken, or None between steps): a loop that stops going round, or a step that never
+        ends, is a hung engine."""
+        now = time.monotonic()
+        started = self._step_started_s
+        return now - self._tick_s, None if started is None else now - started
+
     def _run(self) -> None:
         try:
             while not self._stop:
+                self._tick_s = time.monotonic()
                 self._apply_commands()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
                     continue
-                for delta in self.engine.step():
+                self._step_started_s = time.monotonic()
+                deltas = self.engine.step()
+                self._step_started_s = None
+                for delta in deltas:
                     self._deliver(delta.request_id, delta)
         except BaseException as exc:  # noqa: BLE001 - every stream must hear about it
             logger.exception("engine thread died")

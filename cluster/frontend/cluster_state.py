@@ -11,17 +11,13 @@ Without Redis: the replicas are registered up front (``register``), their loads 
 from the handles every ``load_interval_s`` (the same ``ReplicaLoad`` the replica would
 publish), and routing is approximate (the router's own decisions).
 
-Liveness: a replica a request finds dead, whose load poll finds it dead, or whose heartbeat
-expires, leaves the router at once; ``on_replica_lost`` hears it once.
+Liveness: a replica a request or the load poll finds dead, or whose heartbeat expires,
+leaves the router at once (``on_replica_lost`` hears it once); one the supervisor finds unfit
+(``set_healthy``) leaves it until it is healthy again. While Redis is unreachable the router
+routes on the last state it knew, approximately, until each replica's resync; only a registry
+that answers and lacks a replica for ``missing_grace_s`` removes it.
 
-While Redis is unreachable the router keeps routing on the last state it knew: every
-replica is marked unsynced, so it is approximate (its own decisions, with expiry, on top of
-the last exact view) until its resync. Replicas are never dropped for an outage: only a
-registry that answers and lacks a replica for ``missing_grace_s`` removes it (a restarted
-Redis is empty until the publishers' next tick).
-
-Runs on the frontend's event loop, the same one that calls ``Router.choose``; the router is
-only touched between awaits, so it needs no lock.
+Runs on the frontend's event loop, the same one that calls ``Router.choose``: no lock.
 """
 
 from __future__ import annotations
@@ -62,6 +58,10 @@ class ClusterState:
         """Told once when a replica leaves for good (dead, or its heartbeat expired)."""
         self.lost: set[str] = set()
         """Replicas that left (until one registers again under the same id)."""
+        self.unhealthy: set[str] = set()
+        """Replicas the supervisor found unfit to serve: out of routing until healthy again."""
+        self._registrations: dict[str, ReplicaRegistration] = {}
+        """The last registration of each replica (to route to it again once healthy)."""
         self.poll_interval_s = poll_interval_s
         self.load_interval_s = load_interval_s
         self._loads_polled_at = float("-inf")
@@ -128,8 +128,25 @@ class ClusterState:
     def register(self, registration: ReplicaRegistration) -> None:
         """A replica known without Redis (direct registration); raises ``ValueError`` if its
         hash parameters differ from the router's."""
-        self.router.register(registration)
+        self._registrations[registration.replica_id] = registration
         self.lost.discard(registration.replica_id)
+        if registration.replica_id not in self.unhealthy:
+            self.router.register(registration)
+
+    def set_healthy(self, replica_id: str, healthy: bool) -> None:
+        """The supervisor's verdict: an unhealthy replica leaves routing now; a healthy one comes
+        back (from Redis at the next poll, or from its last direct registration)."""
+        if not healthy:
+            if replica_id not in self.unhealthy:
+                self.unhealthy.add(replica_id)
+                if replica_id in self.router.replica_ids():
+                    self.router.unregister(replica_id)
+            return
+        if replica_id in self.unhealthy:
+            self.unhealthy.discard(replica_id)
+            reg = self._registrations.get(replica_id)
+            if self.store is None and reg is not None and replica_id not in self.router.replica_ids():
+                self.router.register(reg)
 
     def replica_failed(self, replica_id: str) -> None:
         """The replica is dead (a request or a load poll found it so): stop routing to it now,
@@ -222,7 +239,7 @@ class ClusterState:
 
     def _sync_registry(self, registry: dict, now: float) -> None:
         for rid, reg in registry.items():
-            if (rid, reg.incarnation) in self._failed or reg in self._rejected:
+            if (rid, reg.incarnation) in self._failed or reg in self._rejected or rid in self.unhealthy:
                 continue
             self._last_seen[rid] = now
             known = rid in self.router.replica_ids()

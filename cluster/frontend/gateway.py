@@ -55,6 +55,8 @@ class Gateway:
         self.prompts = PromptTokenizer(tokenizer, limits.max_model_len, self.config.tokenizer_threads)
         self.admission = Admission(self.config)
         self._active: dict[str, Active] = {}
+        self.healthy = True
+        """False while no replica is fit to serve (the supervisor's verdict): /health says 503."""
 
     @property
     def draining(self) -> bool:

@@ -71,16 +71,20 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(_BodyTooLarge)
     async def on_too_large(request: Request, exc: _BodyTooLarge):
+        gateway.metrics.errors.labels(Code.INVALID_ARGUMENT.value).inc()
         return _too_large(exc.num_bytes, exc.limit)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
+        gateway.metrics.errors.labels(Code.INVALID_ARGUMENT.value).inc()
         return error_response(invalid(describe(exc.errors())))
 
     @app.get("/health")
     async def health() -> Response:
         if gateway.draining:
             return PlainTextResponse("draining\n", status_code=503)
+        if not gateway.healthy:
+            return PlainTextResponse("no replica is healthy\n", status_code=503)
         return PlainTextResponse("ok\n")
 
     @app.get("/metrics")

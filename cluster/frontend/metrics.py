@@ -77,11 +77,12 @@ class _ReplicaCollector(Collector):
         for reg in regs:
             info.add_metric([reg.replica_id, reg.device, reg.dtype, str(reg.tp), str(reg.pp)], 1.0)
         yield info
-        up = GaugeMetricFamily("kvtide:replica_up", "1 while the replica is routed to, 0 once it was lost.",
+        up = GaugeMetricFamily("kvtide:replica_up", "1 while the replica is routed to; 0 while it is lost, "
+                               "being made anew, or unfit to serve (the supervisor's health check).",
                                labels=["replica"])  # fmt: skip
         for rid in replica_ids:
             up.add_metric([rid], 1.0)
-        for rid in sorted(state.lost) if state is not None else ():
+        for rid in sorted(state.lost | state.unhealthy) if state is not None else ():
             if rid not in replica_ids:
                 up.add_metric([rid], 0.0)
         yield up

@@ -16,6 +16,7 @@ Waiting requests hold no KV blocks and are kept; they run on the fresh shards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -26,11 +27,14 @@ from kvtide.cluster.replica.placement import ReplicaShape
 from kvtide.cluster.replica.reporting import Reporting
 from kvtide.cluster.replica.restarts import RestartingExecutor
 from kvtide.cluster.replica.spec import ReplicaSpec
+from kvtide.cluster.state.health import ReplicaHealth, ReplicaState
 from kvtide.workers import AsyncEngine, CompletionDelta, Engine, EngineRequest, EngineStats, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 PROBE_PROMPT = (1, 2, 3)
+HUNG_STEP_S = 120.0
+"""A step (or an engine loop) stuck this long makes the replica unhealthy."""
 
 
 class Replica(Reporting):
@@ -46,11 +50,12 @@ class Replica(Reporting):
         self._async: AsyncEngine | None = None
         self._probes = 0
 
-    def _start_shards(self) -> RayExecutor:
+    def _start_shards(self, on_waiting) -> RayExecutor:
         """On the executor's start thread: every start after the first keeps the first's blocks."""
         shards = RayExecutor(
-            self._config, self.shape, timeout_s=self.spec.start_timeout_s, placement_owner=self.spec.placement_owner
-        )
+            self._config, self.shape, timeout_s=self.spec.start_timeout_s, placement_owner=self.spec.placement_owner,
+            on_waiting=on_waiting,
+        )  # fmt: skip
         self._config = shards.config
         return shards
 
@@ -105,6 +110,39 @@ class Replica(Reporting):
                 f"the probe step (1 token through the engine and every shard) did not finish within {timeout_s:g} s"
             ) from None
 
+    async def check_health(self, timeout_s: float = 20.0) -> ReplicaHealth:
+        """Fit to take requests now? Serving, the engine's loop going round and no step hung past
+        ``HUNG_STEP_S``. A replica that is stepping has live shards (each step goes through all
+        of them); an idle one pings its shards (``timeout_s``): one found dead gets its shards
+        replaced (restarted with backoff, the crash-loop breaker stopping a replica that keeps
+        failing), one that does not answer in time makes the replica unfit until it does."""
+        ex = self.executor
+        state, restarts = ex.state, ex.num_restarts
+        if state is not ReplicaState.SERVING:
+            reason = ex.broken_reason if state is ReplicaState.BROKEN else f"the replica is {state.value}"
+            return ReplicaHealth(state, False, reason, restarts)
+        engine = self._async
+        if engine is not None:
+            if not engine.alive:
+                return ReplicaHealth(state, False, "its engine thread died", restarts)
+            tick_age_s, step_age_s = engine.loop_ages_s()
+            if step_age_s is not None:
+                if step_age_s > HUNG_STEP_S:
+                    return ReplicaHealth(state, False, f"a step has run for {step_age_s:.0f} s", restarts)
+                return ReplicaHealth(state, True, "", restarts)  # stepping: its shards answer
+            if tick_age_s > HUNG_STEP_S:
+                return ReplicaHealth(state, False, f"its engine loop stopped {tick_age_s:.0f} s ago", restarts)
+        try:
+            await asyncio.wait_for(ex.current().ping(), timeout_s)
+        except RuntimeError as exc:  # restarting meanwhile
+            return ReplicaHealth(ex.state, False, str(exc), restarts)
+        except ray.exceptions.RayActorError as exc:  # a shard died while the replica was idle
+            ex.restart(f"a shard died while the replica was idle ({type(exc).__name__}: {exc})")
+            return ReplicaHealth(ex.state, False, f"a shard died: {exc}", restarts)
+        except Exception as exc:  # noqa: BLE001 - no answer in time
+            return ReplicaHealth(state, False, f"a shard did not answer within {timeout_s:g} s: {exc!r}", restarts)
+        return ReplicaHealth(state, True, "", restarts)
+
     def stats(self) -> EngineStats:
         return self._engine().stats()
 
@@ -127,9 +165,13 @@ class Replica(Reporting):
         """Test-only: one shard raises in a coming step (``ShardActor.inject_failure``)."""
         await self.executor.current().inject_failure(stage, tp_rank, after_num_steps)
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         """Stop publishing, stop stepping, kill every shard and free their placement
-        (idempotent)."""
+        (idempotent). The blocking parts run on a thread: never a blocking Ray call in this
+        actor's event loop."""
+        await asyncio.to_thread(self._shutdown)
+
+    def _shutdown(self) -> None:
         self.stop_publishing()
         if self._async is not None:
             self._async.shutdown()
@@ -144,3 +186,14 @@ def _log_to_stderr() -> None:
 
 
 ReplicaActor = ray.remote(Replica)
+
+
+async def stop_replica(actor) -> None:
+    """Leave the registry, stop stepping and free the shards; then kill the actor. Never raises:
+    whatever fails here, the rest of the caller's shutdown (Redis, Ray) still runs."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(actor.stop_publishing.remote(), 10.0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(actor.shutdown.remote(), 30.0)
+    with contextlib.suppress(Exception):
+        ray.kill(actor)

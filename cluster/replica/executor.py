@@ -7,10 +7,12 @@ Plain actor calls, no compiled graphs.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import ray
 import torch
@@ -20,7 +22,7 @@ from kvtide.cluster.replica.placement import ReplicaPlacement, ReplicaShape, pla
 from kvtide.cluster.replica.shard_actor import ShardActor, ShardReady
 from kvtide.cluster.replica.spec import ShardSpec
 from kvtide.workers import LlamaArgs, ResolvedConfig, StepDelta, StepOutput, kv_plan, stage_layers
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ RemoteShard = ray.remote(ShardActor)
 
 SHUTDOWN_GRACE_S = 2.0
 """How long shards get to leave their process groups before they are killed."""
+EXIT_TIMEOUT_S = 30.0
+"""How long a killed shard's process may take to be gone."""
 
 
 def check_shape(args: LlamaArgs, shape: ReplicaShape) -> None:
@@ -59,12 +63,14 @@ class RayExecutor:
         step_timeout_s: float = 60.0,
         max_in_flight: int | None = None,
         placement_owner: str = "",
+        on_waiting: Callable[[], None] | None = None,
     ) -> None:
+        """``on_waiting`` hears when the cluster cannot place the shards yet."""
         check_shape(LlamaArgs.from_hf_config(config.hf_config), shape)
         self.shape = shape
         self.step_timeout_s = step_timeout_s
         self._workers: list = []  # actor handles by global rank
-        self.placement: ReplicaPlacement = place_replica(shape, timeout_s, placement_owner)
+        self.placement: ReplicaPlacement = place_replica(shape, timeout_s, placement_owner, on_waiting)
         try:
             hosts = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
             for stage in range(shape.pp):
@@ -132,6 +138,11 @@ class RayExecutor:
         results = ray.get([w.timings.remote() for w in self._workers], timeout=self.step_timeout_s)
         return {(r.stage, r.tp_rank): t for r, t in zip(self.reports, results, strict=True)}
 
+    async def ping(self) -> None:
+        """Every shard answers (from an event loop: awaited, not a blocking get); raises the first
+        failure."""
+        await asyncio.gather(*(w.health.remote() for w in self._workers))
+
     def inject_failure(self, stage: int, tp_rank: int, after_num_steps: int = 0) -> ray.ObjectRef:
         """Test-only: make one shard raise in a coming step (``ShardActor.inject_failure``).
         Returns the call's ref; the failure is armed once it resolves."""
@@ -158,13 +169,16 @@ class RayExecutor:
         return self.submit(delta).result()
 
     def shutdown(self) -> None:
-        """Leave the process groups, kill every shard and free the placement (idempotent)."""
+        """Leave the process groups, kill every shard, wait until their processes are gone (a
+        GPU's memory is freed only then: a successor on it must not measure it as taken), and
+        free the placement (idempotent)."""
         workers, self._workers = self._workers, []
         if workers:
             refs = [w.shutdown.remote() for w in workers]
             ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_GRACE_S)
             for w in workers:
                 ray.kill(w, no_restart=True)
+            _wait_dead(workers, EXIT_TIMEOUT_S)
         self.placement.remove()
 
     def _shard(self, rank: int) -> str:
@@ -179,6 +193,20 @@ class RayExecutor:
             f"a step did not finish within {self.step_timeout_s:g} s on shards {late} (their start-up, kernel "
             f"builds included, was already done); see {ray_logs_hint()}"
         )
+
+
+def _wait_dead(actors: list, timeout_s: float) -> None:
+    """Until Ray reports every actor dead (a call raises ``RayActorError``), or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    for actor in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.health.remote(), timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            except GetTimeoutError:
+                continue  # dying, or hung: ask again until the deadline
+            except RayActorError:
+                break
+            time.sleep(0.05)
 
 
 class RayStep:

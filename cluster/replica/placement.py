@@ -22,6 +22,7 @@ a dead replica's groups from outside it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -94,9 +95,16 @@ class ReplicaPlacement:
             remove_quietly(group)
 
 
-def place_replica(shape: ReplicaShape, timeout_s: float, owner: str = "") -> ReplicaPlacement:
+WAITING_AFTER_S = 2.0
+"""A placement not ready this soon waits for resources (``on_waiting`` hears it)."""
+
+
+def place_replica(
+    shape: ReplicaShape, timeout_s: float, owner: str = "", on_waiting: Callable[[], None] | None = None
+) -> ReplicaPlacement:
     """Reserve the replica's resources; raises ``PlacementError`` naming what did not fit.
-    ``owner`` names the groups (``{owner}/stage{s}``) so ``remove_groups(owner)`` finds them."""
+    ``owner`` names the groups (``{owner}/stage{s}``) so ``remove_groups(owner)`` finds them;
+    ``on_waiting`` is called once if they are not placed within ``WAITING_AFTER_S``."""
     targets = _target_nodes(shape)
     groups = tuple(
         placement_group(
@@ -108,7 +116,11 @@ def place_replica(shape: ReplicaShape, timeout_s: float, owner: str = "") -> Rep
         for stage, target in enumerate(targets)
     )
     refs = [g.ready() for g in groups]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(WAITING_AFTER_S, timeout_s))
+    if len(ready) < len(refs):
+        if on_waiting is not None:
+            on_waiting()
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, timeout_s - WAITING_AFTER_S))
     if len(ready) < len(refs):
         missing = [stage for stage, ref in enumerate(refs) if ref not in ready]
         for group in groups:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
 from kvtide.cluster.replica.executor import RayExecutor
+from kvtide.cluster.state.health import ReplicaState
 from kvtide.workers import StepDelta, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -28,14 +31,35 @@ class RestartingExecutor:
     the next step waits for them. If they cannot start, that step fails too and another start
     begins. A first start that fails is not retried: the replica is broken, and says why.
 
+    Restarts back off exponentially (``backoff_s`` doubling up to ``max_backoff_s``), and a
+    crash-loop breaker stops them after ``max_failures`` failures within ``failure_window_s``:
+    the replica is then broken, and every step fails at once saying so. ``state`` says which
+    of these it is in, for the replica's health.
+
     NOTE: ``forward`` runs on the engine's stepping thread only; ``current`` and ``shutdown``
     may run on another thread, so the swap of workers is under ``_lock``.
     """
 
-    def __init__(self, start: Callable[[], RayExecutor], max_in_flight: int) -> None:
+    def __init__(
+        self,
+        start: Callable[[Callable[[], None]], RayExecutor],
+        max_in_flight: int,
+        *,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        max_failures: int = 5,
+        failure_window_s: float = 600.0,
+    ) -> None:
+        """``start(on_waiting)`` starts the shards; it calls ``on_waiting()`` while the cluster
+        cannot place them yet."""
         self._start = start
         self._lock = threading.Lock()
         self._closed = False
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.max_failures, self.failure_window_s = max_failures, failure_window_s
+        self._failures: deque[float] = deque()
+        self.state = ReplicaState.STARTING
+        self.broken_reason = ""
         self._workers: RayExecutor | None = None
         self._max_in_flight = max_in_flight
         self._starting: Future[RayExecutor] | None = None
@@ -65,13 +89,20 @@ class RestartingExecutor:
         except Exception as exc:  # noqa: BLE001 - the step fails; the engine hears it from result()
             return WatchedStep(self, None, None, exc)
 
-    def _on_failure(self, workers: RayExecutor) -> None:
+    def _on_failure(self, workers: RayExecutor, why: str = "a shard failed the step") -> None:
         with self._lock:
             current = workers is self._workers
         if current:  # the first failed step of several in flight restarts; the rest just fail
-            logger.exception("a shard failed; restarting every shard of the replica")
+            logger.warning("%s; restarting every shard of the replica", why)
             workers.shutdown()
             self._restart()
+
+    def restart(self, why: str) -> None:
+        """The shards are known bad (e.g. one stopped answering a health check): replace them."""
+        with self._lock:
+            workers = self._workers
+        if workers is not None:
+            self._on_failure(workers, why)
 
     def shutdown(self) -> None:
         """Kill the shards and free their placement (idempotent). A restart under way cleans
@@ -86,6 +117,8 @@ class RestartingExecutor:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the replica is shut down")
+            if self.state is ReplicaState.BROKEN:
+                raise RuntimeError(self.broken_reason)
             workers, starting = self._workers, self._starting
         if workers is not None:
             return workers
@@ -102,16 +135,37 @@ class RestartingExecutor:
         starting = starting or Future()
         first = starting is self.started
         with self._lock:
-            if self._closed:
+            if self._closed or self.state is ReplicaState.BROKEN:
                 return
+            if not first:
+                now = time.monotonic()
+                self._failures.append(now)
+                while self._failures and now - self._failures[0] > self.failure_window_s:
+                    self._failures.popleft()
+                if len(self._failures) >= self.max_failures:
+                    self.state = ReplicaState.BROKEN
+                    self.broken_reason = (
+                        f"the replica's shards failed {len(self._failures)} times within {self.failure_window_s:g} s; "
+                        "it is not restarted again (crash-loop breaker)"
+                    )
+                    logger.error(self.broken_reason)
+                    self._workers, self._starting = None, None
+                    starting.set_exception(RuntimeError(self.broken_reason))
+                    return
+                self.state = ReplicaState.RESTARTING
             self._workers, self._starting = None, starting
         name = "kvtide-replica-start" if first else "kvtide-replica-restart"
         threading.Thread(target=self._start_into, args=(starting,), name=name, daemon=True).start()
 
     def _start_into(self, starting: Future[RayExecutor]) -> None:
+        if starting is not self.started:  # back off: a shard that fails at once must not spin
+            delay_s = min(self.max_backoff_s, self.backoff_s * 2 ** max(0, len(self._failures) - 1))
+            time.sleep(delay_s)
         try:
-            workers = self._start()
+            workers = self._start(self._waiting)
         except BaseException as exc:  # noqa: BLE001 - handed to the stepping thread
+            if starting is self.started:
+                self.state, self.broken_reason = ReplicaState.BROKEN, f"the replica's shards could not be started: {exc}"
             starting.set_exception(exc)
             return
         with self._lock:
@@ -119,11 +173,16 @@ class RestartingExecutor:
             if not closed:
                 self._workers, self._starting = workers, None
                 self.num_restarts += starting is not self.started
+                self.state = ReplicaState.SERVING
         if closed:
             workers.shutdown()
             starting.set_exception(RuntimeError("the replica was shut down while its shards restarted"))
         else:
             starting.set_result(workers)
+
+
+    def _waiting(self) -> None:
+        self.state = ReplicaState.WAITING_FOR_RESOURCES
 
 
 class WatchedStep:

@@ -192,8 +192,8 @@ def test_smollm2_greedy_matches_single_device(cluster, smol_prompts, smol_refere
         pids = list(replica.shard_pids().values())
         assert replica.num_restarts() == 0
     finally:
-        replica.shutdown()
-    replica.shutdown()  # idempotent
+        asyncio.run(replica.shutdown())
+    asyncio.run(replica.shutdown())  # idempotent
     assert_exited(pids, "shards after shutdown")
     assert live_placement_groups() == groups_before
 

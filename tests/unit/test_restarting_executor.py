@@ -43,7 +43,7 @@ def starter(*outcomes):
     """A start function that returns (or raises) the given outcomes in order."""
     made, queue = [], list(outcomes)
 
-    def start():
+    def start(on_waiting=None):
         outcome = queue.pop(0)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -55,7 +55,7 @@ def starter(*outcomes):
 
 def test_a_failed_step_raises_kills_the_shards_and_the_next_step_runs_on_fresh_ones():
     start, made = starter(FakeShards("a", fail=True), FakeShards("bb"))
-    ex = RestartingExecutor(start, max_in_flight=2)
+    ex = RestartingExecutor(start, max_in_flight=2, backoff_s=0)
     with pytest.raises(RuntimeError, match="shard of a died"):
         run_step(ex)
     assert made[0].closed
@@ -66,7 +66,7 @@ def test_a_failed_step_raises_kills_the_shards_and_the_next_step_runs_on_fresh_o
 
 def test_a_failed_restart_fails_the_next_step_and_starts_again():
     start, made = starter(FakeShards("a", fail=True), OSError("no node has room"), FakeShards("ccc"))
-    ex = RestartingExecutor(start, max_in_flight=2)
+    ex = RestartingExecutor(start, max_in_flight=2, backoff_s=0)
     with pytest.raises(RuntimeError, match="died"):
         run_step(ex)
     with pytest.raises(RuntimeError, match="could not be restarted: no node has room"):
@@ -84,7 +84,7 @@ def test_shutdown_during_a_restart_shuts_the_new_shards_down():
         return late
 
     shards = iter([FakeShards("a", fail=True)])
-    ex = RestartingExecutor(lambda: next(shards, None) or start_late(), max_in_flight=2)
+    ex = RestartingExecutor(lambda _: next(shards, None) or start_late(), max_in_flight=2, backoff_s=0)
     with pytest.raises(RuntimeError):
         run_step(ex)
     ex.shutdown()
@@ -101,7 +101,7 @@ def test_shutdown_during_a_restart_shuts_the_new_shards_down():
 
 def test_two_failed_steps_in_flight_restart_the_shards_once():
     start, made = starter(FakeShards("a", fail=True), FakeShards("bb"))
-    ex = RestartingExecutor(start, max_in_flight=2)
+    ex = RestartingExecutor(start, max_in_flight=2, backoff_s=0)
     assert ex.max_in_flight == 2
     first, second = ex.submit(None), ex.submit(None)
     for step in (first, second):
@@ -115,7 +115,7 @@ def test_the_first_start_runs_in_the_background_and_a_failed_one_is_not_retried(
     gate = threading.Event()
     attempts = []
 
-    def start():
+    def start(on_waiting):
         attempts.append(1)
         gate.wait(10)
         raise OSError("no node has room")
@@ -129,3 +129,42 @@ def test_the_first_start_runs_in_the_background_and_a_failed_one_is_not_retried(
         with pytest.raises(RuntimeError, match="could not be started: no node has room"):
             run_step(ex)
     assert len(attempts) == 1 and ex.num_restarts == 0
+
+
+def test_restarts_back_off_and_a_crash_loop_stops_them_saying_so():
+    """Every fresh set of shards fails its first step: restarts come with growing pauses, and
+    after max_failures within the window the replica is broken and fails steps at once."""
+    made = []
+
+    def start(on_waiting):
+        made.append(FakeShards("x" * (len(made) + 1), fail=True))
+        return made[-1]
+
+    ex = RestartingExecutor(start, max_in_flight=1, backoff_s=0.05, max_failures=3, failure_window_s=60)
+    errors = []
+    for _ in range(6):
+        with pytest.raises(RuntimeError) as err:
+            run_step(ex)
+        errors.append(str(err.value))
+    assert ex.state.value == "broken" and "3 times within 60 s" in ex.broken_reason
+    assert len(made) == 3  # the first start and two restarts; no more after the breaker
+    assert errors[-1] == ex.broken_reason
+
+
+def test_a_start_the_cluster_cannot_place_yet_reports_waiting_for_resources():
+    gate = threading.Event()
+
+    def start(on_waiting):
+        on_waiting()
+        gate.wait(10)
+        return FakeShards("a")
+
+    ex = RestartingExecutor(start, max_in_flight=1)
+    for _ in range(100):
+        if ex.state.value == "waiting_for_resources":
+            break
+        threading.Event().wait(0.01)
+    assert ex.state.value == "waiting_for_resources"
+    gate.set()
+    ex.started.result(10)
+    assert ex.state.value == "serving"
