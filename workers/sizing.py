@@ -70,7 +70,7 @@ def estimate_reserve_bytes(
     gate/up, activation and product (4 x intermediate), all per TP rank. Attention and MLP
     temporaries are summed though they do not coexist: a margin for allocator fragmentation.
     The last stage adds max_num_seqs x vocab x (dtype + ``LOGITS_BYTES_PER_VOCAB_ENTRY``)
-    bytes for logits and sampling; every stage adds its rotary cos/sin tables (fp32). Not
+    bytes for logits and sampling; every stage adds its rotary cos/sin tables (in ``dtype``). Not
     counted: the CUDA context and NCCL buffers, which the 1 - utilization headroom absorbs.
     A shape given by hand estimates hidden as sqrt(params per layer / 12) (a Llama layer
     holds about 12 hidden^2) and intermediate as 3.5 x hidden, and has no logits term.
@@ -84,7 +84,7 @@ def estimate_reserve_bytes(
         inter, q_width, vocab = 7 * hidden // 2, hidden, 0
     kv_width = 2 * layout.kv_heads_per_gpu(shape.num_kv_heads) * shape.head_dim
     per_token = act * (4 * hidden + 4 * inter // tp + 2 * q_width // tp + kv_width)
-    reserve = max_num_batched_tokens * per_token + 2 * shape.max_position * shape.head_dim * 4
+    reserve = max_num_batched_tokens * per_token + 2 * shape.max_position * shape.head_dim * act
     if share.layer_end == shape.num_layers:
         reserve += max_num_seqs * (-(-vocab // tp) * act + vocab * LOGITS_BYTES_PER_VOCAB_ENTRY)
     return reserve
