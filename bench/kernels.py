@@ -111,7 +111,8 @@ def main() -> int:
         seq_lens = torch.tensor(lens, device="cuda")
         kv_bytes = 2 * sum(lens) * HKV * row
         flops = 4 * sum(lens) * H * D
-        ms = cuda_ms(partial(paged_decode_attention, q, *cache[:2], cache[4], seq_lens, D**-0.5, *cache[2:4]))
+        ms = cuda_ms(partial(paged_decode_attention, q, *cache[:2], cache[4], seq_lens, D**-0.5, *cache[2:4],
+                            max_seq_len=ctx))
         report(f"decode {num_seqs} x {ctx} (triton, paged)", ms, kv_bytes, flops, copy_gbs, mm_tflops)
         k = key.view(num_seqs, ctx, HKV, D).transpose(1, 2)
         v = value.view(num_seqs, ctx, HKV, D).transpose(1, 2).contiguous()
@@ -131,7 +132,8 @@ def main() -> int:
         seq_lens = torch.tensor(lens, device="cuda")
         flops = num_seqs * 2 * H * D * ctx * ctx  # causal: half of 4 * H * D * ctx^2
         nbytes = 2 * sum(lens) * HKV * row + 2 * q.numel() * item
-        ms = cuda_ms(partial(paged_prefill_attention, q, *cache[:2], cache[4], qsl, seq_lens, D**-0.5, *cache[2:4]))
+        ms = cuda_ms(partial(paged_prefill_attention, q, *cache[:2], cache[4], qsl, seq_lens, D**-0.5, *cache[2:4],
+                            max_query_len=ctx, max_seq_len=ctx))
         report(f"prefill {num_seqs} x {ctx} (triton, paged)", ms, nbytes, flops, copy_gbs, mm_tflops)
         qs = q.view(num_seqs, ctx, H, D).transpose(1, 2).contiguous()
         k = key.view(num_seqs, ctx, HKV, D).transpose(1, 2).contiguous()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kvtide.kernels.capability import check_device_support
 from kvtide.kernels.kv_quant import KV_CACHE_DTYPES, is_quantized
 from kvtide.workers.attention import default_attention_backend, get_attention_backend
 from kvtide.workers.quantization import QUANTIZATIONS
@@ -149,6 +150,15 @@ class ResolvedConfig:
     @property
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
+
+    def check_device(self, device: torch.device | None = None) -> tuple[str, ...]:
+        """Refuse, before any weight loads, what this process's ``device`` (default: the
+        resolved one) cannot run: ``ValueError`` naming each option, the compute capability it
+        needs and what to use instead. Returns notes on what runs slower than it could."""
+        return check_device_support(
+            device or self.device, kv_cache_dtype=self.kv_cache_dtype, quantization=self.engine.model.quantization,
+            dtype=self.dtype, attention_backend=self.attention_backend,
+        ).notes  # fmt: skip
 
     def describe_kv_cache(self) -> str:
         """One line for logs: dtype, blocks, tokens and bytes of the KV cache."""

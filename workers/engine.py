@@ -84,6 +84,8 @@ class Engine:
         resolved = resolve_engine(config)
         if resolved.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device is cuda (from {config.model.device!r}) but torch finds no CUDA device here")
+        for note in resolved.check_device():
+            logger.warning(note)
         net = load_model(
             resolved.model_dir, resolved.dtype, resolved.device, quantization=config.model.quantization
         )

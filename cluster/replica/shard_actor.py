@@ -11,6 +11,7 @@ here, so only token ids travel back.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -37,6 +38,8 @@ from kvtide.workers import (
     resolve_model,
     stage_layers,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class ShardActor:
         tp = TensorParallel(spec.tp_rank, spec.tp_size, self._tp_group())
         args = LlamaArgs.from_hf_config(config.hf_config)
         start, end = stage_layers(args, spec.pp_size)[spec.stage]
+        for note in config.check_device(self.device):
+            logger.warning(note)
         self.model_dir = local_model_dir(config, self.host)
         model = load_model(self.model_dir, config.dtype, self.device, tp, start, end, config.engine.model.quantization)
         links = PipelineLinks(

@@ -122,3 +122,19 @@ def test_this_gpu_runs_the_default_cuda_options():
     assert info.compute_capability is not None and info.name
     check_device_support("cuda", kv_cache_dtype="int8", quantization="none", dtype="bfloat16",
                          attention_backend="triton")
+
+
+def test_an_engine_refuses_what_its_gpu_cannot_run_before_any_weight_loads(monkeypatch, tmp_path):
+    """The resolved config's check (what Engine.load and every shard call before load_model)
+    sees the resolved options: a T4 refuses bf16 and Triton by name."""
+    from kvtide.workers import EngineConfig, resolve
+    from kvtide.workers.model_loader import read_hf_config
+    from tests.tiny import write_tiny_llama
+
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    config = EngineConfig.from_kwargs(model=str(model_dir), dtype="bfloat16", attention_backend="triton", num_blocks=8)
+    resolved = resolve(config, str(model_dir), read_hf_config(model_dir))
+    assert resolved.check_device(torch.device("cpu")) == ()
+    monkeypatch.setattr(capability, "device_info", lambda device: DeviceInfo("cuda", (7, 5), "Tesla T4"))
+    with pytest.raises(ValueError, match=r"attention_backend 'triton'.*dtype 'bfloat16' needs a GPU with compute"):
+        resolved.check_device(torch.device("cuda:0"))
