@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PROMPT ?= Write a haiku about the tide.
 
-.PHONY: setup install kernels test test-fast run generate chat proto bench wheel clean
+.PHONY: setup install kernels test test-fast run generate chat proto bench wheel clean gpu-check gpu-check-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,17 @@ proto: setup
 
 bench: kernels
 	$(BIN)/python bench/engine_throughput.py
+
+# The GPU machine's check (tools/gpu_check/run.py): the machine's own python with torch,
+# triton and transformers; no venv, no pip, no network. kvtide is linked from this tree and
+# the wheels in build/gpu_check/wheels (make gpu-check-wheels, where PyPI is reachable) are
+# unpacked beside it. ARGS=--quick (< 5 min on one H200), ARGS=--dry-run (no CUDA needed).
+ARGS ?=
+gpu-check:
+	$(PYTHON) tools/gpu_check/run.py $(ARGS)
+
+gpu-check-wheels: setup
+	$(BIN)/python tools/gpu_check/run.py --fetch-wheels
 
 # The wheel that cluster nodes and the container install (deploy/): dist/kvtide-<version>-py3-none-any.whl.
 wheel: setup
