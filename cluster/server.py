@@ -97,6 +97,7 @@ class Server:
         self.http = await HttpServer.start(self.gateway, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key,
                                            cfg.drain_timeout_s)  # fmt: skip
         self.supervisor = Supervisor(state, self._actors, self._recreate, self._set_serving, cfg.supervision)
+        self.gateway.metrics.replica_health = self.supervisor.health
         self._tasks.append(asyncio.create_task(self.supervisor.run()))
         scheme = "https" if cert else "http"
         logger.info("gRPC (kvtide.v1.Kvtide, health, reflection) on %s:%d", cfg.host, self.grpc_port)

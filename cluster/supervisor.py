@@ -61,17 +61,21 @@ class Supervisor:
         self.num_recreations = 0
         self._stopped = False
 
-    def replica_states(self) -> dict[str, str]:
-        """replica id -> its state ("serving", "restarting", ..., "dead", "broken"), for metrics."""
+    def health(self) -> dict[str, ReplicaHealth]:
+        """replica id -> its last health, as the status API and the metrics report it."""
         out = {}
         for rid, w in self.watches.items():
             if w.gave_up:
-                out[rid] = ReplicaState.BROKEN.value
+                out[rid] = ReplicaHealth(ReplicaState.BROKEN, False, w.gave_up)
             elif w.recreating is not None:
-                out[rid] = "recreating"
+                out[rid] = ReplicaHealth(ReplicaState.DEAD, False, "its actor died; it is being made anew")
             else:
-                out[rid] = w.health.state.value if w.health is not None else ReplicaState.STARTING.value
+                out[rid] = w.health or ReplicaHealth(ReplicaState.STARTING, False, "not checked yet")
         return out
+
+    def replica_states(self) -> dict[str, str]:
+        """replica id -> its state ("serving", "restarting", ..., "dead", "broken")."""
+        return {rid: h.state.value for rid, h in self.health().items()}
 
     async def run(self) -> None:
         while not self._stopped:

@@ -201,6 +201,20 @@ class ReplicaStatus(_message.Message):
     blocks_guessed: int
     def __init__(self, replica_id: _Optional[str] = ..., routing_mode: _Optional[str] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., in_flight: _Optional[int] = ..., blocks_indexed: _Optional[int] = ..., blocks_guessed: _Optional[int] = ...) -> None: ...
 
+class ReplicaHealthStatus(_message.Message):
+    __slots__ = ("replica_id", "state", "healthy", "reason", "num_restarts")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    state: str
+    healthy: bool
+    reason: str
+    num_restarts: int
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., reason: _Optional[str] = ..., num_restarts: _Optional[int] = ...) -> None: ...
+
 class StateStoreStatus(_message.Message):
     __slots__ = ("url", "up", "num_outages", "num_resyncs")
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -214,7 +228,7 @@ class StateStoreStatus(_message.Message):
     def __init__(self, url: _Optional[str] = ..., up: _Optional[bool] = ..., num_outages: _Optional[int] = ..., num_resyncs: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("replicas", "routing_policy", "routing_mode", "num_queued", "num_in_flight", "draining", "state_store")
+    __slots__ = ("replicas", "routing_policy", "routing_mode", "num_queued", "num_in_flight", "draining", "state_store", "health")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     ROUTING_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +236,7 @@ class ClusterStatusResponse(_message.Message):
     NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     STATE_STORE_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     routing_policy: str
     routing_mode: str
@@ -229,7 +244,8 @@ class ClusterStatusResponse(_message.Message):
     num_in_flight: int
     draining: bool
     state_store: StateStoreStatus
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., routing_mode: _Optional[str] = ..., num_queued: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., state_store: _Optional[_Union[StateStoreStatus, _Mapping]] = ...) -> None: ...
+    health: _containers.RepeatedCompositeFieldContainer[ReplicaHealthStatus]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., routing_mode: _Optional[str] = ..., num_queued: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., state_store: _Optional[_Union[StateStoreStatus, _Mapping]] = ..., health: _Optional[_Iterable[_Union[ReplicaHealthStatus, _Mapping]]] = ...) -> None: ...
 
 class ReplicaRegistration(_message.Message):
     __slots__ = ("replica_id", "model", "block_size", "hash_seed", "hash_version", "num_blocks", "max_model_len", "tp", "pp", "incarnation", "vocab_size", "max_num_seqs", "device", "dtype", "weight_bytes", "kv_cache_bytes")

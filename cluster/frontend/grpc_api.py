@@ -145,6 +145,7 @@ class KvtideServicer(kvtide_pb2_grpc.KvtideServicer):
         return cluster_status(
             gw.replicas.routing_status(), state.store_status() if state is not None else None,
             num_queued=gw.admission.num_queued, num_in_flight=gw.admission.num_in_flight, draining=gw.draining,
+            health=gw.metrics.replica_health(),
         )  # fmt: skip
 
 

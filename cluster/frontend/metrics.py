@@ -42,8 +42,8 @@ class _ReplicaCollector(Collector):
     """Engine metrics from each replica's latest load (``ReplicaSet.routing_status``), at scrape
     time."""
 
-    def __init__(self, replicas) -> None:
-        self._replicas = replicas
+    def __init__(self, replicas, health) -> None:
+        self._replicas, self._health = replicas, health
 
     def collect(self):
         status = self._replicas.routing_status()
@@ -78,13 +78,15 @@ class _ReplicaCollector(Collector):
             info.add_metric([reg.replica_id, reg.device, reg.dtype, str(reg.tp), str(reg.pp)], 1.0)
         yield info
         up = GaugeMetricFamily("kvtide:replica_up", "1 while the replica is routed to; 0 while it is lost, "
-                               "being made anew, or unfit to serve (the supervisor's health check).",
-                               labels=["replica"])  # fmt: skip
+                               "being made anew, or unfit to serve. state: the supervisor's last verdict "
+                               "(serving, restarting, waiting_for_resources, dead, broken).",
+                               labels=["replica", "state"])  # fmt: skip
+        health = self._health()
         for rid in replica_ids:
-            up.add_metric([rid], 1.0)
-        for rid in sorted(state.lost | state.unhealthy) if state is not None else ():
+            up.add_metric([rid, health[rid].state.value if rid in health else "serving"], 1.0)
+        for rid in sorted(state.lost | state.unhealthy | set(health)) if state is not None else ():
             if rid not in replica_ids:
-                up.add_metric([rid], 0.0)
+                up.add_metric([rid, health[rid].state.value if rid in health else "lost"], 0.0)
         yield up
 
 
@@ -147,7 +149,9 @@ class FrontendMetrics:
             "kvtide:request_queue_time_seconds", "Arrival (tokenization included) to admission at the frontend.",
             buckets=_LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
-        r.register(_ReplicaCollector(replicas))
+        self.replica_health = dict
+        """() -> {replica id: ReplicaHealth}: the supervisor's view, where one runs."""
+        r.register(_ReplicaCollector(replicas, lambda: self.replica_health()))
 
     def request_timer(self, arrival_s: float) -> RequestTimer:
         return RequestTimer(self, arrival_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtide.cluster.state.codec import load_to_proto
+from kvtide.cluster.state.health import ReplicaHealth
 from kvtide.proto import kvtide_pb2 as pb
 from kvtide.router import RouterStatus
 
@@ -31,6 +32,7 @@ def cluster_status(
     num_queued: int = 0,
     num_in_flight: int = 0,
     draining: bool = False,
+    health: dict[str, ReplicaHealth] | None = None,
 ) -> pb.ClusterStatusResponse:
     reply = pb.ClusterStatusResponse(
         routing_policy=router.policy if router else "round_robin", routing_mode=overall_mode(router),
@@ -41,6 +43,9 @@ def cluster_status(
             replica_id=r.replica_id, routing_mode=r.mode.value, load=load_to_proto(r.replica_id, r.load),
             in_flight=r.in_flight, blocks_indexed=r.blocks_indexed, blocks_guessed=r.blocks_guessed,
         )  # fmt: skip
+    for rid, h in sorted((health or {}).items()):
+        reply.health.add(replica_id=rid, state=h.state.value, healthy=h.healthy, reason=h.reason,
+                         num_restarts=h.num_restarts)  # fmt: skip
     if store is not None:
         reply.state_store.CopyFrom(
             pb.StateStoreStatus(url=store.url or "", up=store.up, num_outages=store.num_outages,

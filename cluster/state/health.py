@@ -15,7 +15,10 @@ class ReplicaState(str, enum.Enum):
     WAITING_FOR_RESOURCES = "waiting_for_resources"
     """Its shards cannot be placed: the cluster lacks the CPUs/GPUs a stage needs."""
     BROKEN = "broken"
-    """Its shards failed too often in a row (the crash-loop breaker); it is not restarted again."""
+    """Its shards failed too often in a row, or its actor died too often (a crash-loop breaker);
+    it is not restarted again."""
+    DEAD = "dead"
+    """Its actor died; the supervisor is making it anew."""
 
 
 @dataclass(frozen=True)

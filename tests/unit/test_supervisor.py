@@ -128,7 +128,7 @@ def test_a_dead_replica_is_reported_lost_made_anew_and_routed_again():
         await fleet.supervisor.check_once()
         assert fleet.routed() == ["r1"]
         assert fleet.lost == ["r0"]
-        assert fleet.supervisor.replica_states()["r0"] == "recreating"
+        assert fleet.supervisor.replica_states()["r0"] == "dead"
         await fleet.settle()
         assert fleet.actors["r0"] is not old and fleet.actors["r0"].name == "r0#1"
         assert fleet.routed() == ["r1"]  # registered, but routed only once its health check passes
@@ -215,17 +215,22 @@ def test_supervision_config_names_a_bad_field():
         SupervisionConfig(max_recreations=-1)
 
 
-def test_replica_up_reads_zero_while_a_replica_is_unfit():
+def test_metrics_and_the_status_api_report_each_replicas_state():
     from kvtide.cluster.frontend.metrics import FrontendMetrics
     from kvtide.cluster.frontend.replicas import ReplicaSet
+    from kvtide.cluster.frontend.status import cluster_status
 
     async def main() -> None:
         fleet = Fleet()
         metrics = FrontendMetrics(ReplicaSet({}, fleet.state))
-        fleet.actors["r0"].health = ReplicaHealth(ReplicaState.BROKEN, False, "crash loop")
+        metrics.replica_health = fleet.supervisor.health
+        fleet.actors["r0"].health = ReplicaHealth(ReplicaState.BROKEN, False, "its shards failed 4 times in a row")
         await fleet.supervisor.check_once()
         text = metrics.render().decode()
-        assert 'kvtide:replica_up{replica="r0"} 0.0' in text
-        assert 'kvtide:replica_up{replica="r1"} 1.0' in text
+        assert 'kvtide:replica_up{replica="r0",state="broken"} 0.0' in text
+        assert 'kvtide:replica_up{replica="r1",state="serving"} 1.0' in text
+        status = cluster_status(fleet.state.router.status(), health=fleet.supervisor.health())
+        assert [(h.replica_id, h.state, h.healthy, h.reason) for h in status.health] == [
+            ("r0", "broken", False, "its shards failed 4 times in a row"), ("r1", "serving", True, "")]
 
     asyncio.run(main())
