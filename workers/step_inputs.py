@@ -26,6 +26,7 @@ import torch
 from kvtide.workers.attention import AttentionMetadata
 from kvtide.workers.sampler import SampledToken
 from kvtide.workers.sampling_params import SamplingParams
+from kvtide.workers.step_buffers import StepBuffers
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class BatchState:
         self.block_size = block_size
         self.device = device
         self.tables: dict[str, list[int]] = {}
+        self.buffers = StepBuffers(device)
 
     def apply(self, delta: StepDelta) -> StepInputs:
         if delta.reset:
@@ -178,7 +180,7 @@ class BatchState:
             del table[c.keep_blocks :]
             table.extend(c.new_blocks)
             rows.append((c.token_ids, c.start, table, c.sample))
-        return pack_batch(rows, delta.block_copies, self.block_size, self.device)
+        return pack_batch(rows, delta.block_copies, self.block_size, self.device, self.buffers)
 
 
 def pack_batch(
@@ -186,11 +188,13 @@ def pack_batch(
     block_copies: tuple[tuple[int, int], ...],
     block_size: int,
     device: torch.device,
+    buffers: StepBuffers | None = None,
 ) -> StepInputs:
     """Pack chunks ``(token_ids, start, block_table, sample)`` into one flat batch, no padding.
 
     Chunks of one token are decodes (paged decode attention); longer ones are prefill chunks.
-    The caller orders decodes first.
+    The caller orders decodes first. Every tensor is a view of ``buffers`` (the shard's
+    persistent ones; a one-off set when None), reaching the device in one copy.
     """
     bs = block_size
     input_ids: list[int] = []
@@ -218,30 +222,26 @@ def pack_batch(
             prefill_lens.append(end)
             query_start.append(query_start[-1] + n)
 
-    def ints(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
+    buffers = buffers or StepBuffers(device)
+    ids_t, positions_t, slots_t, decode_lens_t, query_start_t, prefill_lens_t, logits_t, decode_tables_t, prefill_tables_t = (
+        buffers.upload((input_ids, positions, slots, decode_lens, query_start, prefill_lens, logits_indices),
+                       (decode_tables, prefill_tables))
+    )  # fmt: skip
     meta = AttentionMetadata(
-        slot_mapping=ints(slots),
+        slot_mapping=slots_t,
         num_decode_tokens=len(decode_lens),
-        decode_block_tables=_pad_tables(decode_tables, device),
-        decode_seq_lens=ints(decode_lens),
-        prefill_block_tables=_pad_tables(prefill_tables, device),
+        decode_block_tables=decode_tables_t,
+        decode_seq_lens=decode_lens_t,
+        prefill_block_tables=prefill_tables_t,
         prefill_query_start_loc=query_start,
         prefill_seq_lens=prefill_lens,
-        prefill_query_start_loc_t=ints(query_start),
-        prefill_seq_lens_t=ints(prefill_lens),
+        prefill_query_start_loc_t=query_start_t,
+        prefill_seq_lens_t=prefill_lens_t,
         max_decode_seq_len=max(decode_lens, default=0),
         max_prefill_query_len=max((b - a for a, b in zip(query_start, query_start[1:])), default=0),
         max_prefill_seq_len=max(prefill_lens, default=0),
     )
-    return StepInputs(ints(input_ids), ints(positions), meta, ints(logits_indices), block_copies)
-
-
-def _pad_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    """[num_seqs, max_blocks] int64; rows padded with block 0, never read past seq_len."""
-    width = max((len(t) for t in tables), default=0)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=device)
+    return StepInputs(ids_t, positions_t, meta, logits_t, block_copies)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
