@@ -18,15 +18,20 @@ logger = logging.getLogger(__name__)
 
 def engine_for_cluster(cfg: ServeConfig) -> EngineConfig:
     """The engine config with ``device="auto"`` settled by the Ray cluster (GPUs if it has
-    any: the replica actors and this process hold none); a GPU replica that cannot get its
-    GPUs is refused now, not after a placement timeout."""
+    any: the replica actors and this process hold none). A GPU replica that cannot get its
+    GPUs is refused now, not after a placement timeout, on the private cluster this server
+    starts; on a joined one (``--address``) Ray's autoscaler may still add GPU nodes for the
+    shards' placement groups, so it waits for them (within ``replica_start_timeout_s``)."""
     engine, gpus = cfg.engine, int(ray.cluster_resources().get("GPU", 0))
     device = engine.model.device
     if device == "auto":
         device = "cuda" if gpus else "cpu"
         engine = dataclasses.replace(engine, model=dataclasses.replace(engine.model, device=device))
     need = cfg.tp * cfg.pp
-    if device == "cuda" and gpus < need:
+    if device == "cuda" and gpus < need and cfg.address is not None:
+        logger.warning("a replica needs %d GPU(s) and the Ray cluster has %d now: waiting up to %g s for "
+                       "Ray's autoscaler to add GPU nodes", need, gpus, cfg.replica_start_timeout_s)  # fmt: skip
+    elif device == "cuda" and gpus < need:
         raise StartupError(
             f"a replica needs {need} GPU(s) (tp={cfg.tp} x pp={cfg.pp}, --device {engine.model.device}) but the "
             f"Ray cluster has {gpus}; add GPU nodes, or serve on CPUs with --device cpu"
