@@ -95,7 +95,15 @@ class Unquantized:
         layer.weight_t[:, offset : offset + rows.shape[0]].copy_(rows.t())
 
     def apply(self, layer, x) -> torch.Tensor:
-        return x @ layer.weight_t
+        sizes = getattr(layer, "local_sizes", ())
+        if x.dtype == torch.float32 or x.is_cuda or len(sizes) < 2:
+            return x @ layer.weight_t
+        # NOTE: bf16/fp16 on CPU run each merged output (q, k, v; gate, up) as its own matmul,
+        # as transformers does: one [in, q+k+v] matmul blocks its reduction differently and
+        # rounds ~0.1% of a 333-row prefill's outputs one ulp apart (none at decode's few
+        # rows), enough to flip a near-tie token of SmolLM2 bf16 against transformers. On this
+        # CPU these dtypes are the checkable path, not the fast one (fp32 is); CUDA stays fused.
+        return torch.cat([x @ layer.weight_t[:, o : o + n] for o, n in zip(layer.offsets, sizes, strict=True)], -1)
 
 
 class _PerChannel:
