@@ -36,6 +36,7 @@ from kvtide.cluster.replica.logs import ray_logs_hint
 from kvtide.cluster.replica.placement import remove_groups
 from kvtide.cluster.replica.spec import ReplicaSpec
 from kvtide.cluster.serve_config import ServeConfig, StartupError
+from kvtide.cluster.server_replicas import ReplicaChanges
 from kvtide.cluster.startup import engine_for_cluster, limits_of, root_cause
 from kvtide.cluster.state.store import StateStore
 from kvtide.cluster.supervisor import Supervisor
@@ -48,7 +49,7 @@ HEALTH_PROBE_TIMEOUT_S = 60.0
 """One 1-token step through every shard, once they reported ready (loaded and built)."""
 
 
-class Server:
+class Server(ReplicaChanges):
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.gateway: Gateway | None = None
@@ -63,6 +64,8 @@ class Server:
         self._resolved: ResolvedConfig | None = None
         self._generation: dict[str, int] = {}
         """replica id -> how many times it was made (its placement groups are named by it)."""
+        self._resolved_of: dict[str, ResolvedConfig] = {}
+        """replica id -> its own engine config, for replicas the fleet added with a profile."""
         self.supervisor: Supervisor | None = None
         self.placement_owner = f"kvtide-{uuid.uuid4().hex[:12]}"
         """Prefix of every placement group this server's replicas create."""
@@ -135,7 +138,7 @@ class Server:
     def _new_actor(self, rid: str):
         cfg, gen = self.config, self._generation.get(rid, -1) + 1
         self._generation[rid] = gen
-        spec = ReplicaSpec(self._resolved, start_timeout_s=cfg.replica_start_timeout_s,
+        spec = ReplicaSpec(self._resolved_of.get(rid, self._resolved), start_timeout_s=cfg.replica_start_timeout_s,
                            placement_owner=self._owner(rid, gen), model_name=cfg.model)  # fmt: skip
         return ReplicaActor.options(num_cpus=0).remote(spec)
 

@@ -91,19 +91,32 @@ class Supervisor:
                 logger.warning("no replica is healthy: health says NOT_SERVING")
             await self._on_serving(serving)
 
+    def watch(self, rid: str) -> None:
+        """Supervise a replica added while serving (the fleet's; ``actors[rid]`` is set)."""
+        self.watches.setdefault(rid, _Watch())
+
+    def unwatch(self, rid: str) -> None:
+        """Stop supervising a replica the fleet drains and stops: it is neither routed to
+        again by a check's verdict nor made anew when its actor is gone."""
+        self.watches.pop(rid, None)
+
     async def _check(self, rid: str) -> None:
-        w = self.watches[rid]
-        if w.recreating is not None or w.gave_up or self._stopped:
+        w = self.watches.get(rid)
+        if w is None or w.recreating is not None or w.gave_up or self._stopped:
             return
         try:
             health = await asyncio.wait_for(self.actors[rid].check_health.remote(), self.check_timeout_s)
         except ray.exceptions.ActorDiedError as exc:
+            if self.watches.get(rid) is not w:
+                return  # the fleet stopped it
             self.state.replica_failed(rid)  # first: its owner hears it is lost (and frees its placement)
             self._set(rid, w, ReplicaHealth(ReplicaState.STARTING, False, f"its actor died: {exc}"))
             w.recreating = asyncio.create_task(self._make_anew(rid, w))
             return
         except Exception as exc:  # noqa: BLE001 - no answer in time, or unreachable: not fit now
             health = ReplicaHealth(ReplicaState.SERVING, False, f"no health answer within {self.check_timeout_s:g} s: {exc!r}")
+        if self.watches.get(rid) is not w:
+            return  # unwatched while the check ran: the fleet owns it now
         self._set(rid, w, health)
         if not health.healthy and "engine thread died" in health.reason:
             ray.kill(self.actors[rid], no_restart=True)  # the next check finds it dead and makes it anew
