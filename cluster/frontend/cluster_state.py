@@ -189,9 +189,13 @@ class ClusterState:
             for rid in self.router.replica_ids():
                 self._needs_resync[rid] = now
         self._store_up = True
+        routed = set(self.router.replica_ids())  # the supervisor may have taken one out meanwhile
         for rid, load in loads.items():
-            self.router.update_load(rid, load)
+            if rid in routed:
+                self.router.update_load(rid, load)
         for rid in ids:
+            if rid not in routed:
+                continue  # dropped while Redis answered
             batch = batches.get(rid)
             if batch is not None:
                 self._cursors[rid] = batch.cursor
