@@ -97,8 +97,17 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         print(f"kvtide: error: {flag_error(exc)}", file=sys.stderr)
         return 2
+    autoscale = None
+    if args.autoscale:
+        from kvtide.cluster.autoscaler.config import load_config
+
+        try:
+            autoscale = load_config(args.autoscale)
+        except (OSError, ValueError) as exc:
+            print(f"kvtide: error: --autoscale: {exc}", file=sys.stderr)
+            return 2
     try:
-        asyncio.run(serve_forever(config))
+        asyncio.run(serve_forever(config, autoscale))
     except StartupError as exc:
         print(f"kvtide: error: {exc}", file=sys.stderr)
         return 1
@@ -140,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--request-timeout-s", type=float, default=None,
                    help="the server's deadline per request, admission wait included (gRPC: the earlier of this "
                         "and the client's); past it DEADLINE_EXCEEDED / HTTP 504 (default: none)")  # fmt: skip
+    s.add_argument("--autoscale", metavar="FILE",
+                   help="autoscale the replicas by this YAML of policies, profiles, SLOs and bounds (deploy/README.md); "
+                        "its profiles size the engine, overriding the sizing flags")  # fmt: skip
     s.set_defaults(func=cmd_serve)
     size_cmd.add_parser(sub)
     bench_cli.add_parser(sub)

@@ -83,6 +83,21 @@ def describe(actions: Actions) -> str:
     return "; ".join(parts) or "nothing to do"
 
 
+def initial_target(config: AutoscaleConfig, when: datetime) -> tuple[str, int]:
+    """(profile, replicas) to start the server with: the largest part of what the policy wants
+    of an idle fleet at ``when`` (at least one replica)."""
+    policy = make_policy(config.policy, config)
+    idle = Observation(time=when, window_s=config.window_s, request_rate=0.0, queue_depth=0, kv_usage=0.0,
+                       ttft_s=None, itl_s=None, isl=None, osl=None, replicas={},
+                       cold_start_s=config.cold_start_s)  # fmt: skip
+    target = policy.decide(idle, policy.initial_state()).target
+    if not target.total:
+        first = next(iter(config.profiles))
+        return next((name for _, name in config.profile_references()), first), 1
+    profile = max(sorted(target.replicas), key=lambda p: target.replicas[p])
+    return profile, target.replicas[profile]
+
+
 class ControlLoop:
     def __init__(
         self,

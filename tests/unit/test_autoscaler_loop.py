@@ -233,3 +233,26 @@ def test_the_shipped_example_loads_through_the_config_parser():
     assert config.policy_names == ("reactive",)
     assert config.reactive.profile in config.profiles
     assert config.reactive.min_replicas >= 1
+
+
+def test_serve_starts_at_the_profile_the_policy_wants_and_refuses_a_bad_file(tmp_path, capsys):
+    from kvtide.cluster.autoscale import serve_config_for
+    from kvtide.cluster.cli import main
+    from kvtide.cluster.serve_config import ServeConfig
+    from kvtide.workers import EngineConfig
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "autoscale.yaml"
+    base = ServeConfig(engine=EngineConfig.from_kwargs(model="m", max_num_seqs=64), num_replicas=3)
+    config, profile = serve_config_for(base, load_config(example))
+    assert profile == "chat" and config.num_replicas == 1  # reactive's floor on an idle fleet
+    assert config.engine.scheduler.max_num_seqs == 32 and config.engine.model.model == "m"
+    scheduled = parse_config({"policy": "scheduled", "slo": {"ttft_p90_s": 2.0, "itl_p90_s": 0.1},
+                              "profiles": PROFILES, "scheduled": SEASONS})  # fmt: skip
+    config, profile = serve_config_for(base, scheduled, T0 + timedelta(hours=1))
+    assert (profile, config.num_replicas, config.engine.scheduler.max_num_seqs) == ("long", 2, 4)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(example.read_text().replace("max_replicas: 4", "max_replicas: 0"))
+    assert main(["serve", "--autoscale", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"--autoscale: {bad}: reactive.max_replicas: 0 is below min_replicas 1" in err, err
