@@ -166,12 +166,27 @@ def _traffic(base: str, model: str) -> None:
         assert r.status_code == 400, r.text
 
 
+# The autoscaler's panels need its metrics: a fixed fleet of one replica, sized as the flags say.
+AUTOSCALE = """
+policy: static
+control_interval_s: 1
+window_s: 5
+slo: {ttft_p90_s: 5.0, itl_p90_s: 1.0}
+profiles:
+  fixed: {max_model_len: 512, max_num_seqs: 64, max_num_batched_tokens: 1024, kv_cache_gib: 0.05}
+static: {profile: fixed, replicas: 1}
+"""
+
+
 @pytest.fixture(scope="module")
-def scrape() -> Iterator[dict[str, dc.Family]]:
+def scrape(tmp_path_factory) -> Iterator[dict[str, dc.Family]]:
     """``kvtide serve`` after traffic, scraped at the path prometheus.yml's frontend job names."""
     kvtide = Path(sys.executable).with_name("kvtide")
+    autoscale = tmp_path_factory.mktemp("dashboard") / "autoscale.yaml"
+    autoscale.write_text(AUTOSCALE)
     cmd = [str(kvtide), "serve", "--model", VARIABLES["model"], "--grpc-port", "0", "--http-port", "0",
-           "--kv-cache-gib", "0.05", "--max-model-len", "512", "--drain-timeout-s", "5"]  # fmt: skip
+           "--kv-cache-gib", "0.05", "--max-model-len", "512", "--drain-timeout-s", "5",
+           "--autoscale", str(autoscale)]  # fmt: skip
     server = ServeProcess.start(cmd, clean_env(), START_TIMEOUT_S)
     try:
         _traffic(server.http_base, VARIABLES["model"])
