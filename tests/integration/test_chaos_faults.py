@@ -5,6 +5,7 @@ one of the module's nodes: one of them can be removed without touching the front
 
 - a shard process SIGKILLed under load: every request in flight ends with the greedy tokens of
   an undisturbed run, or with UNAVAILABLE; the replica restarts its shards and serves again;
+- a node removed (``Cluster.remove_node``) under load: the same;
 
 Every wait is bounded: request threads are joined with a timeout and a thread still alive fails
 the test (a hang).
@@ -177,3 +178,27 @@ def test_a_shard_sigkilled_under_load_loses_no_request_and_its_replica_serves_ag
              and srv.supervisor.health()[victim].healthy, "the replica healthy again", timeout_s=TIMEOUT_S)  # fmt: skip
     assert serves_directly(srv, victim)
     assert list(client.complete(PROMPTS[0], **GREEDY).token_ids) == reference[PROMPTS[0]]
+
+
+def test_a_node_removed_under_load_loses_no_request_and_its_replica_serves_again(chaos, cluster):
+    srv, client, own, reference = chaos
+    by_node = {node.node_id: node for node in own}
+    hosted = {rid: nid for rid, nid in shard_nodes(srv).items() if nid in by_node}
+    assert hosted, "no replica's shard on a removable node"
+    removed: dict[str, str] = {}
+
+    def remove_a_node(busy: set[str]) -> None:
+        victim = sorted(busy & set(hosted) or hosted)[0]
+        removed["rid"], removed["node"] = victim, hosted[victim]
+        cluster.remove_node(by_node[hosted[victim]])
+
+    before = migrations(srv)
+    outcomes = under_load(client, reference, remove_a_node)
+    assert_whole_or_retryable(srv, outcomes, reference, before)
+    victim, gone = removed["rid"], removed["node"]
+    assert gone not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    wait_for(lambda: srv.supervisor.replica_states()[victim] == "serving" and srv.supervisor.health()[victim].healthy,
+             "the replica healthy again on another node", timeout_s=TIMEOUT_S)  # fmt: skip
+    assert shard_nodes(srv)[victim] != gone
+    assert serves_directly(srv, victim)
+    assert list(client.complete(PROMPTS[1], **GREEDY).token_ids) == reference[PROMPTS[1]]
