@@ -6,6 +6,9 @@ one of the module's nodes: one of them can be removed without touching the front
 - a shard process SIGKILLed under load: every request in flight ends with the greedy tokens of
   an undisturbed run, or with UNAVAILABLE; the replica restarts its shards and serves again;
 - a node removed (``Cluster.remove_node``) under load: the same;
+- a replica whose every new incarnation crashes on start: the supervisor gives up after
+  ``max_recreations`` and reports it broken in ClusterStatus and in /metrics (runs last: it
+  leaves that replica broken).
 
 Every wait is bounded: request threads are joined with a timeout and a thread still alive fails
 the test (a hang).
@@ -15,14 +18,18 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 
 import grpc
+import httpx
 import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvtide.cluster.client import KvtideClient
+from kvtide.cluster.replica.actor import Replica
 from kvtide.cluster.serve import Server, ServeConfig
 from kvtide.cluster.state.health import SupervisionConfig
 from kvtide.workers import EngineConfig, EngineRequest, SamplingParams
@@ -202,3 +209,52 @@ def test_a_node_removed_under_load_loses_no_request_and_its_replica_serves_again
     assert shard_nodes(srv)[victim] != gone
     assert serves_directly(srv, victim)
     assert list(client.complete(PROMPTS[1], **GREEDY).token_ids) == reference[PROMPTS[1]]
+
+
+class CrashingReplica(Replica):
+    """A replica whose process exits while it starts (every incarnation)."""
+
+    def __init__(self, spec) -> None:
+        os._exit(3)
+
+
+def test_a_replica_crashing_on_every_start_is_given_up_after_max_recreations_and_reported_broken(chaos, monkeypatch):
+    srv, client, _, reference = chaos
+    # The one made anew least often so far (a node removal may have taken a replica actor too):
+    # the breaker counts every death within its window.
+    prior = {rid: len(w.recreations) for rid, w in srv.supervisor.watches.items()}
+    victim = min(sorted(prior), key=prior.get)
+    (other,) = set(prior) - {victim}
+    expected = srv.supervisor.config.max_recreations - prior[victim]
+    assert expected >= 1, prior
+    made = []
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
+    crashing = ray.remote(CrashingReplica)
+    real_new_actor = srv._new_actor
+
+    def new_actor(rid: str):
+        if rid != victim:
+            return real_new_actor(rid)
+        made.append(rid)
+        srv._generation[rid] += 1
+        return crashing.options(num_cpus=0).remote(None)
+
+    monkeypatch.setattr(srv, "_new_actor", new_actor)
+    before = srv.supervisor.num_recreations
+    ray.kill(actor_of(srv, victim), no_restart=True)
+    wait_for(lambda: srv.supervisor.replica_states()[victim] == "broken", "the crash-loop breaker", timeout_s=TIMEOUT_S)
+    assert len(made) == expected  # each new incarnation crashed on start; then it was given up
+    assert srv.supervisor.num_recreations == before  # none of them came up
+    health = {h.replica_id: h for h in client.cluster_status().health}
+    assert health[victim].state == "broken" and not health[victim].healthy
+    assert "crash-loop breaker" in health[victim].reason
+    assert health[other].state == "serving" and health[other].healthy
+    metrics = httpx.get(f"http://127.0.0.1:{srv.http_port}/metrics", timeout=30).text
+    assert f'kvtide:replica_up{{replica="{victim}",state="broken"}} 0.0' in metrics
+    assert f'kvtide:replica_up{{replica="{other}",state="serving"}} 1.0' in metrics
+    # The other replica serves every request meanwhile.
+    for prompt in PROMPTS[:2]:
+        out = client.complete(prompt, **GREEDY)
+        assert list(out.token_ids) == reference[prompt]
+    time.sleep(4 * srv.supervisor.interval_s)  # several checks later: still not made anew
+    assert len(made) == expected and srv.supervisor.replica_states()[victim] == "broken"
