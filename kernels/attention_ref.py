@@ -7,8 +7,7 @@ offset ``p % block_size``; its flat slot is ``block * block_size + offset``. Kee
 outside the block makes each (block, head) a contiguous [block_size, head_dim] tile, so
 gathered blocks feed a batched matmul without another copy.
 
-Grouped-query attention views the query heads as [num_kv_heads, group, head_dim] and never
-repeats K/V.
+Grouped-query attention never repeats K/V (``enable_gqa``).
 """
 
 from __future__ import annotations
@@ -102,33 +101,14 @@ def _gather(
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One sequence: q [q_len, num_heads, head_dim] are the last q_len of the L positions of
-    k, v [num_kv_heads, L, head_dim], causal. Returns [q_len, num_heads, head_dim]."""
-    if q.dtype != torch.float32:
-        return _attend_sdpa(q, k, v, scale)
-    q_len, num_heads, head_dim = q.shape
-    num_kv_heads, seq_len = k.shape[0], k.shape[1]
-    group = num_heads // num_kv_heads
-    # Fold the query heads sharing a KV head into the rows of one matmul per KV head.
-    qg = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-    qg = qg.reshape(num_kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(qg, k.to(q.dtype).transpose(1, 2)) * scale  # [Hkv, G*q_len, L]
-    if q_len > 1:
-        # Query row r sits at position seq_len - q_len + r and sees keys 0..that position.
-        future = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).triu_(
-            seq_len - q_len + 1
-        )
-        scores.view(num_kv_heads, group, q_len, seq_len).masked_fill_(future, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v.to(q.dtype))  # [Hkv, G*q_len, D]
-    return out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
-        q_len, num_heads, head_dim
-    )
+    k, v [num_kv_heads, L, head_dim], causal. Returns [q_len, num_heads, head_dim].
 
-
-def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``_attend`` in bf16/fp16 as transformers' default (sdpa) attention computes it: scores and
-    softmax in fp32 inside one kernel. A bf16 matmul with bf16-rounded scores drifts from it
-    (SmolLM2 bf16, 8 prompts x 32 greedy tokens: 67% of tokens the same, against 100% here)."""
+    Computed as transformers' default (sdpa) attention does, in every dtype: torch's fused
+    CPU kernel, scores and softmax in fp32, grouped-query heads without repeating K/V. In
+    bf16/fp16 a matmul with bf16-rounded scores drifts from it (SmolLM2 bf16, 8 prompts x 32
+    greedy tokens: 67% of tokens the same, against 100% here). In fp32 it is also the faster
+    path: an explicit scores matmul + mask + softmax took 2-6x longer on 128-2,048-token
+    prefills and 1.1-3x on decode (bench/README.md, "prefill attention")."""
     q_len, seq_len = q.shape[0], k.shape[1]
     mask = None
     if 1 < q_len < seq_len:  # the last q_len of seq_len positions: causal with an offset
