@@ -68,7 +68,8 @@ class FleetHandle(Protocol):
 
 
 def action_of(before: Mapping[str, int], target: Target) -> str:
-    """How a decision is counted: up, down, roll (a profile changes, the total does not), hold."""
+    """How a decision is counted against ``before`` (the last target; the fleet at first): up,
+    down, roll (a profile changes, the total does not), hold."""
     total = sum(before.values())
     if target.total != total:
         return "up" if target.total > total else "down"
@@ -163,7 +164,9 @@ class ControlLoop:
             decision = self.policy.decide(obs, self.state)
             self.state, target = decision.state, decision.target
             actions = plan_actions(views, target)
-            action = action_of(obs.replicas, target)
+            # NOTE: against the last target, not the fleet: while a roll or a drain is under
+            # way the fleet differs from a target that does not change, which is a hold.
+            action = action_of(self.last_target.replicas if self.last_target else obs.replicas, target)
             logger.info("autoscaler: %s [%s] -> %s; %s", dict(obs.replicas), action, target, describe(actions))
             self.last_target = target
             if self.metrics is not None:

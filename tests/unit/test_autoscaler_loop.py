@@ -202,7 +202,9 @@ def test_a_season_change_rolls_make_before_break_never_below_the_floor():
     clock, fleet, signals = Clock(), FakeFleet("small", 2), FakeSignals()
     config = parse_config({"policy": "scheduled", "slo": {"ttft_p90_s": 2.0, "itl_p90_s": 0.1},
                            "profiles": PROFILES, "scheduled": SEASONS})  # fmt: skip
-    loop = make_loop(config, fleet, signals, clock, shard_bundle={"GPU": 1.0}, request_resources=lambda b: None)
+    registry = CollectorRegistry()
+    loop = make_loop(config, fleet, signals, clock, shard_bundle={"GPU": 1.0}, request_resources=lambda b: None,
+                     registry=registry)  # fmt: skip
     assert loop.tick().replicas == {"small": 2}
     clock.s += 60
     target = loop.tick()
@@ -219,6 +221,10 @@ def test_a_season_change_rolls_make_before_break_never_below_the_floor():
     assert fleet.ready() == {"long": 2}
     assert min(floor) >= 2
     assert loop.bundles(target) == [{"GPU": 1.0}] * 2
+    # One decision rolled; the ticks while the fleet caught up with it held.
+    decisions = {a: registry.get_sample_value("kvtide:autoscaler_decisions_total", {"action": a})
+                 for a in ("up", "down", "roll", "hold")}  # fmt: skip
+    assert decisions == {"up": 0, "down": 0, "roll": 1, "hold": loop.num_ticks - 1}
 
 
 def test_action_of_names_what_a_decision_does():
