@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from kvtide.cluster.autoscaler.config import AutoscaleConfig
@@ -52,11 +53,29 @@ def frontend_signals(server):
     return read
 
 
-def ray_request_resources(bundles: list[dict[str, float]]) -> None:
-    from ray.autoscaler.sdk import request_resources
+class RayResources:
+    """``request_resources`` off the event loop (it is a blocking call to Ray's GCS): one at a
+    time, the newest wins; a failure is logged, and the next change asks again."""
 
-    request_resources(bundles=bundles)
-    logger.info("autoscaler: asked Ray for %d shard bundle(s) of %s", len(bundles), bundles[0] if bundles else {})
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtide-request-resources")
+
+    def __call__(self, bundles: list[dict[str, float]]) -> None:
+        self._pool.submit(self._ask, bundles)
+
+    @staticmethod
+    def _ask(bundles: list[dict[str, float]]) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        try:
+            request_resources(bundles=bundles)
+        except Exception as exc:  # noqa: BLE001 - Ray's autoscaler is advisory; serving goes on
+            logger.warning("autoscaler: asking Ray for %d shard bundle(s) failed: %s", len(bundles), exc)
+            return
+        logger.info("autoscaler: asked Ray for %d shard bundle(s) of %s", len(bundles), bundles[0] if bundles else {})
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Autoscaler:
@@ -66,11 +85,12 @@ class Autoscaler:
                  drain_timeout_s: float | None = None) -> None:  # fmt: skip
         drain_s = server.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.fleet = Fleet(server, config.profiles, initial_profile, drain_timeout_s=drain_s)
+        self.ray = RayResources() if server.config.address is not None else None
         gpu = server._resolved is not None and server._resolved.device.type == "cuda"
         kwargs = {k: v for k, v in (("clock", clock), ("wall", wall)) if v is not None}
         self.loop = ControlLoop(
             config, self.fleet, frontend_signals(server), shard_bundle={"GPU": 1.0} if gpu else {"CPU": 1.0},
-            request_resources=ray_request_resources if server.config.address is not None else None,
+            request_resources=self.ray,
             registry=server.gateway.metrics.registry, **kwargs,
         )  # fmt: skip
         self._task: asyncio.Task | None = None
@@ -88,3 +108,5 @@ class Autoscaler:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, timeout_s)
         await self.fleet.close(timeout_s)
+        if self.ray is not None:
+            self.ray.close()

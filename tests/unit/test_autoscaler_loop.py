@@ -262,3 +262,26 @@ def test_serve_starts_at_the_profile_the_policy_wants_and_refuses_a_bad_file(tmp
     assert main(["serve", "--autoscale", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"--autoscale: {bad}: reactive.max_replicas: 0 is below min_replicas 1" in err, err
+
+
+def test_ray_is_asked_off_the_event_loop_and_a_failure_is_only_logged(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="kvtide.cluster.autoscale")
+    import ray.autoscaler.sdk
+
+    from kvtide.cluster.autoscale import RayResources
+
+    asked = []
+
+    def request_resources(bundles):
+        asked.append(bundles)
+        if len(asked) == 2:
+            raise ConnectionError("GCS unreachable")
+
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", request_resources)
+    ray_resources = RayResources()
+    ray_resources([{"CPU": 1.0}])
+    ray_resources([{"CPU": 1.0}] * 2)
+    ray_resources._pool.shutdown(wait=True)
+    assert asked == [[{"CPU": 1.0}], [{"CPU": 1.0}] * 2]
+    assert "asked Ray for 1 shard bundle(s) of {'CPU': 1.0}" in caplog.text
+    assert "asking Ray for 2 shard bundle(s) failed: GCS unreachable" in caplog.text
