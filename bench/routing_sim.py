@@ -16,6 +16,13 @@ clients), so each replica sees what one of the two real replicas sees.
 
     .venv/bin/python bench/routing_sim.py                      # measures, then ~1 minute
     .venv/bin/python bench/routing_sim.py --cost-model /tmp/cost.json
+
+``--trace FILE`` replays a Mooncake trace instead (``routing_trace.py`` says how it is scaled
+and what the ``true_cache`` and ``oracle`` rows are) at each fleet size of ``--replicas`` and
+prints issue 17's routing table per size:
+
+    .venv/bin/python bench/routing_sim.py --cost-model /tmp/cost.json \
+        --trace ../shared/traces/mooncake_conversation.jsonl --requests 2000 --replicas 8,16,64
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from routing_workload import (
 
 HASH_VERSION = 1
 BLOCK_SIZE = 16
+DEFAULT_POLICIES = "round_robin,least_loaded,kv_aware"
 
 
 @dataclass(frozen=True)
@@ -174,13 +182,14 @@ class SimReplica:
 
     def finish_step(self, now: float, decode: list[SimRequest], chunks: dict[int, int]) -> list[SimRequest]:
         done = []
+        decoding = {id(r) for r in decode}
         for r in self.running:
             if id(r) in chunks:
                 r.prefill_left -= chunks[id(r)]
                 if r.prefill_left == 0:
                     r.first_token_s = now
                     r.num_output = 1
-            elif r in decode:
+            elif id(r) in decoding:
                 r.num_output += 1
             if r.num_output >= len(r.reply):
                 done.append(r)
@@ -293,17 +302,33 @@ def simulate(policy: str, workload: Workload, num_replicas: int, num_blocks: int
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-replicas", type=int, default=64)
-    p.add_argument("--num-blocks", type=int, default=44, help="KV blocks per replica, as in routing.py")
+    p.add_argument("--num-blocks", type=int, help="KV blocks per replica: 44 as in routing.py, 2048 with --trace")
     p.add_argument("--max-batched-tokens", type=int, default=1024)
     p.add_argument("--publish-interval-s", type=float, default=0.1)
-    p.add_argument("--policies", default="round_robin,least_loaded,kv_aware", help=f"comma list of {policy_names()}")
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help=f"comma list of {policy_names()} (with --trace also true_cache and oracle, and all five "
+                        "by default)")
     p.add_argument("--cost-model", help="JSON from --save-cost-model instead of measuring")
     p.add_argument("--save-cost-model", help="write the measured cost model here")
     p.add_argument("--temperature", type=float, default=0.02, help="kv_aware's softmin temperature")
     p.add_argument("--eviction-weight", type=float, default=CostWeights().eviction_weight, help="see kvtide.router.cost")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", help="replay this Mooncake trace (see routing_trace.py) instead of the chat workload")
+    p.add_argument("--requests", type=int, help="with --trace: its first N requests (default all)")
+    p.add_argument("--replicas", default="8,16,64", help="with --trace: comma list of fleet sizes")
+    p.add_argument("--speedup", type=float,
+                   help="with --trace: divide arrival times by this (default N/8 at N replicas: every fleet size "
+                        "gets the per-replica load of 8 replicas at the trace's real rate)")
+    p.add_argument("--ttft-slo-s", type=float, default=4.0, help="with --trace: the TTFT SLO of the goodput column")
     add_workload_args(p)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.trace is not None:
+        args.policies = "round_robin,least_loaded,kv_aware,true_cache,oracle" if args.policies == DEFAULT_POLICIES \
+            else args.policies
+    if args.num_blocks is None:
+        args.num_blocks = 2048 if args.trace else 44
+    return args
+
 
 
 def main() -> None:
@@ -319,6 +344,8 @@ def main() -> None:
                 json.dump(asdict(cost), f)
     print(f"cost model: base {cost.base_s * 1e3:.1f} ms + {cost.per_decode_row_s * 1e3:.2f} ms/decode row + "
           f"{cost.per_prefill_token_s * 1e3:.3f} ms/prefill token; {cost.source}")
+    if args.trace:
+        return main_trace(args, cost)
     factor = max(1, args.num_replicas // 2)
     cfg = workload_config(args).scaled(factor)
     workload = Workload(cfg)
@@ -343,6 +370,37 @@ def main() -> None:
         f"of the fleet's {capacity} blocks"
     )
     print_comparison(runs)
+
+
+def main_trace(args: argparse.Namespace, cost: CostModel) -> None:
+    from kvtide.cluster.bench.traces import read_trace
+    from routing_trace import TableRow, format_table, simulate_trace, trace_prompts
+
+    trace = read_trace(args.trace)
+    prompts = trace_prompts(trace, args.requests)
+    scale = trace.block_tokens // BLOCK_SIZE
+    print(f"trace: {trace.name}, first {len(prompts)} of {len(trace.requests)} requests over "
+          f"{prompts[-1].arrival_s:.0f} s; lengths and block size / {scale} ({trace.block_tokens} -> {BLOCK_SIZE} "
+          f"tokens a block): mean prompt {statistics.fmean(len(p.prompt) for p in prompts):.0f} tokens, mean reply "
+          f"{statistics.fmean(p.num_output_tokens for p in prompts):.1f}; {args.num_blocks} KV blocks per replica")
+    requests = [(list(p.prompt), []) for p in prompts]
+    stats = prefix_stats(requests, BLOCK_SIZE)
+    print(f"hit rate of one infinite cache: {stats.shared_share:.1%}; distinct prompt blocks: {stats.num_distinct_blocks}")
+    for n in (int(x) for x in args.replicas.split(",")):
+        speedup = args.speedup or n / 8
+        rows = []
+        for policy in args.policies.split(","):
+            t = time.perf_counter()
+            run = simulate_trace(policy, prompts, n, args.num_blocks, cost, publish_interval_s=args.publish_interval_s,
+                                 max_batched_tokens=args.max_batched_tokens, speedup=speedup, seed=args.seed,
+                                 temperature=args.temperature,
+                                 weights=CostWeights(eviction_weight=args.eviction_weight))  # fmt: skip
+            rows.append(TableRow(policy, run.hit_rate, run.ttfts_s, list(run.per_replica.values()), run.wall_s))
+            print(f"  {n} replicas, {policy}: simulated {run.wall_s:.0f} s in {time.perf_counter() - t:.1f} s",
+                  flush=True)
+        print()
+        print(format_table(f"{n} simulated replicas, arrivals x{speedup:g}", rows, args.ttft_slo_s))
+        print(flush=True)
 
 
 if __name__ == "__main__":
