@@ -184,3 +184,41 @@ def test_a_profile_sizes_the_servers_engine():
     assert engine.parallel.tensor_parallel_size == 2
     with pytest.raises(ValueError, match="initial_profile: 'nope' is not in profiles"):
         Fleet(FakeServer(), PROFILES, "nope")
+
+
+def test_the_supervisor_leaves_an_unwatched_replica_alone():
+    """A replica the fleet drains is unwatched: a health check in flight when that happens does
+    not put it back in routing, and its actor's death (the fleet stopped it) is not a crash to
+    make anew. A replica the fleet adds is watched like the others."""
+    from tests.unit.test_supervisor import Fleet as SupervisedPair
+    from tests.unit.test_supervisor import FakeActor, _Method
+
+    async def main():
+        pair = SupervisedPair()
+        sup = pair.supervisor
+        await sup.check_once()
+        healthy = pair.actors["r0"].health
+
+        async def slow_healthy():  # its next answer, healthy, comes after it was unwatched
+            await asyncio.sleep(0.1)
+            return healthy
+
+        pair.actors["r0"].check_health = _Method(slow_healthy)
+        check = asyncio.create_task(sup.check_once())
+        await asyncio.sleep(0.05)
+        sup.unwatch("r0")
+        pair.state.set_healthy("r0", False)  # what the fleet's drain does
+        await check
+        assert pair.routed() == ["r1"] and "r0" not in sup.health()
+        pair.actors["r0"] = FakeActor("r0#0")
+        pair.actors["r0"].dead = True  # stopped
+        await sup.check_once()
+        await asyncio.sleep(0.1)
+        assert pair.made == 0 and pair.lost == [] and pair.routed() == ["r1"]
+
+        pair.actors["r2"] = FakeActor("r2#0")
+        sup.watch("r2")
+        await sup.check_once()
+        assert sup.health()["r2"].healthy
+
+    asyncio.run(main())
