@@ -176,6 +176,11 @@ class ClusterState:
         now = self._clock()
         try:
             registry = await self.store.replicas()
+            if self._store_up is False:
+                # NOTE: a Redis back from an outage may have lost every registration: a replica
+                # missing from it gets its grace from now, time to publish again.
+                for rid in self.router.replica_ids():
+                    self._last_seen[rid] = now
             self._sync_registry(registry, now)
             ids = self.router.replica_ids()
             loads = await self.store.loads(ids)
