@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,8 @@ class LocalAutoscalingCluster:
             deadline = time.monotonic() + wait_s
             while self.pids() and time.monotonic() < deadline:
                 time.sleep(0.2)
+        if not self.pids():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def write_tokenizer(model_dir: Path) -> None:
