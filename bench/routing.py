@@ -12,7 +12,13 @@ replica sees what one of the two default replicas sees.
 
 Prints per policy: prefix-cache hit rate (cached / prompt tokens, as the engine reports it),
 mean and p90 TTFT (send to first delta, queueing included), request and token throughput,
-and beside them the workload's shared-prefix share and KV demand against capacity.
+and beside them the workload's shared-prefix share and KV demand against capacity. Then issue
+17's routing table (``routing_trace.format_table``): hit rate and its share of the oracle's,
+max/min and max/mean requests per replica, TTFT p50/p90 and goodput under ``--ttft-slo-s``.
+The oracle (one cache with N x the blocks, the ceiling of prefix routing) is not run live: the
+first policy's requests, in the order they were sent, are replayed one at a time through one
+``BlockPool`` of N x ``--num-blocks`` blocks (``routing_trace.replay_pooled``), so it has a
+hit rate and no TTFT.
 
     .venv/bin/python bench/routing.py            # ~6 minutes on 2 busy cores
     .venv/bin/python bench/routing.py --quick    # a smoke run
@@ -42,6 +48,7 @@ from kvtide.cluster.state.redis_server import start_redis
 from kvtide.cluster.state.store import StateStore
 from kvtide.router import Router, policy_names
 from kvtide.workers import EngineRequest, SamplingParams
+from routing_trace import ORACLE, TableRow, format_table, replay_pooled
 from routing_workload import (
     RunStats,
     Workload,
@@ -63,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, default=44, help="KV blocks per replica (16 tokens each)")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {policy_names()}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttft-slo-s", type=float, default=2.0, help="the TTFT SLO of the table's goodput column")
     add_workload_args(p)
     return p.parse_args()
 
@@ -180,6 +188,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"{stats.num_distinct_blocks / capacity:.0%} of the {capacity} blocks of {args.num_replicas} replicas"
             )
             print_comparison(runs)
+            rows = [TableRow(r.policy, r.hit_rate, r.ttfts_s, [r.per_replica.get(rid, 0) for rid in actors], r.wall_s)
+                    for r in runs]  # fmt: skip
+            rows.append(TableRow(ORACLE, replay_pooled(runs[0].requests, capacity), [], [], 0.0))
+            print()
+            print(format_table(f"{args.num_replicas} live replicas, {runs[0].num_requests} requests; oracle: one "
+                               f"BlockPool of {capacity} blocks replaying {runs[0].policy}'s requests in order",
+                               rows, args.ttft_slo_s))  # fmt: skip
         finally:
             await asyncio.gather(*(a.stop_publishing.remote() for a in actors.values()), return_exceptions=True)
             await asyncio.gather(*(a.shutdown.remote() for a in actors.values()), return_exceptions=True)

@@ -140,7 +140,7 @@ def test_table_helpers(rt):
     table = rt.format_table("t", rows, 2.0)
     assert "| kv_aware | 19.0% | 95.0% | 1.00 | 1.00 |" in table
     assert "| oracle | 20.0% | 100.0% | - | - |" in table
-    assert "95.0% met; max/min load <= 1.25: 1.00 met; best goodput of the three: kv_aware 100.0% vs best 100.0% met" in table
+    assert "95.0% met; max/min load <= 1.25: 1.00 met; best goodput of the three: kv_aware 100.00%, round_robin 50.00%, least_loaded 50.00% met" in table
 
 
 def test_bad_arguments_are_refused(rt, unit_cost):
