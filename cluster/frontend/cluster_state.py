@@ -191,16 +191,12 @@ class ClusterState:
             return False
         if self._store_up is False:
             logger.info("state store %s is back; resyncing every replica", self.store.public_url)
-            for rid in self.router.replica_ids():
-                self._needs_resync[rid] = now
+            self._needs_resync.update(dict.fromkeys(self.router.replica_ids(), now))
         self._store_up = True
         routed = set(self.router.replica_ids())  # the supervisor may have taken one out meanwhile
-        for rid, load in loads.items():
-            if rid in routed:
-                self.router.update_load(rid, load)
-        for rid in ids:
-            if rid not in routed:
-                continue  # dropped while Redis answered
+        for rid in (r for r in ids if r in routed):
+            if rid in loads:
+                self.router.update_load(rid, loads[rid])
             batch = batches.get(rid)
             if batch is not None:
                 self._cursors[rid] = batch.cursor
@@ -229,10 +225,8 @@ class ClusterState:
             return
         self._loads_polled_at = now
         ids = self.router.replica_ids()
-        results = await asyncio.gather(
-            *(asyncio.wait_for(self.handles[rid].load(), self.snapshot_timeout_s) for rid in ids),
-            return_exceptions=True,
-        )
+        loads = (asyncio.wait_for(self.handles[rid].load(), self.snapshot_timeout_s) for rid in ids)
+        results = await asyncio.gather(*loads, return_exceptions=True)
         for rid, result in zip(ids, results, strict=True):
             if rid not in self.router.replica_ids():
                 continue
@@ -279,10 +273,8 @@ class ClusterState:
     def _on_store_down(self, exc: BaseException) -> None:
         if self._store_up is not False:
             self.num_outages += 1
-            logger.warning(
-                "state store %s unreachable (%s); routing on last-known state, approximate mode",
-                self.store.public_url if self.store else None, exc,
-            )
+            logger.warning("state store %s unreachable (%s); routing on last-known state, approximate mode",
+                           self.store.public_url if self.store else None, exc)
             for rid in self.router.replica_ids():
                 self.router.mark_unsynced(rid)
         self._store_up = False
@@ -292,10 +284,8 @@ class ClusterState:
         due = [rid for rid, at in self._needs_resync.items() if at <= now and rid in self.router.replica_ids()]
         if not due:
             return
-        results = await asyncio.gather(
-            *(asyncio.wait_for(self.handles[rid].kv_snapshot(), self.snapshot_timeout_s) for rid in due),
-            return_exceptions=True,
-        )
+        snapshots = (asyncio.wait_for(self.handles[rid].kv_snapshot(), self.snapshot_timeout_s) for rid in due)
+        results = await asyncio.gather(*snapshots, return_exceptions=True)
         for rid, result in zip(due, results):
             if rid not in self.router.replica_ids():
                 continue  # dropped while the snapshot was on its way
