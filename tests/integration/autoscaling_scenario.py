@@ -238,7 +238,7 @@ PROFILE = {"max_model_len": 256, "max_num_seqs": 2, "max_num_batched_tokens": 64
 SLO = {"ttft_p90_s": 600.0, "itl_p90_s": 60.0}  # only the queue moves the reactive policy here
 REACTIVE = {"policy": "reactive", "control_interval_s": 0.5, "window_s": 2, "cold_start_s": 30, "slo": SLO,
             "profiles": {"small": PROFILE},
-            "reactive": {"profile": "small", "min_replicas": 1, "max_replicas": 2, "queue_up": 1.0,
+            "reactive": {"profile": "small", "min_replicas": 1, "max_replicas": 2, "queue_up": 2.0,
                          "queue_down": 0.25, "kv_usage_up": 1.0, "kv_usage_down": 0.99, "up_cooldown_s": 0,
                          "down_cooldown_s": 4}}  # fmt: skip
 T0 = datetime(2024, 3, 5, 11, 0, tzinfo=UTC)  # a Tuesday; the evening season opens at 12:00
@@ -298,7 +298,7 @@ def run(workdir: Path, scenario: str) -> dict:
         watch = Watch(runner, autoscaler)
         load = Load(f"{LOOPBACK}:{server.grpc_port}")
         if scenario == "reactive":
-            load.add(2)  # steady: it goes on through the burst and the drain
+            load.add(2)  # steady, through the burst and the drain: at most 2 waiting, never past queue_up
             time.sleep(2)
             burst = load.add(8)
             watch.until(lambda f: ready(f) == 2, "the burst brought a second replica")
