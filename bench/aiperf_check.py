@@ -26,13 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from kvtide_server import start_kvtide, stop_kvtide
 from peers import BENCH, PEERS_DIR, REPO, SERVED_MODEL_NAME, model_dir
@@ -70,14 +72,17 @@ class Measured:
     mean_isl: float
     duration_s: float
     client_cpu_s: float
+    """CPU time of the tool's whole process tree over its run (start-up included)."""
     wall_s: float
+    server_cpu_s: float = 0.0
+    """CPU time of ``kvtide serve``'s process tree (Ray workers included) over the same run."""
 
 
 def _three(d: dict, mean_key: str) -> dict[str, float]:
     return {"mean": d[mean_key], "p50": d["p50"], "p90": d["p90"]}
 
 
-def parse_aiperf(run_dir: Path, client_cpu_s: float = 0.0, wall_s: float = 0.0) -> Measured:
+def parse_aiperf(run_dir: Path, client_cpu_s: float = 0.0, wall_s: float = 0.0, server_cpu_s: float = 0.0) -> Measured:
     """Read aiperf's profile_export_aiperf.json (times in ms)."""
     d = json.loads((run_dir / "profile_export_aiperf.json").read_text())
     for key in ("time_to_first_token", "inter_token_latency", "inter_chunk_latency"):
@@ -87,11 +92,12 @@ def parse_aiperf(run_dir: Path, client_cpu_s: float = 0.0, wall_s: float = 0.0) 
     return Measured(
         _three(d["time_to_first_token"], "avg"), _three(d["inter_token_latency"], "avg"),
         _three(d["inter_chunk_latency"], "avg"), d["output_token_throughput"]["avg"],
-        d["output_sequence_length"]["avg"], isl["avg"], d["benchmark_duration"]["avg"], client_cpu_s, wall_s,
+        d["output_sequence_length"]["avg"], isl["avg"], d["benchmark_duration"]["avg"], client_cpu_s, wall_s, server_cpu_s,
     )  # fmt: skip
 
 
-def parse_kvtide_bench(run_dir: Path, client_cpu_s: float = 0.0, wall_s: float = 0.0) -> Measured:
+def parse_kvtide_bench(run_dir: Path, client_cpu_s: float = 0.0, wall_s: float = 0.0,
+                       server_cpu_s: float = 0.0) -> Measured:  # fmt: skip
     """Read ``kvtide bench``'s summary.json (one target, one load point)."""
     rows = json.loads((run_dir / "summary.json").read_text())
     if len(rows) != 1:
@@ -99,7 +105,7 @@ def parse_kvtide_bench(run_dir: Path, client_cpu_s: float = 0.0, wall_s: float =
     r = rows[0]
     return Measured(
         _three(r["ttft_ms"], "mean"), _three(r["tpot_ms"], "mean"), _three(r["itl_ms"], "mean"),
-        r["output_tokens_per_s"], r["mean_osl"], r["mean_isl"], r["duration_s"], client_cpu_s, wall_s,
+        r["output_tokens_per_s"], r["mean_osl"], r["mean_isl"], r["duration_s"], client_cpu_s, wall_s, server_cpu_s,
     )  # fmt: skip
 
 
@@ -115,6 +121,8 @@ def rows_of(m: Measured) -> dict[str, float]:
     out["measured window s"] = m.duration_s
     out["client CPU s"] = m.client_cpu_s
     out["client wall s"] = m.wall_s
+    out["client cores busy"] = m.client_cpu_s / m.wall_s if m.wall_s else 0.0
+    out["server cores busy"] = m.server_cpu_s / m.wall_s if m.wall_s else 0.0
     return out
 
 
@@ -139,17 +147,65 @@ def table(aiperf: list[Measured], bench: list[Measured]) -> str:
     return "\n".join(lines)
 
 
-def _timed(cmd: list[str], log: Path, timeout_s: float) -> tuple[float, float]:
-    """Run ``cmd`` to the end; return (its CPU seconds, children included, and its wall seconds)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+class TreeCpu:
+    """CPU seconds used by process trees, sampled every ``interval_s`` on a thread (a process
+    that exits between samples loses at most one interval of its time)."""
+
+    def __init__(self, roots: list[int], interval_s: float = 0.5) -> None:
+        self.roots, self.interval_s = roots, interval_s
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        for root in self.roots:
+            try:
+                procs = [psutil.Process(root)]
+                procs += procs[0].children(recursive=True)
+            except psutil.Error:
+                continue
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    self._seen[(proc.pid, proc.create_time())] = t.user + t.system
+                except psutil.Error:
+                    pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> TreeCpu:
+        self._sample()
+        self._start = dict(self._seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def used_s(self) -> float:
+        return sum(v - self._start.get(k, 0.0) for k, v in self._seen.items())
+
+
+def _timed(cmd: list[str], log: Path, timeout_s: float, server_pid: int) -> tuple[float, float, float]:
+    """Run ``cmd`` to the end; return its CPU seconds (whole tree), its wall seconds and the
+    server tree's CPU seconds meanwhile."""
     t0 = time.monotonic()
     with log.open("wb") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        with TreeCpu([proc.pid]) as client, TreeCpu([server_pid]) as server:
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
     wall = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
         raise RuntimeError(f"{cmd[0]} exited with {rc}; see {log}")
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+    return client.used_s, wall, server.used_s
 
 
 def aiperf_command(args: argparse.Namespace, url: str, seed: int, out: Path) -> list[str]:
@@ -204,16 +260,18 @@ def main() -> None:
     try:
         print("warming the server up (unmeasured)", flush=True)
         _timed(bench_command(args, url, args.seed - 1, out / "warmup", num_requests=args.concurrency),
-               out / "warmup.log", 900)  # fmt: skip
+               out / "warmup.log", 900, server.pid)  # fmt: skip
         for i in range(args.pairs):
             seed = args.seed + i
             loads.append(os.getloadavg())
-            cpu, wall = _timed(aiperf_command(args, url, seed, out / f"aiperf-{i}"), out / f"aiperf-{i}.log", 1800)
-            aiperf_runs.append(parse_aiperf(out / f"aiperf-{i}", cpu, wall))
+            cpu, wall, server_cpu = _timed(aiperf_command(args, url, seed, out / f"aiperf-{i}"),
+                                           out / f"aiperf-{i}.log", 1800, server.pid)  # fmt: skip
+            aiperf_runs.append(parse_aiperf(out / f"aiperf-{i}", cpu, wall, server_cpu))
             print(f"pair {i}: aiperf done ({wall:.0f} s, {cpu:.0f} CPU-s), load {loads[-1][0]:.1f}", flush=True)
             loads.append(os.getloadavg())
-            cpu, wall = _timed(bench_command(args, url, seed, out / f"bench-{i}"), out / f"bench-{i}.log", 1800)
-            bench_runs.append(parse_kvtide_bench(out / f"bench-{i}", cpu, wall))
+            cpu, wall, server_cpu = _timed(bench_command(args, url, seed, out / f"bench-{i}"),
+                                           out / f"bench-{i}.log", 1800, server.pid)  # fmt: skip
+            bench_runs.append(parse_kvtide_bench(out / f"bench-{i}", cpu, wall, server_cpu))
             print(f"pair {i}: kvtide bench done ({wall:.0f} s, {cpu:.0f} CPU-s), load {loads[-1][0]:.1f}", flush=True)
     finally:
         stop_kvtide(server)
