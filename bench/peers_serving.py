@@ -157,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--port", type=int, default=8401, help="every server's HTTP port (kvtide's gRPC: port + 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--combine", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="run nothing: print the tables over the rounds of these earlier runs' output folders")
     args = p.parse_args(argv)
     for name, known in (("systems", SYSTEMS), ("workloads", tuple(WORKLOADS))):
         chosen = [x for x in getattr(args, name).split(",") if x]
@@ -169,8 +171,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def tables(results: dict[tuple[str, str], list[Result]], systems: list[str], workloads: list[str]) -> str:
+    return "\n\n".join(table(wl, [median_result(results[(s, wl)]) for s in systems if (s, wl) in results])
+                       for wl in workloads if any(k[1] == wl for k in results))  # fmt: skip
+
+
+def combine(run_dirs: list[Path], systems: list[str], workloads: list[str]) -> str:
+    """The tables over every round found in ``run_dirs`` (folders named SYSTEM-rN-WORKLOAD)."""
+    results: dict[tuple[str, str], list[Result]] = {}
+    for run_dir in run_dirs:
+        for system in systems:
+            for wl in workloads:
+                for d in sorted(run_dir.glob(f"{system}-r*-{wl}")):
+                    if (d / "summary.json").exists():
+                        results.setdefault((system, wl), []).append(parse_summary(d, system, wl))
+    if not results:
+        raise SystemExit(f"no SYSTEM-rN-WORKLOAD/summary.json under {', '.join(map(str, run_dirs))}")
+    counts = ", ".join(f"{s}/{wl}: {len(v)}" for (s, wl), v in results.items())
+    return f"rounds per system and workload: {counts}\n\n" + tables(results, systems, workloads)
+
+
 def main() -> None:
     args = parse_args()
+    if args.combine:
+        print(combine(args.combine, args.systems, args.workloads))
+        return
     systems = available(args.systems)
     out = BENCH / "out" / "peers_serving" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
@@ -202,10 +227,10 @@ def main() -> None:
                 stop(system, proc)
     print()
     print(f"{args.rounds} round(s); 1-min load average at each run's start (2 cores): {'; '.join(loads)}")
-    tables = [table(wl, [median_result(results[(s, wl)]) for s in systems]) for wl in args.workloads]
+    text = tables(results, systems, args.workloads)
     print()
-    print("\n\n".join(tables))
-    (out / "tables.md").write_text("\n\n".join(tables) + "\n")
+    print(text)
+    (out / "tables.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
