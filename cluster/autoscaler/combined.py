@@ -7,8 +7,10 @@ The combination rule, in order:
    come from the ``predictive`` section (else ``reactive``, else ``scale_to_zero``).
 2. **Current** count: replicas of P; when there are none (the season just turned), every
    replica less the season's extras, since those are the fleet that rolls to P.
-3. **Base** count: ``predictive``'s forecast count for P. Without ``predictive``: the current
-   count when ``reactive`` is there, else the season's ``replicas``.
+3. **Base** count: ``predictive``'s forecast count for P, less the replicas of P the season's
+   extras stand in for: the router sends them their share of the same requests, so sizing P
+   for the whole load as well would count their capacity as headroom a second time. Without
+   ``predictive``: the current count when ``reactive`` is there, else the season's ``replicas``.
 4. **Correction** (``reactive``): reactive keeps a level, starting at the current count. Up
    pressure raises it to current + its step (its cooldowns and starting-replica rule
    apply); calm lowers it by its down step once ``down_cooldown_s`` has passed since the
@@ -103,7 +105,7 @@ class CombinedPolicy:
         current = obs.replicas.get(profile, 0) or max(0, obs.num_replicas - extra_now)
         why = [where]
         if self.predictor is not None:
-            base, forecast_state, text = self.predictor.size(obs, forecast_state, profile)
+            base, forecast_state, text = self.predictor.size(obs, forecast_state, profile, extras)
             why.append(f"predictive {base} ({text})")
         elif "reactive" in self.parts or fixed is None:
             base = current

@@ -7,6 +7,10 @@ measured capacity of one replica of the profile:
 
     replicas = ceil(capacity.busy_fraction(prefill tok/s, decode tok/s) / target_utilization)
 
+Combined with ``scheduled``, a season's extra replicas of other profiles serve their share of
+the same load, so the count of the season's profile is less what they stand in for (each
+extra of profile Q counts as busy_fraction / Q's busy_fraction of the same load).
+
 ``scale_to_zero`` runs ``replicas`` while there is traffic and none after ``idle_s`` without
 any, unless the forecast says traffic returns within the cold start (plus ``margin_s``): a
 replica asked for when the first request arrives would come too late for it. A queued
@@ -19,6 +23,7 @@ when they are combined.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -125,9 +130,10 @@ class Predictor:
             if config.profiles[profile].capacity is None:
                 raise ValueError(f"profiles.{profile}.capacity: missing; the predictive policy sizes replicas by it")
 
-    def size(self, obs: Observation, state: ForecastState, profile: str) -> tuple[int, ForecastState, str]:
+    def size(self, obs: Observation, state: ForecastState, profile: str,
+             alongside: Mapping[str, int] | None = None) -> tuple[int, ForecastState, str]:
         """``replicas_needed``, the highest over the last ``down_stabilization_s``."""
-        n, why = self.replicas_needed(obs, state, profile)
+        n, why = self.replicas_needed(obs, state, profile, alongside)
         window = self.settings.down_stabilization_s
         recent = tuple((t, c) for t, c in state.recent if (obs.time - t).total_seconds() < window) + ((obs.time, n),)
         held = max(c for _, c in recent)
@@ -135,14 +141,37 @@ class Predictor:
             why += f"; {held} held for {window:g} s"
         return held, replace(state, recent=recent if window > 0 else ()), why
 
-    def replicas_needed(self, obs: Observation, state: ForecastState, profile: str) -> tuple[int, str]:
+    def replicas_needed(self, obs: Observation, state: ForecastState, profile: str,
+                        alongside: Mapping[str, int] | None = None) -> tuple[int, str]:
+        """Replicas of ``profile`` for the forecast load, less what the replicas ``alongside``
+        (other profiles running beside it, such as a season's extras) serve of it."""
         capacity = self.config.profiles[profile].capacity
         peak = forecast(state.history, obs.time, obs.cold_start_s + self.settings.horizon_s, self.config.forecast,
                         Load.of(obs), peak=self.settings.size_for == "peak")
         busy = capacity.busy_fraction(peak.prefill_tokens_per_s, peak.decode_tokens_per_s)
-        n = math.ceil(busy / self.settings.target_utilization - 1e-9)
-        return n, (f"forecast {self.settings.size_for} {peak.request_rate:.2f} req/s, {peak.prefill_tokens_per_s:.0f} prompt + "
-                   f"{peak.decode_tokens_per_s:.0f} output tok/s = {busy:.2f} replicas busy")
+        covered, shares = alongside_share(self.config, busy, peak, alongside or {})
+        n = max(0, math.ceil(busy / self.settings.target_utilization - covered - 1e-9))
+        why = (f"forecast {self.settings.size_for} {peak.request_rate:.2f} req/s, {peak.prefill_tokens_per_s:.0f} prompt + "
+               f"{peak.decode_tokens_per_s:.0f} output tok/s = {busy:.2f} replicas busy")
+        if shares:
+            why += f"; {covered:.2f} of the {busy / self.settings.target_utilization:.2f} needed served by {shares}"
+        return n, why
+
+
+def alongside_share(config, busy: float, load: Load, alongside: Mapping[str, int]) -> tuple[float, str]:
+    """How many replicas of the sized profile (whose busy fraction on ``load`` is ``busy``)
+    the replicas ``alongside`` stand in for: the router sends them their share of the same
+    requests, so a replica of profile Q serves as much as ``busy / busy_Q`` of the sized one.
+    A profile without a measured capacity counts for nothing (it is not known to serve any)."""
+    covered, parts = 0.0, []
+    for name, count in alongside.items():
+        q = config.profiles[name].capacity
+        if count <= 0 or q is None or busy <= 0:
+            continue
+        equivalent = count * busy / q.busy_fraction(load.prefill_tokens_per_s, load.decode_tokens_per_s)
+        covered += equivalent
+        parts.append(f"{count} {name}")
+    return covered, ", ".join(parts)
 
 
 @register_policy("predictive")

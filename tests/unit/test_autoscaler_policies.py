@@ -302,6 +302,26 @@ def test_combined_predictive_sets_the_base_within_the_seasons_bounds():
     assert policy.decide(obs(rate=0.1, replicas={"small": 2}), policy.initial_state()).target.total == 2  # floor
 
 
+def test_combined_predictive_counts_the_seasons_extras_as_serving_their_share():
+    """4 req/s of 100 + 10 tokens: 400 prompt + 40 output tok/s. A small replica is 0.4 + 0.4 =
+    0.8 busy with it, so at 0.25 the load needs 3.2 small replicas (4). A long one would be
+    0.5 + 0.8 = 1.3 busy: it serves 0.8 / 1.3 = 0.615 of a small one's work."""
+    profiles = {**PROFILES, "bare": {"max_model_len": 8192, "max_num_seqs": 4, "max_num_batched_tokens": 1024}}
+
+    def decide(extras):
+        seasons = {"default": {"profile": "small", "min_replicas": 1, "max_replicas": 10, "extra_replicas": extras}}
+        policy = _combined("scheduled + predictive", seasons=seasons, profiles=profiles)
+        return policy.decide(obs(rate=4.0, replicas={"small": 4, **extras}), policy.initial_state()).target
+
+    assert dict(decide({}).replicas) == {"small": 4}
+    one = decide({"long": 1})
+    assert dict(one.replicas) == {"small": 3, "long": 1}  # ceil(3.2 - 0.615)
+    assert "0.62 of the 3.20 needed served by 1 long" in one.reason
+    assert dict(decide({"long": 2}).replicas) == {"small": 2, "long": 2}  # ceil(3.2 - 1.23)
+    assert dict(decide({"long": 6}).replicas) == {"small": 1, "long": 6}  # they cover it all: the season's floor
+    assert dict(decide({"bare": 1}).replicas) == {"small": 4, "bare": 1}  # no measured capacity: counts for nothing
+
+
 def test_combined_reactive_corrects_upward_only():
     policy = _combined()
     breach = policy.decide(obs(rate=1.0, ttft=5.0, replicas={"small": 3}), policy.initial_state()).target
