@@ -161,6 +161,9 @@ def server_command(peer: str, port: int, threads: int = 2) -> tuple[list[str], d
         cmd = [
             python, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--model_alias", SERVED_MODEL_NAME,
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "8192", "--host", "127.0.0.1", "--port", str(port),
+            # By default a new request ends the stream in progress after its next token; a
+            # loaded server must queue them instead (it runs one sequence at a time).
+            "--interrupt_requests", "False",
         ]
     else:
         raise ValueError(f"unknown peer {peer!r}; known: {', '.join(VENVS)}")
