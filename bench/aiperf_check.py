@@ -123,6 +123,7 @@ def rows_of(m: Measured) -> dict[str, float]:
     out["client wall s"] = m.wall_s
     out["client cores busy"] = m.client_cpu_s / m.wall_s if m.wall_s else 0.0
     out["server cores busy"] = m.server_cpu_s / m.wall_s if m.wall_s else 0.0
+    out["server CPU s"] = m.server_cpu_s
     return out
 
 
@@ -143,7 +144,9 @@ def table(aiperf: list[Measured], bench: list[Measured]) -> str:
         judged = key.startswith(COMPARED)
         flag = " **>10%**" if judged and abs(rel) > TOLERANCE else ""
         pairs = ", ".join(f"{ra[key]:.1f}/{rb[key]:.1f}" for ra, rb in zip(a_rows, b_rows))
-        lines.append(f"| {key} | {a:.1f} | {b:.1f} | {rel:+.1%}{flag} | {pairs} |")
+        digits = 2 if key.endswith("busy") else 1
+        pairs = ", ".join(f"{ra[key]:.{digits}f}/{rb[key]:.{digits}f}" for ra, rb in zip(a_rows, b_rows))
+        lines.append(f"| {key} | {a:.{digits}f} | {b:.{digits}f} | {rel:+.1%}{flag} | {pairs} |")
     return "\n".join(lines)
 
 
