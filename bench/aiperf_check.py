@@ -143,7 +143,6 @@ def table(aiperf: list[Measured], bench: list[Measured]) -> str:
         rel = (b - a) / a if a else float("nan")
         judged = key.startswith(COMPARED)
         flag = " **>10%**" if judged and abs(rel) > TOLERANCE else ""
-        pairs = ", ".join(f"{ra[key]:.1f}/{rb[key]:.1f}" for ra, rb in zip(a_rows, b_rows))
         digits = 2 if key.endswith("busy") else 1
         pairs = ", ".join(f"{ra[key]:.{digits}f}/{rb[key]:.{digits}f}" for ra, rb in zip(a_rows, b_rows))
         lines.append(f"| {key} | {a:.{digits}f} | {b:.{digits}f} | {rel:+.1%}{flag} | {pairs} |")
