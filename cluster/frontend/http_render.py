@@ -106,7 +106,9 @@ async def respond(request, gateway, stream, num_choices: int, body, kind: str, i
         await stream.aclose()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = _sse(head, kind + ".chunk", first, stream, chat, include_usage, gateway)
+    # OpenAI names a streamed chat chunk "chat.completion.chunk" but a completions chunk
+    # "text_completion", as its full response (aiperf reads completions text only from that).
+    events = _sse(head, "chat.completion.chunk" if chat else kind, first, stream, chat, include_usage, gateway)
     return StreamingResponse(events, media_type="text/event-stream")
 
 

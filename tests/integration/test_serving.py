@@ -162,6 +162,7 @@ def test_openai_chat_equals_the_engine(server, oai):
     )  # fmt: skip
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
@@ -173,8 +174,10 @@ def test_openai_text_completion_equals_the_engine(server, oai):
     reply = oai.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=10, temperature=0)
     assert reply.choices[0].text == text
     assert reply.usage.completion_tokens == len(tokens)
-    streamed = oai.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=10, temperature=0, stream=True)
+    streamed = list(oai.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=10, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == text
+    # OpenAI's streamed completions chunks are "text_completion" (aiperf reads text only from those).
+    assert {c.object for c in streamed} == {"text_completion"}
     assert [m.id for m in oai.models.list()] == ["smollm2-135m"]
 
     # A list of prompts: choice i is prompt i, usage is their sum, streamed or not.
