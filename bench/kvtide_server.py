@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
-from peers import KV_CACHE_GIB, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, REPO, SERVED_MODEL_NAME
+from peers import KV_CACHE_GIB, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, REPO, SERVED_MODEL_NAME, launch_until_ready, stop_server
 
 KVTIDE = REPO / ".venv" / "bin" / "kvtide"
 
@@ -35,35 +33,10 @@ def start_kvtide(http_port: int, grpc_port: int, threads: int = 2, log_path: Pat
     """Start ``kvtide serve`` in its own process group; return once its HTTP API answers.
     Raises (after stopping it) if it exits or is not ready within ``timeout_s``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}  # never join another cluster
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
     cmd = kvtide_command(http_port, grpc_port, threads)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{http_port}/v1/models"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kvtide serve exited with {proc.returncode} before it was ready (log: {log_path})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(1.0)
-    stop_kvtide(proc)
-    raise TimeoutError(f"kvtide serve not ready on {url} within {timeout_s:.0f} s (log: {log_path})")
+    return launch_until_ready("kvtide serve", cmd, env, http_port, log_path, timeout_s, stop_kvtide)
 
 
 def stop_kvtide(proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
     """Ctrl-C to the server's process group (drain, stop Ray); SIGKILL after ``timeout_s``."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    try:  # children that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_server(proc, timeout_s, signal.SIGINT)

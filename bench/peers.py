@@ -178,13 +178,22 @@ def start_server(
     ready within ``timeout_s``."""
     ensure_venv(peer)
     cmd, env = server_command(peer, port, threads)
+    return launch_until_ready(f"{peer} server", cmd, env, port, log_path, timeout_s, stop_server)
+
+
+def launch_until_ready(
+    name: str, cmd: list[str], env: dict[str, str], port: int, log_path: Path | None, timeout_s: float,
+    stop: Callable[[subprocess.Popen], None],
+) -> subprocess.Popen:  # fmt: skip
+    """Run ``cmd`` in its own process group and return once ``GET /v1/models`` on ``port``
+    answers; if it exits first or is not ready within ``timeout_s``, ``stop`` it and raise."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     url = f"http://127.0.0.1:{port}/v1/models"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{peer} server exited with {proc.returncode} before it was ready (log: {log_path})")
+            raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready (log: {log_path})")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
@@ -192,19 +201,19 @@ def start_server(
         except OSError:
             pass
         time.sleep(1.0)
-    stop_server(proc)
-    raise TimeoutError(f"{peer} server not ready on {url} within {timeout_s:.0f} s (log: {log_path})")
+    stop(proc)
+    raise TimeoutError(f"{name} not ready on {url} within {timeout_s:.0f} s (log: {log_path})")
 
 
-def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM the server's process group, SIGKILL it after ``timeout_s``."""
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> None:
+    """``sig`` to the server's process group, SIGKILL after ``timeout_s``."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout_s)
+            proc.wait(timeout=30)
     try:  # children that outlived their parent
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
