@@ -7,7 +7,8 @@ pool, with a running max and sum (online softmax) so nothing is gathered or padd
 signature as the twin; the tests compare the two.
 
 Build: with the machine's C++ compiler, once, into kvtide's cache (``cpu_build``: at setup, or
-when a shard starts); ``available()`` says whether it is built and loaded.
+when a shard starts); ``available()`` says whether it is built and loaded. ``-fopenmp`` makes
+``at::parallel_for`` use torch's OpenMP threads (without it, the tasks ran on one thread).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ EXTENSION = CppExtension(
     name="cpu_attention",
     source=_SOURCE,
     functions=("paged_decode_attention",),
-    cflags=("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"),
+    cflags=("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"),
 )
 
 

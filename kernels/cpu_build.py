@@ -153,10 +153,9 @@ def build(exts: Sequence[CppExtension], timeout_s: float = BUILD_TIMEOUT_S) -> l
 def prepare(timeout_s: float = BUILD_TIMEOUT_S) -> list[BuildResult]:
     """Build what is missing of kvtide's CPU kernels and load them into this process, so that no
     step ever compiles. Each one that fails is reported (once) and its torch twin serves."""
-    from kvtide.kernels import cpu_attention, cpu_ops
-
-    results = build([cpu_attention.EXTENSION, cpu_ops.EXTENSION], timeout_s)
-    for module in (cpu_attention, cpu_ops):
+    modules = _kernel_modules()
+    results = build([m.EXTENSION for m in modules], timeout_s)
+    for module in modules:
         module.available()
     return results
 
@@ -218,10 +217,15 @@ def _remove_abandoned(root: Path, older_than_s: float = 3600.0) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _extensions() -> dict[str, CppExtension]:
-    from kvtide.kernels import cpu_attention, cpu_ops
+def _kernel_modules() -> tuple[ModuleType, ...]:
+    """The modules of kvtide's compiled CPU kernels, each with ``EXTENSION`` and ``available()``."""
+    from kvtide.kernels import cpu_attention, cpu_linear, cpu_ops
 
-    return {e.name: e for e in (cpu_attention.EXTENSION, cpu_ops.EXTENSION)}
+    return cpu_attention, cpu_linear, cpu_ops
+
+
+def _extensions() -> dict[str, CppExtension]:
+    return {m.EXTENSION.name: m.EXTENSION for m in _kernel_modules()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,8 @@ y*sin`` for rotary, with floating-point contraction off so no FMA changes the ro
 greedy output stays equal to the reference implementations.
 
 Build: with the machine's C++ compiler, once, into kvtide's cache (``cpu_build``: at setup, or
-when a shard starts); ``available()`` says whether they are built and loaded.
+when a shard starts); ``available()`` says whether they are built and loaded. ``-fopenmp``
+makes ``at::parallel_for`` use torch's OpenMP threads; without it every kernel ran on one.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ EXTENSION = CppExtension(
     name="cpu_ops",
     source=_SOURCE,
     functions=("fused_add_rms_norm", "rotary_embedding", "write_kv"),
-    cflags=("-O3", "-march=native", "-ffp-contract=off"),
+    cflags=("-O3", "-march=native", "-ffp-contract=off", "-fopenmp"),
 )
 
 

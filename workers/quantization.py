@@ -44,6 +44,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from kvtide.kernels import cpu_linear
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 INT8_MAX = 127
@@ -73,28 +75,30 @@ class LinearMethod(Protocol):
 
 
 class Unquantized:
-    """``weight_t`` [in, out] in the model dtype, applied as ``x @ weight_t``.
+    """``weight_t`` [in, out] in the model dtype: a view of [out, in] memory, as ``nn.Linear``
+    stores it, applied as ``x @ weight_t``.
 
-    NOTE (layout): fp32 stores it row-major, [in, out] memory: 2-4x faster on this CPU's MKL
-    for decode batches (workers/layers/linear.py). bf16/fp16 store [out, in] memory, as
-    ``nn.Linear`` does: ``x @ W.t()`` is then the very matmul transformers runs
-    (``F.linear``), bit for bit on CPU, where the [in, out] layout rounds differently; it is
-    also cuBLAS's usual layout on CUDA.
+    NOTE (layout): fp32 on the CPU runs decode's few rows (up to ``cpu_linear.MAX_ROWS``)
+    through kvtide's kernel, which streams each [in] row of the weight once: 1.4-1.7x faster
+    than MKL for 2-16 rows (bench/linear_small_m.py). Larger batches (prefill chunks) use
+    MKL, 2-10% slower on this layout than on a row-major [in, out] one, which the kernel
+    cannot stream. For bf16/fp16 this is the very matmul transformers runs (``F.linear``),
+    bit for bit on CPU; it is also cuBLAS's usual layout on CUDA.
     """
 
     name = "none"
 
     def create(self, layer, in_features, out_features, dtype) -> None:
-        if dtype == torch.float32:
-            weight_t = torch.empty(in_features, out_features, dtype=dtype)
-        else:
-            weight_t = torch.empty(out_features, in_features, dtype=dtype).t()
+        weight_t = torch.empty(out_features, in_features, dtype=dtype).t()
         layer.weight_t = nn.Parameter(weight_t, requires_grad=False)
 
     def load_rows(self, layer, rows, offset) -> None:
         layer.weight_t[:, offset : offset + rows.shape[0]].copy_(rows.t())
 
     def apply(self, layer, x) -> torch.Tensor:
+        weight = layer.weight_t.t()
+        if cpu_linear.usable(x, weight):
+            return cpu_linear.linear(x, weight)
         sizes = getattr(layer, "local_sizes", ())
         if x.dtype == torch.float32 or x.is_cuda or len(sizes) < 2:
             return x @ layer.weight_t

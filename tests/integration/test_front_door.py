@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from kvtide.kernels import cpu_attention, cpu_ops
+from kvtide.kernels import cpu_attention, cpu_linear, cpu_ops
 from kvtide.kernels.cpu_build import PROGRESS_LINE
 from tests.integration.serve_process import ServeProcess, clean_env
 
@@ -102,7 +102,7 @@ def test_a_build_killed_midway_leaves_a_lock_that_no_start_waits_on(tmp_path):
     try:
         assert PROGRESS in server.log
         assert {p.parent.name for p in _built(cache)} == {
-            cpu_attention.EXTENSION.module_name, cpu_ops.EXTENSION.module_name
+            cpu_attention.EXTENSION.module_name, cpu_linear.EXTENSION.module_name, cpu_ops.EXTENSION.module_name
         }
         assert "unavailable" not in server.log, server.tail()  # the compiled kernels serve
         _chat(server)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvtide.kernels import cpu_linear
 from kvtide.workers.parallel import SINGLE, TensorParallel
 
 
@@ -53,12 +54,16 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_seqs, hidden] -> logits [num_seqs, vocab_size] (float32).
 
-        NOTE: fp32 up to 32 rows is computed as (W @ hidden^T)^T: on this CPU's MKL that runs
-        1.3-2.2x faster than F.linear for a 49152 x 576 head, and 0.6x at 64 rows, where
-        F.linear takes over (bench/linear_layout.py). No second copy of the tied weight.
-        bf16/fp16 always use F.linear, transformers' own matmul (no faster either way there).
+        NOTE: fp32 on the CPU: up to ``cpu_linear.MAX_ROWS`` rows through kvtide's small-M
+        kernel (it streams the [vocab, hidden] weight once: 2-5x faster than MKL at 2-16 rows,
+        bench/linear_small_m.py); up to 32 as (W @ hidden^T)^T, which on this CPU's MKL runs
+        1.3-2.2x faster than F.linear for a 49152 x 576 head; above that F.linear, faster there
+        (bench/linear_layout.py). No second copy of the tied weight. bf16/fp16 always use
+        F.linear, transformers' own matmul (no faster either way there).
         """
-        if hidden.shape[0] <= 32 and hidden.dtype == torch.float32:
+        if cpu_linear.usable(hidden, self.weight):
+            local = cpu_linear.linear(hidden, self.weight)
+        elif hidden.shape[0] <= 32 and hidden.dtype == torch.float32:
             local = torch.mm(self.weight, hidden.t()).t().contiguous()
         else:
             local = F.linear(hidden, self.weight)

@@ -4,9 +4,10 @@ Each layer's ``load(shard, weight)`` takes the *full* checkpoint tensor (or a la
 safetensors slice, which supports the same indexing) and copies only its own rows or
 columns, so a rank never materialises another rank's weights.
 
-NOTE: weights are stored transposed, ``weight_t: [in_features, out_features]``, and applied
-as ``x @ weight_t``. On this CPU's MKL that is 2-4x faster than ``F.linear`` on an
-[out, in] weight for the 8-32 row batches of decode (bench/README.md, "linear layout").
+NOTE: every method exposes ``weight_t: [in_features, out_features]`` (logically transposed)
+and computes ``x @ weight_t``; the memory order under it is the method's
+(workers/quantization.py): unquantized weights are [out, in] memory, which kvtide's CPU kernel
+for decode rows streams (kernels/cpu_linear.py).
 
 How the weight is stored and applied is the layer's ``method`` (workers/quantization.py):
 unquantized by default; ``set_method`` switches to fp8 or int8 storage before loading, and
