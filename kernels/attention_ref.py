@@ -131,6 +131,8 @@ def paged_prefill_attention_ref(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Variable-length queries packed in one flat batch, causal, over a cached prefix.
 
@@ -138,13 +140,22 @@ def paged_prefill_attention_ref(
     ``query_start_loc[i]:query_start_loc[i+1]``, which are the last tokens of its
     ``seq_lens[i]`` context tokens (all already written to the cache). k_scale, v_scale as
     for decode. Writes into ``out`` when given. Returns [num_tokens, num_heads, head_dim].
+
+    key, value: optionally the batch's own new keys and values [num_tokens, num_kv_heads,
+    head_dim], as just written to an unquantized cache. A sequence whose chunk is its whole
+    context (no cached prefix) then attends to them directly, the same values without
+    gathering its blocks back out of the cache (a copy of every K and V row per layer).
     """
     out = torch.empty_like(query) if out is None else out
     if isinstance(seq_lens, torch.Tensor):
         query_start_loc, seq_lens = query_start_loc.tolist(), seq_lens.tolist()
+    fresh = key is not None and value is not None and k_scale is None and v_scale is None
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
-        k = _gather(k_cache, k_scale, block_tables[i], seq_len, query.dtype)
-        v = _gather(v_cache, v_scale, block_tables[i], seq_len, query.dtype)
+        if fresh and end - start == seq_len:
+            k, v = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
+        else:
+            k = _gather(k_cache, k_scale, block_tables[i], seq_len, query.dtype)
+            v = _gather(v_cache, v_scale, block_tables[i], seq_len, query.dtype)
         out[start:end] = _attend(query[start:end], k, v, scale)
     return out

@@ -101,6 +101,8 @@ class TorchAttentionBackend:
             k_scale,
             v_scale,
             out=out[nd:],
+            key=k[nd:],
+            value=v[nd:],
         )
         return out
 

@@ -82,3 +82,24 @@ def test_block_size_one_and_sixteen_agree():
         q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(4))
         outs.append(paged_decode_attention_ref(q, k_cache, v_cache, tables, torch.tensor(seq_lens), 0.3))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+
+
+def test_prefill_reads_the_new_keys_of_a_whole_prompt_and_gathers_the_rest():
+    # key/value are the batch's new rows; a whole-prompt chunk attends to them, a chunk over a
+    # cached prefix must still gather its prefix from the cache.
+    seq_lens, q_lens = [7, 16, 50], [7, 5, 50]
+    k_cache, v_cache, tables, ks, vs = _paged_setup(seq_lens, 16, 3, 16, seed=5)
+    q = torch.randn(sum(q_lens), 9, 16, generator=torch.Generator().manual_seed(6))
+    starts = [0, 7, 12, 62]
+    new_k = torch.cat([k[-n:] for k, n in zip(ks, q_lens)])
+    new_v = torch.cat([v[-n:] for v, n in zip(vs, q_lens)])
+    want = paged_prefill_attention_ref(q, k_cache, v_cache, tables, starts, seq_lens, 0.25)
+    got = paged_prefill_attention_ref(q, k_cache, v_cache, tables, starts, seq_lens, 0.25, key=new_k, value=new_v)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # The whole prompts read key/value, not the cache: poisoning the cache changes only the
+    # sequence whose chunk has a cached prefix.
+    k_cache.fill_(float("nan"))
+    got = paged_prefill_attention_ref(q, k_cache, v_cache, tables, starts, seq_lens, 0.25, key=new_k, value=new_v)
+    torch.testing.assert_close(got[:7], want[:7], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[12:], want[12:], atol=1e-6, rtol=1e-6)
+    assert got[7:12].isnan().all()
