@@ -79,9 +79,9 @@ class Unquantized:
     stores it, applied as ``x @ weight_t``.
 
     NOTE (layout): fp32 on the CPU runs decode's few rows (up to ``cpu_linear.MAX_ROWS``)
-    through kvtide's kernel, which streams each [in] row of the weight once: 1.4-1.7x faster
+    through kvtide's kernel, which streams each [in] row of the weight once: 1.3-1.7x faster
     than MKL for 2-16 rows (bench/linear_small_m.py). Larger batches (prefill chunks) use
-    MKL, 2-10% slower on this layout than on a row-major [in, out] one, which the kernel
+    MKL, 1-8% slower on this layout than on a row-major [in, out] one, which the kernel
     cannot stream. For bf16/fp16 this is the very matmul transformers runs (``F.linear``),
     bit for bit on CPU; it is also cuBLAS's usual layout on CUDA.
     """
