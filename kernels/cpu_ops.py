@@ -1,4 +1,5 @@
-"""Fused per-token ops for CPUs, in C++: RMSNorm with residual add, rotary embedding, KV write.
+"""Fused per-token ops for CPUs, in C++: RMSNorm with residual add, rotary embedding, KV write,
+SiLU-and-mul.
 
 At small batches a decode step on CPU is dominated not by arithmetic but by the ~10 torch
 ops each of these takes per layer (each a dispatch, an allocation and a thread-pool wake-up):
@@ -6,7 +7,8 @@ ops each of these takes per layer (each a dispatch, an allocation and a thread-p
 in place where the caller allows it, on torch's intra-op pool for big batches and inline for
 small ones. Each has a pure-torch twin that the tests compare against and that serves when
 the compiler is missing: ``norm_rope_ref.rms_norm_ref``, ``rotary_embedding_ref`` here (the
-shared rotary on table rows, in place) and ``attention_ref.write_kv_ref``.
+shared rotary on table rows, in place), ``attention_ref.write_kv_ref`` and
+``norm_rope_ref.silu_and_mul_ref``.
 
 Numerics: rounding follows the twins' op order (fp32 statistics for the norm; ``x*cos -
 y*sin`` for rotary, with floating-point contraction off so no FMA changes the rounding), so
@@ -35,6 +37,10 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#include <sleef.h>
+#endif
 
 static inline int64_t grain(int64_t row_cost) {
   // Rows per task: keep tasks above ~16k element-ops so small batches run inline.
@@ -133,13 +139,49 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache,
     }
   });
 }
+
+// out[t, i] = silu(x[t, i]) * x[t, h + i] for i < h: the MLP's gate and up halves in one pass.
+// silu(g) = g / (1 + exp(-g)) rounded as torch's own CPU kernel rounds it: whole vectors through
+// Sleef's expf (u10, the function torch's Vectorized<float>::exp calls, exported by libtorch),
+// the tail through std::exp as torch's scalar loop does; one multiply and one division, in
+// that order, and no FMA (-ffp-contract=off), so the result is torch's bit for bit.
+// x: [n, 2h] f32 with stride 1 on the last dim; out: [n, h] f32 contiguous.
+void silu_and_mul(torch::Tensor out, torch::Tensor x) {
+  const int64_t n = x.size(0), h = x.size(1) / 2, sx = x.stride(0);
+  const float* xs = x.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  at::parallel_for(0, n, grain(3 * h), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = xs + t * sx;
+      const float* u = g + h;
+      float* o = os + t * h;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+      for (; i + 16 <= h; i += 16) {
+        const __m512 v = _mm512_loadu_ps(g + i);
+        const __m512 s = _mm512_div_ps(v, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_sub_ps(zero, v))));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+      }
+#elif defined(__AVX2__)
+      const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+      for (; i + 8 <= h; i += 8) {
+        const __m256 v = _mm256_loadu_ps(g + i);
+        const __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, Sleef_expf8_u10(_mm256_sub_ps(zero, v))));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < h; ++i) o[i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+    }
+  });
+}
 """
 
 
 EXTENSION = CppExtension(
     name="cpu_ops",
     source=_SOURCE,
-    functions=("fused_add_rms_norm", "rotary_embedding", "write_kv"),
+    functions=("fused_add_rms_norm", "rotary_embedding", "write_kv", "silu_and_mul"),
     cflags=("-O3", "-march=native", "-ffp-contract=off", "-fopenmp"),
 )
 
@@ -239,3 +281,18 @@ def write_kv(
     if slot_mapping.shape != (n,):
         raise ValueError(f"slot_mapping must be [{n}], got {tuple(slot_mapping.shape)}")
     _module().write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
+
+
+# -- SiLU and multiply ---------------------------------------------------------------------
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``norm_rope_ref.silu_and_mul_ref``, in one pass with no intermediate
+    tensor; bit for bit torch's."""
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise ValueError(f"x must be [n, 2 * h] (gate | up), got {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    _module().silu_and_mul(out, x)
+    return out

@@ -8,6 +8,7 @@ Rotary is the NeoX ("rotate half") layout with cos/sin rows per token.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm_ref(
@@ -33,3 +34,9 @@ def rotary_embedding_ref(
     """q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim];
     cos, sin: [num_tokens, 1, head_dim] in q's dtype. Returns the rotated (q, k)."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: [n, 2h] (gate | up) -> silu(gate) * up, [n, h], as transformers' Llama MLP computes it."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

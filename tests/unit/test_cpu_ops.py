@@ -7,7 +7,7 @@ import torch
 
 from kvtide.kernels import cpu_ops
 from kvtide.kernels.attention_ref import write_kv_ref
-from kvtide.kernels.norm_rope_ref import rms_norm_ref
+from kvtide.kernels.norm_rope_ref import rms_norm_ref, silu_and_mul_ref
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ compiler for the CPU ops")
 
@@ -81,3 +81,15 @@ def test_bad_inputs_name_the_problem():
         cpu_ops.write_kv(k, k, cache, cache.clone(), torch.tensor([0, 8]))
     with pytest.raises(ValueError, match=r"cos/sin must be \[max_position, 4\]"):
         cpu_ops.rotary_embedding(k, k, torch.tensor([0, 1]), torch.zeros(3, 6), torch.zeros(3, 6))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize("half", [1536, 37])
+def test_silu_and_mul_is_torchs_bit_for_bit(num_tokens, half):
+    # 37: a tail after the whole vectors; 300 x 1536: torch splits the work across threads.
+    g = torch.Generator().manual_seed(num_tokens * half)
+    wide = torch.randn(num_tokens, 2 * half + 3, generator=g) * 4
+    x = wide[:, : 2 * half]  # rows with a stride, as a view of a wider output would have
+    assert torch.equal(cpu_ops.silu_and_mul(x), silu_and_mul_ref(x))
+    with pytest.raises(ValueError, match=r"x must be \[n, 2 \* h\]"):
+        cpu_ops.silu_and_mul(torch.randn(2, 5))

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from kvtide.kernels import cpu_ops
+from kvtide.kernels.norm_rope_ref import silu_and_mul_ref
 from kvtide.workers.attention import AttentionMetadata, TorchAttentionBackend
 from kvtide.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvtide.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -110,8 +111,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, tp=tp, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if cpu_ops.usable(gate_up):  # one pass, bit for bit the twin
+            return self.down_proj(cpu_ops.silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul_ref(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
