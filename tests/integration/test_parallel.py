@@ -119,9 +119,25 @@ def replica(request, cluster, models):
     """One executor per shape, shared by the tests below in definition order.
     NOTE: the last test of this module shuts it down; teardown is then a no-op."""
     name, tp, pp = request.param
+    wait_nodes_idle(cluster)
     executor = RayExecutor(executor_config(models[name]), ReplicaShape(tp, pp), STARTUP_TIMEOUT_S)
     yield Replica(name, executor)
     executor.shutdown()
+
+
+def wait_nodes_idle(cluster, timeout_s: float = 30.0) -> None:
+    """Until every node has all its CPUs free again. The previous shape's placement groups are
+    removed asynchronously; a stage's node hint is soft, so a shape placed while a node still
+    looks full packs onto the other one and the spread below would not be tested (CI saw
+    tp1-pp2 land both stages on one node right after tp4 had filled a node)."""
+    totals = {n["NodeID"]: n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = {node: res.get("CPU", 0.0) for node, res in ray._private.state.available_resources_per_node().items()}
+        if all(free.get(node, 0.0) >= total for node, total in totals.items()):
+            return
+        assert time.monotonic() < deadline, f"CPUs still held {timeout_s} s after the last shape: free {free}, total {totals}"
+        time.sleep(0.1)
 
 
 def is_loopback(ip: str) -> bool:
