@@ -8,7 +8,9 @@ position); the router calls them from one thread.
 
 from __future__ import annotations
 
+import math
 import random
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -40,6 +42,21 @@ class Policy(Protocol):
 class PolicyOptions:
     temperature: float = 0.02
     weights: CostWeights = field(default_factory=CostWeights)
+    balance_slack: float | None = 0.1
+    """kv_aware's bounded load: a replica that got more than ``1 + balance_slack`` times its
+    share (plus one request) of the recent decisions is passed over while another is not.
+    None turns it off."""
+    balance_window: int = 64
+    """Recent decisions per replica that the bound counts."""
+    balance_warmup: int = 8
+    """Decisions per replica before the bound applies (a share of a few is noise)."""
+
+    def __post_init__(self) -> None:
+        if self.balance_slack is not None and not (math.isfinite(self.balance_slack) and self.balance_slack >= 0):
+            raise ValueError(f"balance_slack must be a finite number >= 0 or None, got {self.balance_slack}")
+        for name in ("balance_window", "balance_warmup"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 _POLICIES: dict[str, Callable[[PolicyOptions], Policy]] = {}
@@ -68,15 +85,46 @@ def make_policy(name: str, options: PolicyOptions | None = None) -> Policy:
 
 @register_policy("kv_aware")
 class KvAwarePolicy:
-    """Lowest ``cost()`` wins, sampled with a temperature (``softmin_choice``)."""
+    """Lowest ``cost()`` wins, sampled with a temperature (``softmin_choice``), among the
+    replicas under their load bound.
+
+    The bound is consistent hashing's "bounded loads" (Mirrokni, Thorup and Zadimoghaddam,
+    2018) over the last ``balance_window`` decisions per replica: a replica already chosen
+    more than ``(1 + balance_slack)`` times the fleet's mean, plus one, is skipped. The cost
+    alone lets a replica that holds hot conversations keep every turn of them, since each
+    hit is cheap there: on the Mooncake trace at 64 simulated replicas the busiest served
+    1.46x the least busy (bench/README.md, the routing table); with the bound 1.18x, at 94%
+    of the pooled cache's hit rate instead of 98%.
+    """
 
     def __init__(self, options: PolicyOptions) -> None:
         self.options = options
+        self._recent: deque[str] = deque()
+        self._counts: Counter[str] = Counter()
 
     def choose(self, candidates: Sequence[Candidate], rng: random.Random) -> Choice:
-        costs = [cost(c.inputs, self.options.weights) for c in candidates]
-        i = softmin_choice(costs, self.options.temperature, rng)
-        return Choice(i, costs[i])
+        eligible = self._under_bound(candidates)
+        costs = [cost(candidates[i].inputs, self.options.weights) for i in eligible]
+        j = softmin_choice(costs, self.options.temperature, rng)
+        self._remember(candidates[eligible[j]].replica_id, len(candidates))
+        return Choice(eligible[j], costs[j])
+
+    def _under_bound(self, candidates: Sequence[Candidate]) -> list[int]:
+        everyone = list(range(len(candidates)))
+        o, n = self.options, len(candidates)
+        if o.balance_slack is None or len(self._recent) < o.balance_warmup * n:
+            return everyone
+        bound = (1 + o.balance_slack) * len(self._recent) / n + 1
+        return [i for i in everyone if self._counts[candidates[i].replica_id] < bound] or everyone
+
+    def _remember(self, replica_id: str, num_candidates: int) -> None:
+        self._recent.append(replica_id)
+        self._counts[replica_id] += 1
+        while len(self._recent) > self.options.balance_window * num_candidates:
+            gone = self._recent.popleft()
+            self._counts[gone] -= 1
+            if not self._counts[gone]:
+                del self._counts[gone]
 
 
 @register_policy("round_robin")
