@@ -1,4 +1,5 @@
-"""Paged decode attention for CPUs, in C++ (compiled once on first use, then cached).
+"""Paged decode (and, from ``cpu_prefill``, prefill) attention for CPUs, in C++ (compiled once
+on first use, then cached).
 
 The pure-torch twin (``attention_ref.paged_decode_attention_ref``) spends its time in
 per-sequence tensor ops: ~10 dispatches per sequence per layer. This kernel walks each
@@ -18,8 +19,9 @@ import logging
 
 import torch
 
-from kvtide.kernels import cpu_build
+from kvtide.kernels import cpu_build, cpu_prefill
 from kvtide.kernels.cpu_build import CppExtension
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
@@ -88,8 +90,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
 
 EXTENSION = CppExtension(
     name="cpu_attention",
-    source=_SOURCE,
-    functions=("paged_decode_attention",),
+    source=_SOURCE + cpu_prefill.SOURCE,
+    functions=("paged_decode_attention", "paged_prefill_attention"),
     cflags=("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"),
 )
 
@@ -145,5 +147,28 @@ def paged_decode_attention_cpu(
     _module().paged_decode_attention(
         out, query, k_cache, v_cache,
         block_tables.to(torch.int64).contiguous(), seq_lens.to(torch.int64).contiguous(), scale,
+    )
+    return out
+
+
+def paged_prefill_attention_cpu(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as ``paged_prefill_attention_ref`` without quantized caches: every chunk's
+    context (its new K/V included) is read from the cache. float32 CPU tensors; ``query`` may
+    be a view of the QKV projection (rows strided, heads contiguous); see ``cpu_prefill``."""
+    out = torch.empty(query.shape, dtype=query.dtype) if out is None else out
+    query_start_loc = query_start_loc.to(torch.int64).contiguous()
+    seq_lens = seq_lens.to(torch.int64).contiguous()
+    cpu_prefill.check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out)
+    _module().paged_prefill_attention(
+        out, query, k_cache, v_cache, block_tables.to(torch.int64).contiguous(), query_start_loc, seq_lens, scale
     )
     return out

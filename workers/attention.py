@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtide.kernels import cpu_attention, cpu_build, cpu_ops
+from kvtide.kernels import cpu_attention, cpu_build, cpu_ops, cpu_prefill
 from kvtide.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -108,13 +108,30 @@ class TorchAttentionBackend:
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """Decode and KV writes through the compiled CPU kernels (fp32); prefill through the
-    torch path.
+    """Decode, prefill and KV writes through the compiled CPU kernels (fp32).
 
-    NOTE: the C++ kernel reads fp32 caches only; an int8/fp8 cache decodes through the torch
-    twin, which dequantizes the gathered blocks. So does every cache when the kernel did not
-    build (``cpu_attention.available()`` said why, once).
+    NOTE: the C++ kernels read fp32 caches only; an int8/fp8 cache attends through the torch
+    twins, which dequantize the gathered blocks. So does every cache when the kernels did not
+    build (``cpu_attention.available()`` said why, once), and prefill with a head size the
+    kernel has no instance for (``cpu_prefill.SUPPORTED_HEAD_DIMS``).
     """
+
+    def prefill(
+        self, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, k_scale=None, v_scale=None,
+        out=None, key=None, value=None,
+    ) -> torch.Tensor:  # fmt: skip
+        if (
+            k_scale is not None or k_cache.dtype != torch.float32 or q.dtype != torch.float32
+            or q.shape[-1] not in cpu_prefill.SUPPORTED_HEAD_DIMS or not cpu_attention.available()
+        ):  # fmt: skip
+            return paged_prefill_attention_ref(
+                q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale,
+                out=out, key=key, value=value,
+            )  # fmt: skip
+        as_tensor = lambda x: x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int64)  # noqa: E731
+        return cpu_attention.paged_prefill_attention_cpu(
+            q, k_cache, v_cache, block_tables, as_tensor(query_start_loc), as_tensor(seq_lens), scale, out=out
+        )
 
     name = "cpu"
 

@@ -1,4 +1,4 @@
-"""The compiled CPU decode kernel against its pure-torch twin."""
+"""The compiled CPU decode and prefill kernels against their pure-torch twins."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvtide.kernels import cpu_attention
-from kvtide.kernels.attention_ref import paged_decode_attention_ref
+from kvtide.kernels.attention_ref import paged_decode_attention_ref, paged_prefill_attention_ref
+from kvtide.workers.attention import CpuAttentionBackend
 from tests.unit.test_attention_ref import _paged_setup
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ toolchain to build the kernel")
@@ -36,3 +37,58 @@ def test_rejects_what_it_cannot_compute():
             torch.zeros(1, 3, 8), k_cache, k_cache, torch.zeros(1, 1, dtype=torch.long),
             torch.ones(1, dtype=torch.long), 1.0,
         )
+
+
+# -- prefill (kernels/cpu_prefill.py) ------------------------------------------------------------
+
+# (new query tokens, cached prefix before them) per sequence: whole prompts, chunks that
+# continue a prompt, a prefix-cache hit, tiles of exactly 16 and one more.
+CHUNKS = [[(94, 0), (94, 0)], [(1, 0), (17, 40), (33, 16), (5, 300)], [(16, 0), (17, 15), (300, 0)]]
+
+
+@pytest.mark.parametrize("chunks", CHUNKS, ids=["prompts", "chunks", "tiles"])
+@pytest.mark.parametrize("block_size", [5, 16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 8, 128), (4, 1, 80), (6, 2, 96)])
+def test_prefill_matches_the_torch_twin(chunks, block_size, num_heads, num_kv_heads, head_dim):
+    seq_lens = [new + cached for new, cached in chunks]
+    k_cache, v_cache, tables, _, _ = _paged_setup(seq_lens, block_size, num_kv_heads, head_dim, seed=7)
+    starts = [0]
+    for new, _ in chunks:
+        starts.append(starts[-1] + new)
+    # The query as the model hands it over: a view of the fused QKV projection's output.
+    qkv = torch.randn(starts[-1], (num_heads + 2 * num_kv_heads) * head_dim, generator=torch.Generator().manual_seed(8))
+    q = qkv[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+    scale = head_dim**-0.5
+    want = paged_prefill_attention_ref(q, k_cache, v_cache, tables, starts, seq_lens, scale)
+    got = cpu_attention.paged_prefill_attention_cpu(
+        q, k_cache, v_cache, tables, torch.tensor(starts), torch.tensor(seq_lens), scale
+    )
+    assert not got.isnan().any()  # the cache's unused slots are NaN: none was read
+    torch.testing.assert_close(got, want, atol=3e-6, rtol=1e-5)
+
+
+def test_prefill_rejects_what_it_cannot_compute():
+    k_cache = torch.zeros(4, 2, 16, 48)
+    args = (torch.zeros(1, dtype=torch.long).view(1, 1), torch.tensor([0, 3]), torch.tensor([3]), 1.0)
+    with pytest.raises(ValueError, match=r"head_dim must be one of \(64, 80, 96, 128\), got 48"):
+        cpu_attention.paged_prefill_attention_cpu(torch.zeros(3, 4, 48), k_cache, k_cache, *args)
+    k_cache = torch.zeros(4, 2, 16, 64)
+    with pytest.raises(ValueError, match="query must be a float32 CPU tensor, got torch.bfloat16"):
+        cpu_attention.paged_prefill_attention_cpu(torch.zeros(3, 4, 64, dtype=torch.bfloat16), k_cache, k_cache, *args)
+    with pytest.raises(ValueError, match="query_start_loc ends at 3, query has 5 tokens"):
+        cpu_attention.paged_prefill_attention_cpu(torch.zeros(5, 4, 64), k_cache, k_cache, *args)
+
+
+def test_the_cpu_backend_prefills_through_the_kernel_and_quantized_caches_through_the_twin(monkeypatch):
+    calls = []
+    kernel = cpu_attention.paged_prefill_attention_cpu
+    monkeypatch.setattr(cpu_attention, "paged_prefill_attention_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    backend = CpuAttentionBackend()
+    k_cache, v_cache, tables, _, _ = _paged_setup([20], 16, 2, 64, seed=9)
+    q = torch.randn(20, 4, 64)
+    out = backend.prefill(q, k_cache, v_cache, tables, [0, 20], [20], 0.125)
+    assert calls == [1]
+    torch.testing.assert_close(out, paged_prefill_attention_ref(q, k_cache, v_cache, tables, [0, 20], [20], 0.125))
+    scales = torch.ones(k_cache.shape[:3])
+    backend.prefill(q, k_cache, v_cache, tables, [0, 20], [20], 0.125, scales, scales)
+    assert calls == [1]  # a quantized cache (scales given) went to the twin
