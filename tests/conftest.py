@@ -19,10 +19,48 @@ test (collection, plugins) torch answers for the machine: ``tests/unit/triton_en
 it at import to choose compiled Triton kernels or the interpreter.
 """
 
+import importlib
+import importlib.metadata
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prefer_installed_packages(root: Path = ROOT) -> list[str]:
+    """Import each installed distribution that shares a name with one of the repo's folders.
+
+    pytest puts the repository root on ``sys.path`` (``tests/`` is a package), and there each
+    source folder is importable under its bare name as well as its installed one
+    (``kernels/`` is ``kvtide.kernels``). kvtide only ever uses the installed names, but a
+    library asking for a top-level package would get our folder: transformers >= 5.x depends
+    on Hugging Face's ``kernels`` and does ``from kernels import CUDAProperties`` on import,
+    which found ``kernels/__init__.py`` here. Importing the installed package first, with the
+    root off ``sys.path``, puts it in ``sys.modules`` for everyone after. Returns the names.
+    """
+    imported = []
+    for folder in sorted(root.iterdir()):
+        if not (folder / "__init__.py").is_file():
+            continue
+        try:
+            importlib.metadata.distribution(folder.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        saved = sys.path[:]
+        sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
+        try:
+            importlib.import_module(folder.name)
+            imported.append(folder.name)
+        finally:
+            sys.path[:] = saved
+    return imported
+
+
+prefer_installed_packages()
 
 import contextlib  # noqa: E402
 import traceback  # noqa: E402
