@@ -102,7 +102,11 @@ def ttft_fit(records: Sequence[RequestRecord]) -> Fit | None:
     if len({x for x, _ in pts}) < 2:
         return None
     x, y = np.array(pts, dtype=float).T
-    slope, intercept = np.polyfit(x, y, 1)
+    # The closed form on centered data: a flat TTFT gives a slope of exactly 0 (np.polyfit's
+    # solver returned 2e-18 for it from numpy 2.4, which read as a positive prefill cost).
+    dx, dy = x - x.mean(), y - y.mean()
+    slope = float((dx * dy).sum() / (dx * dx).sum())
+    intercept = float(y.mean() - slope * x.mean())
     residual = y - (intercept + slope * x)
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 1.0

@@ -65,7 +65,9 @@ def hf_model_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "hf.safetensors"
     log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(
-        [sys.executable, "-c", HF_MODEL_SCRIPT, str(GGUF_DIR), GGUF_NAME, str(out), *COMPARED],
+        # -P: `python -c` would put the working directory (the repo root) first on sys.path,
+        # where kernels/ shadows Hugging Face's `kernels`, which transformers imports at load.
+        [sys.executable, "-P", "-c", HF_MODEL_SCRIPT, str(GGUF_DIR), GGUF_NAME, str(out), *COMPARED],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
