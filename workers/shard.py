@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from kvtide.kernels import cpu_build
 from kvtide.kernels.kv_quant import allocate_kv_cache
+from kvtide.workers import host_memory
 from kvtide.workers.attention import get_attention_backend
 from kvtide.workers.models.llama import LlamaArgs, LlamaForCausalLM
 from kvtide.workers.sampler import Sampler
@@ -94,6 +95,8 @@ class ShardRunner:
         self.links = links
         # NOTE: the activations' dtype, not a parameter's: quantized weights are int8/fp8.
         self.device, self.dtype = next(model.parameters()).device, model.dtype
+        if self.device.type == "cpu":
+            host_memory.keep_step_buffers()  # a step's activations reuse the last step's pages
         if self.device.type == "cpu" and self.dtype == torch.float32:
             # NOTE: before the shard reports ready: a step never waits on a compiler.
             cpu_build.prepare()
