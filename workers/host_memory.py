@@ -6,8 +6,9 @@ fresh ``mmap`` and gives freed memory at the top of the heap back to the kernel 
 exceeds its trim threshold; both thresholds adapt upward on their own, but not far enough, so
 the pages of every prefill step's activations were unmapped and faulted back in, zero-filled,
 the next step: 6,000-40,000 minor faults per 940-token step. With the thresholds fixed, freed
-activations stay in the heap and the next step reuses them (0 faults from the third step on;
-timing in bench/README.md, "host_memory.py"). vLLM's CPU backend asks users to preload
+activations stay in the heap and the next step reuses them (a prefill layer's allocations: 7,940
+faults in 20 steps with glibc's defaults, under 200 with these; whole workloads and timing in
+bench/README.md, "host_memory.py"). vLLM's CPU backend asks users to preload
 tcmalloc for the same reason; this keeps glibc and needs no system package.
 
 The cost: the process keeps up to ``TRIM_THRESHOLD`` of freed heap it would otherwise
@@ -44,10 +45,10 @@ def keep_step_buffers() -> bool:
     global _applied
     if _applied is not None:
         return _applied
-    _applied = False
     choice = os.environ.get(ENV, "tuned")
     if choice not in ("tuned", "default"):
         raise ValueError(f"{ENV} must be 'tuned' or 'default', got {choice!r}")
+    _applied = False
     if choice == "default":
         return False
     try:
