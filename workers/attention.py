@@ -113,7 +113,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
     NOTE: the C++ kernels read fp32 caches only; an int8/fp8 cache attends through the torch
     twins, which dequantize the gathered blocks. So does every cache when the kernels did not
     build (``cpu_attention.available()`` said why, once), and prefill with a head size the
-    kernel has no instance for (``cpu_prefill.SUPPORTED_HEAD_DIMS``).
+    kernel has no instance for (``cpu_prefill.SUPPORTED_HEAD_DIMS``) or on a host without
+    AVX-512, where torch's SDPA is faster (``cpu_prefill.beats_the_twin``).
     """
 
     def prefill(
@@ -122,7 +123,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
     ) -> torch.Tensor:  # fmt: skip
         if (
             k_scale is not None or k_cache.dtype != torch.float32 or q.dtype != torch.float32
-            or q.shape[-1] not in cpu_prefill.SUPPORTED_HEAD_DIMS or not cpu_attention.available()
+            or q.shape[-1] not in cpu_prefill.SUPPORTED_HEAD_DIMS or not cpu_prefill.beats_the_twin()
+            or not cpu_attention.available()
         ):  # fmt: skip
             return paged_prefill_attention_ref(
                 q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtide.kernels import cpu_attention
+from kvtide.kernels import cpu_attention, cpu_prefill
 from kvtide.kernels.attention_ref import paged_decode_attention_ref, paged_prefill_attention_ref
 from kvtide.workers.attention import CpuAttentionBackend
 from tests.unit.test_attention_ref import _paged_setup
@@ -83,6 +83,7 @@ def test_the_cpu_backend_prefills_through_the_kernel_and_quantized_caches_throug
     calls = []
     kernel = cpu_attention.paged_prefill_attention_cpu
     monkeypatch.setattr(cpu_attention, "paged_prefill_attention_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(cpu_prefill, "beats_the_twin", lambda: True)  # an AVX-512 host
     backend = CpuAttentionBackend()
     k_cache, v_cache, tables, _, _ = _paged_setup([20], 16, 2, 64, seed=9)
     q = torch.randn(20, 4, 64)
@@ -92,3 +93,15 @@ def test_the_cpu_backend_prefills_through_the_kernel_and_quantized_caches_throug
     scales = torch.ones(k_cache.shape[:3])
     backend.prefill(q, k_cache, v_cache, tables, [0, 20], [20], 0.125, scales, scales)
     assert calls == [1]  # a quantized cache (scales given) went to the twin
+
+
+def test_an_avx2_host_prefills_through_the_twin(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_attention, "paged_prefill_attention_cpu", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(cpu_prefill, "beats_the_twin", lambda: False)
+    k_cache, v_cache, tables, _, _ = _paged_setup([20], 16, 2, 64, seed=9)
+    q = torch.randn(20, 4, 64)
+    out = CpuAttentionBackend().prefill(q, k_cache, v_cache, tables, [0, 20], [20], 0.125)
+    assert calls == []
+    torch.testing.assert_close(out, paged_prefill_attention_ref(q, k_cache, v_cache, tables, [0, 20], [20], 0.125))
+
