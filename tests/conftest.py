@@ -31,6 +31,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def shadowing_folders(root: Path = ROOT) -> list[Path]:
+    """The repo's package folders whose name an installed distribution also has."""
+    found = []
+    for folder in sorted(root.iterdir()):
+        if not (folder / "__init__.py").is_file():
+            continue
+        try:
+            importlib.metadata.distribution(folder.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(folder)
+    return found
+
+
 def prefer_installed_packages(root: Path = ROOT) -> list[str]:
     """Import each installed distribution that shares a name with one of the repo's folders.
 
@@ -43,13 +57,7 @@ def prefer_installed_packages(root: Path = ROOT) -> list[str]:
     root off ``sys.path``, puts it in ``sys.modules`` for everyone after. Returns the names.
     """
     imported = []
-    for folder in sorted(root.iterdir()):
-        if not (folder / "__init__.py").is_file():
-            continue
-        try:
-            importlib.metadata.distribution(folder.name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    for folder in shadowing_folders(root):
         saved = sys.path[:]
         sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
         try:

@@ -1,13 +1,13 @@
 """workers/host_memory.py: glibc's thresholds, set per process (each case runs in a child)."""
 
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
-                                and not os.path.exists("/lib64/libc.so.6"), reason="needs glibc")
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
 
 REUSE = """
 import resource, sys, torch

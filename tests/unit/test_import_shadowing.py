@@ -3,18 +3,12 @@
 import importlib.metadata
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import shadowing_folders
 
 
 def test_installed_packages_win_over_repo_folders():
     checked = 0
-    for folder in ROOT.iterdir():
-        if not (folder / "__init__.py").is_file():
-            continue
-        try:
-            importlib.metadata.distribution(folder.name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    for folder in shadowing_folders():
         module = sys.modules.get(folder.name)
         assert module is not None, f"installed package {folder.name!r} was not imported ahead of {folder}"
         assert not module.__file__.startswith(f"{folder}/"), (
