@@ -14,14 +14,18 @@ pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ to
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (6, 2, 16)])
-def test_matches_the_torch_twin(block_size, num_heads, num_kv_heads, head_dim):
+# Groups of 1, 3, 5 (4 + 1 heads per task) and 8 (two tasks of 4); head_dim 24 takes the generic path.
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (6, 2, 16), (10, 2, 32), (4, 2, 24)]
+)
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "per-key"])
+def test_matches_the_torch_twin(block_size, num_heads, num_kv_heads, head_dim, tiled):
     seq_lens = [1, 15, 16, 17, 33, 100]
     k_cache, v_cache, tables, _, _ = _paged_setup(seq_lens, block_size, num_kv_heads, head_dim, seed=5)
     q = torch.randn(len(seq_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(6))
     lens = torch.tensor(seq_lens)
     want = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
-    got = cpu_attention.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    got = cpu_attention.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, head_dim**-0.5, tiled)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
