@@ -31,9 +31,19 @@ from kvtide.kernels.cpu_build import CppExtension
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS = 16
-"""Rows of ``x`` up to which this kernel is used; above it MKL's compute-efficient sgemm is as
-fast or faster (bench/linear_small_m.py: even at 32 rows)."""
+
+
+def _max_rows() -> int:
+    """Rows of ``x`` up to which this kernel beats MKL's sgemm, by the ISA torch dispatches to.
+    Measured with bench/linear_small_m.py, 2 threads: on an Intel AVX-512 host MKL was as fast
+    or faster from 17 rows on (even at 32); on an AMD EPYC (Zen 3, AVX2) host, where MKL's
+    mid-sized sgemm is slow, the kernel was 1.16-1.36x MKL for a step's 120 layer linears at 17-32
+    rows and 1.18-1.6x for the LM head (interleaved, median of 9), and behind it from 48."""
+    return 32 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+
+
+MAX_ROWS = _max_rows()
+"""Rows of ``x`` up to which this kernel is used; above it MKL's compute-efficient sgemm."""
 
 _SOURCE = r"""
 #include <torch/extension.h>

@@ -55,7 +55,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         """hidden: [num_seqs, hidden] -> logits [num_seqs, vocab_size] (float32).
 
         NOTE: fp32 on the CPU: up to ``cpu_linear.MAX_ROWS`` rows through kvtide's small-M
-        kernel (it streams the [vocab, hidden] weight once: 2-3x faster than MKL at 2-16 rows,
+        kernel (it streams the [vocab, hidden] weight once: 2-3x faster than MKL at 2-16 rows on AVX-512, to 32 rows on AVX2,
         bench/linear_small_m.py); up to 32 as (W @ hidden^T)^T, which on this CPU's MKL runs
         1.3-2.2x faster than F.linear for a 49152 x 576 head; above that F.linear, faster there
         (bench/linear_layout.py). No second copy of the tied weight. bf16/fp16 always use
