@@ -32,7 +32,6 @@ from kvtide.kernels.cpu_build import CppExtension
 logger = logging.getLogger(__name__)
 
 
-
 def _max_rows() -> int:
     """Rows of ``x`` up to which this kernel beats MKL's sgemm, by the ISA torch dispatches to.
     Measured with bench/linear_small_m.py, 2 threads: on an Intel AVX-512 host MKL was as fast
