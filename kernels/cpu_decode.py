@@ -16,6 +16,12 @@ from __future__ import annotations
 SOURCE = r"""
 namespace decode {
 
+// Offset in floats of position `pos`'s row for KV head kvh, through the sequence's block table.
+static inline int64_t cache_row(const int64_t* table, int64_t pos, int64_t num_kv_heads, int64_t kvh,
+                                int64_t block_size, int64_t head_dim) {
+  return ((table[pos / block_size] * num_kv_heads + kvh) * block_size + pos % block_size) * head_dim;
+}
+
 // Any head_dim, any group: one token at a time, a scalar exp per (token, head). The fallback for
 // head sizes that are not a multiple of 16.
 static void generic_task(int64_t seq, int64_t kvh, const float* q, float* o, const float* kc, const float* vc,
@@ -25,8 +31,7 @@ static void generic_task(int64_t seq, int64_t kvh, const float* q, float* o, con
   std::vector<float> acc(group * head_dim, 0.f), m(group, -std::numeric_limits<float>::infinity()), l(group, 0.f);
   const float* qs = q + (seq * num_heads + kvh * group) * head_dim;
   for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t block = bt[seq * max_blocks + pos / block_size];
-    const int64_t row = ((block * num_kv_heads + kvh) * block_size + pos % block_size) * head_dim;
+    const int64_t row = cache_row(bt + seq * max_blocks, pos, num_kv_heads, kvh, block_size, head_dim);
     const float* k = kc + row;
     const float* v = vc + row;
     for (int64_t g = 0; g < group; ++g) {
@@ -85,16 +90,14 @@ static void task(int64_t seq, int64_t kvh, int64_t h0, const float* q, float* o,
   for (int64_t kb = 0; kb < len; kb += KT) {
     const int nk = static_cast<int>(std::min<int64_t>(KT, len - kb));
     for (int j = 0; j < nk; ++j) {
-      const int64_t pos = kb + j;
-      const int64_t row = ((table[pos / block_size] * num_kv_heads + kvh) * block_size + pos % block_size) * D;
+      const int64_t row = cache_row(table, kb + j, num_kv_heads, kvh, block_size, D);
       krow[j] = kc + row;
       vrow[j] = vc + row;
     }
     // The next tile's rows, from wherever the block table put them: each is 4 * D bytes.
     const int64_t next = std::min<int64_t>(KT, len - kb - KT);
     for (int64_t j = 0; j < next; ++j) {
-      const int64_t pos = kb + KT + j;
-      const int64_t row = ((table[pos / block_size] * num_kv_heads + kvh) * block_size + pos % block_size) * D;
+      const int64_t row = cache_row(table, kb + KT + j, num_kv_heads, kvh, block_size, D);
       for (int c = 0; c < D; c += 16) {
         __builtin_prefetch(kc + row + c);
         __builtin_prefetch(vc + row + c);
