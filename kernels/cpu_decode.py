@@ -7,8 +7,10 @@ thread pool, with a running max and sum (online softmax). The context goes by in
 keys: a vector of 16 scores per head, one max and one vectorized exp (Sleef's, as in
 ``cpu_prefill``) per head and tile, then each V row read once for all the task's heads; the
 next tile's rows are prefetched, since the block table may put them anywhere. The first version
-took a scalar ``exp`` per key and head and was 1.04-1.36x slower (bench/decode_attention.py); it
-stays as the path for head sizes that are not a multiple of 16 (and ``tiled=False``).
+takes a scalar ``exp`` per key and head; it stays as the path for head sizes that are not a
+multiple of 16 (and ``tiled=False``). bench/decode_attention.py, seven runs on an AMD Zen 3 host:
+tiled 0.96-1.36x the per-key path (median ~1.15x) on short or cached contexts, 0.84-1.05x on
+long uncached ones, which it streams worse.
 """
 
 from __future__ import annotations
