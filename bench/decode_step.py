@@ -31,6 +31,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60, help="decode steps per batch size")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--compare-modules", action="store_true",
+                   help="alternate steps between the lean CPU loop (workers/models/llama_cpu.py) and the "
+                        "layer modules, and print each one's median step and their ratio (no phase split)")
     return p.parse_args()
 
 
@@ -72,6 +75,7 @@ def main(args: argparse.Namespace) -> None:
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, load average {os.getloadavg()[0]:.2f}")
     engine = Engine.load(args.model, num_blocks=2048, max_num_seqs=64, max_num_batched_tokens=1024)
     phases = Phases()
+    model = engine.runner.executor.model
     for cls, attr, phase in (
         (quantization.Unquantized, "apply", "linear"), (embedding.ParallelLMHead, "compute_logits", "lm head"),
         (attention.TorchAttentionBackend, "forward", "attention"), (norm.RMSNorm, "forward", "norm"),
@@ -79,7 +83,8 @@ def main(args: argparse.Namespace) -> None:
         (llama.LlamaAttention, "forward", "attention other"), (llama.LlamaForCausalLM, "forward", "model other"),
         (Engine, "step", "step other"),
     ):  # fmt: skip
-        phases.wrap(cls, attr, phase)
+        if not args.compare_modules:
+            phases.wrap(cls, attr, phase)
     rng = random.Random(0)
     for batch in (int(b) for b in args.batch.split(",")):
         params = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, min_tokens=args.steps + 1, ignore_eos=True)
@@ -92,11 +97,21 @@ def main(args: argparse.Namespace) -> None:
             engine.step()
         phases.total.clear()
         times = []
+        by_path: dict[bool, list[float]] = {True: [], False: []}
         while engine.has_unfinished_requests():
+            if args.compare_modules:  # both paths give the same tokens, so steps can alternate
+                model.use_cpu_stack = len(times) % 2 == 0
             t0 = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t0)
+            by_path[model.use_cpu_stack].append(times[-1])
+        model.use_cpu_stack = True
         n = len(times)
+        if args.compare_modules:
+            lean, modules = (1e3 * statistics.median(by_path[k]) for k in (True, False))
+            print(f"batch {batch:3d}: median step {lean:6.1f} ms lean loop, {modules:6.1f} ms layer modules "
+                  f"(alternating, {n} steps): modules/lean {modules / lean:.2f}x")
+            continue
         print(f"batch {batch:3d}: median step {1e3 * statistics.median(times):6.1f} ms over {n} steps; per step: "
               + ", ".join(f"{k} {1e3 * v / n:.2f}" for k, v in phases.total.most_common()))
         sys.stdout.flush()

@@ -221,7 +221,9 @@ def test_fp32_on_cpu_runs_the_compiled_ops_and_half_precision_the_torch_twins(ti
     for name in ("fused_add_rms_norm", "rotary_embedding"):
         op = getattr(cpu_ops, name)
         monkeypatch.setattr(cpu_ops, name, lambda *a, _f=op, _n=name, **k: calls.update([_n]) or _f(*a, **k))
-    greedy(engine_for(tiny_dir, load_model(tiny_dir, torch.float32)), PROMPTS[:1])
+    model = load_model(tiny_dir, torch.float32)
+    model.use_cpu_stack = False  # the layer modules' own choice (the lean loop: test_llama_cpu.py)
+    greedy(engine_for(tiny_dir, model), PROMPTS[:1])
     assert calls["fused_add_rms_norm"] > 0 and calls["rotary_embedding"] > 0
     calls.clear()
     greedy(engine_for(tiny_dir, load_model(tiny_dir, torch.bfloat16)), PROMPTS[:1])

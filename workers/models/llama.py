@@ -18,6 +18,7 @@ from kvtide.workers.layers.embedding import ParallelLMHead, VocabParallelEmbeddi
 from kvtide.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kvtide.workers.layers.norm import RMSNorm
 from kvtide.workers.layers.rotary import RopeStep, RotaryEmbedding
+from kvtide.workers.models.llama_cpu import CpuDecoderStack
 from kvtide.workers.parallel import SINGLE, TensorParallel
 from torch import nn
 
@@ -199,6 +200,13 @@ class LlamaForCausalLM(nn.Module):
         ``hidden`` is final-normed and ``residual`` is None."""
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)
+        stack = self._cpu_stack()
+        if stack is not None and stack.fits(hidden, kv_caches, backend):
+            hidden, residual = stack.forward(hidden, residual, positions, kv_caches, meta, backend)
+            if self.norm is None:
+                return hidden, residual
+            hidden, _ = self.norm(hidden, residual)
+            return hidden, None
         rope = self.rotary.for_step(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rope, kv_cache, meta, backend)
@@ -206,6 +214,20 @@ class LlamaForCausalLM(nn.Module):
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden, None
+
+    use_cpu_stack = True
+    """Run the layers through ``llama_cpu.CpuDecoderStack`` where it applies (False: always the
+    modules; the tests and benches compare the two)."""
+
+    def _cpu_stack(self) -> CpuDecoderStack | None:
+        """The lean CPU loop over this model's layers, built on first use and again whenever the
+        weights were given new storage (``materialize``, a move), or None where it does not apply."""
+        if not self.use_cpu_stack or not self.layers:
+            return None
+        key = self.layers[0].self_attn.qkv_proj.weight_t.data_ptr()
+        if getattr(self, "_stack_key", None) != key:
+            self._stack, self._stack_key = CpuDecoderStack.build(self), key
+        return self._stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_seqs, hidden] -> [num_seqs, vocab_size] float32."""
