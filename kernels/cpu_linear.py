@@ -55,9 +55,13 @@ _SOURCE = r"""
 // MT rows of x by NT rows of w per tile: MT * NT vector accumulators, NT weight vectors and one
 // x vector stay in registers (32 vector registers with AVX-512, 16 with AVX2). PF: how far
 // ahead (in floats) the next tile's weight rows are prefetched. Tuned on this machine.
+// NT1, NT2: the tile's width for one and for two rows of x, where NT leaves registers idle and
+// too few independent sums in flight (AVX2: 8 and 6 beat NT's 3 by 1.04-1.11x on a step's layer
+// linears and 1.03-1.14x on the LM head in five runs, bench/linear_widths.py; AVX-512 keeps NT,
+// not re-measured).
 #if defined(__AVX512F__)
 using vf = __m512;
-constexpr int VL = 16, MT = 8, NT = 3, PF = 128;
+constexpr int VL = 16, MT = 8, NT = 3, NT1 = 3, NT2 = 3, PF = 128;
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
@@ -65,7 +69,7 @@ static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using vf = __m256;
-constexpr int VL = 8, MT = 4, NT = 3, PF = 64;
+constexpr int VL = 8, MT = 4, NT = 3, NT1 = 8, NT2 = 6, PF = 64;
 static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vf vzero() { return _mm256_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
@@ -77,7 +81,7 @@ static inline float vsum(vf a) {
 static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #else
 using vf = float;
-constexpr int VL = 1, MT = 2, NT = 4, PF = 64;
+constexpr int VL = 1, MT = 2, NT = 4, NT1 = 4, NT2 = 4, PF = 64;
 static inline vf vload(const float* p) { return *p; }
 static inline vf vzero() { return 0.f; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
@@ -117,11 +121,22 @@ static inline void tile(const float* x, int64_t ldx, const float* w, int64_t K, 
     }
 }
 
-// M_ rows of x against nn (<= NT) rows of w.
-template <int M_>
+// M_ rows of x against nn (<= W_) rows of w.
+template <int M_, int W_ = NT>
 static inline void rows(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t nn) {
-  if (nn == NT) return tile<M_, NT>(x, ldx, w, K, y, ldy);
+  if (nn == W_) return tile<M_, W_>(x, ldx, w, K, y, ldy);
   for (int64_t j = 0; j < nn; ++j) tile<M_, 1>(x, ldx, w + j * K, K, y + j, ldy);
+}
+
+// All M_ rows of x against all N rows of w in tiles W_ wide: the one- and two-row cases.
+template <int M_, int W_>
+static void few_rows(const float* xs, int64_t ldx, const float* ws, int64_t K, int64_t N, float* ys) {
+  at::parallel_for(0, (N + W_ - 1) / W_, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * W_;
+      rows<M_, W_>(xs, ldx, ws + n0 * K, K, ys + n0, N, std::min<int64_t>(W_, N - n0));
+    }
+  });
 }
 
 template <int M_>
@@ -139,6 +154,8 @@ void linear(torch::Tensor out, torch::Tensor x, torch::Tensor w) {
   const float* xs = x.data_ptr<float>();
   const float* ws = w.data_ptr<float>();
   float* ys = out.data_ptr<float>();
+  if (M == 1) return few_rows<1, NT1>(xs, ldx, ws, K, N, ys);
+  if (M == 2) return few_rows<2, NT2>(xs, ldx, ws, K, N, ys);
   const int64_t tiles = (N + NT - 1) / NT;
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
