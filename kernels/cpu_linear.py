@@ -37,8 +37,9 @@ def _max_rows() -> int:
     Measured with bench/linear_small_m.py, 2 threads: on an Intel AVX-512 host MKL was as fast
     or faster from 17 rows on (even at 32); on an AMD EPYC (Zen 3, AVX2) host, where MKL's
     mid-sized sgemm is slow, the kernel was 1.16-1.36x MKL for a step's 120 layer linears at 17-32
-    rows and 1.18-1.6x for the LM head (interleaved, median of 9), and behind it from 48."""
-    return 32 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+    rows and 1.18-1.6x for the LM head (interleaved, median of 9), 1.09-1.35x and 1.2-1.75x at
+    36-48 rows, and about even at 64 and 96 (bench/README.md)."""
+    return 48 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
 
 MAX_ROWS = _max_rows()

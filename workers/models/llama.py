@@ -203,13 +203,10 @@ class LlamaForCausalLM(nn.Module):
         stack = self._cpu_stack()
         if stack is not None and stack.fits(hidden, kv_caches, backend):
             hidden, residual = stack.forward(hidden, residual, positions, kv_caches, meta, backend)
-            if self.norm is None:
-                return hidden, residual
-            hidden, _ = self.norm(hidden, residual)
-            return hidden, None
-        rope = self.rotary.for_step(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, rope, kv_cache, meta, backend)
+        else:
+            rope = self.rotary.for_step(positions, hidden.dtype)
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden, residual = layer(hidden, residual, rope, kv_cache, meta, backend)
         if self.norm is None:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
