@@ -70,6 +70,17 @@ using prefill::hsum;
 using prefill::KT;
 using prefill::NEG;
 
+// d[g] = q[g] . k lane-wise (16 partial sums a head) for GC heads against one key row of 16 * NC
+// floats: the score of head g is the horizontal sum of d[g].
+template <int NC, int GC>
+static inline void key_dots(const v16 (&qv)[GC][NC], const float* k, v16 (&d)[GC]) {
+  for (int g = 0; g < GC; ++g) d[g] = qv[g][0] * load16(k);
+  for (int c = 1; c < NC; ++c) {
+    const v16 kc = load16(k + 16 * c);
+    for (int g = 0; g < GC; ++g) d[g] += qv[g][c] * kc;
+  }
+}
+
 // Heads [h0, h0 + GC) of KV head kvh of one sequence; head_dim = 16 * NC. The context goes by in
 // tiles of KT keys: GC x KT scores (one vector per head), one max and one vectorized exp per head
 // and tile (not a scalar exp per key), then every V row of the tile is read once for all GC heads.
@@ -117,13 +128,8 @@ static void task(int64_t seq, int64_t kvh, int64_t h0, const float* q, float* o,
       const int n8 = std::min(8, nk - j0);
       for (int jj = 0; jj < 8; ++jj) {
         if (jj >= n8) { for (int g = 0; g < GC; ++g) part[g][jj] = _mm256_setzero_ps(); continue; }
-        const float* kr = krow[j0 + jj];
         v16 d[GC];
-        for (int g = 0; g < GC; ++g) d[g] = qv[g][0] * load16(kr);
-        for (int c = 1; c < NC; ++c) {
-          const v16 k = load16(kr + 16 * c);
-          for (int g = 0; g < GC; ++g) d[g] += qv[g][c] * k;
-        }
+        key_dots<NC, GC>(qv, krow[j0 + jj], d);
         for (int g = 0; g < GC; ++g) part[g][jj] = _mm256_add_ps(prefill::lo8(d[g]), prefill::hi8(d[g]));
       }
       for (int g = 0; g < GC; ++g) {
@@ -140,11 +146,7 @@ static void task(int64_t seq, int64_t kvh, int64_t h0, const float* q, float* o,
     for (int g = 0; g < GC; ++g) p[g] = splat(NEG);
     for (int j = 0; j < nk; ++j) {
       v16 d[GC];
-      for (int g = 0; g < GC; ++g) d[g] = qv[g][0] * load16(krow[j]);
-      for (int c = 1; c < NC; ++c) {
-        const v16 k = load16(krow[j] + 16 * c);
-        for (int g = 0; g < GC; ++g) d[g] += qv[g][c] * k;
-      }
+      key_dots<NC, GC>(qv, krow[j], d);
       for (int g = 0; g < GC; ++g) p[g][j] = hsum(d[g]);
     }
 #endif
