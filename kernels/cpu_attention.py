@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from kvtide.kernels import cpu_build, cpu_decode, cpu_prefill
+from kvtide.kernels import cpu_build, cpu_decode, cpu_prefill, cpu_prefill_avx2
 from kvtide.kernels.cpu_build import CppExtension
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ _HEADER = r"""
 
 EXTENSION = CppExtension(
     name="cpu_attention",
-    source=_HEADER + cpu_prefill.SOURCE + cpu_decode.SOURCE,
+    source=_HEADER + cpu_prefill_avx2.SOURCE + cpu_prefill.SOURCE + cpu_decode.SOURCE,
     functions=("paged_decode_attention", "paged_prefill_attention"),
     cflags=("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"),
 )

@@ -8,11 +8,12 @@ makes 300 SDPA calls, 300 output copies and a Python loop per layer, and each ca
 gathers its whole context back out of the cache. This kernel reads K and V where the cache
 holds them, and spreads (sequence, KV head, 16-query tile) tasks over the threads, largest first.
 
-Per task: the tile's queries (times the heads sharing the KV head) against 16-key tiles of
-the context, with a running max and sum per query row (online softmax, FlashAttention's
-recurrence); scores and softmax in fp32. Vectors are GCC's generic 16-float vectors, which
-the compiler lowers to one AVX-512 register, two AVX2 ones or scalar code; ``exp`` is Sleef's
-(torch's own) where AVX2 or AVX-512 is there, ``std::exp`` otherwise.
+Per task (the generic body; AVX2 hosts with FMA run ``cpu_prefill_avx2``'s instead): the
+tile's queries (times the heads sharing the KV head) against 16-key tiles of the context, with
+a running max and sum per query row (online softmax, FlashAttention's recurrence); scores and
+softmax in fp32. Vectors are GCC's generic 16-float vectors, which the compiler lowers to one
+AVX-512 register or scalar code; ``exp`` is Sleef's (torch's own) where AVX-512 is there,
+``std::exp`` otherwise.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 
 @functools.cache
 def beats_the_twin() -> bool:
-    """Whether the kernel outruns torch's SDPA twin on this host: only where it compiles to
-    AVX-512 (-march=native). bench/prefill_kernel.py, 2 threads, twin/kernel: 1.1-1.9x on an
-    Intel AVX-512 host (2026-12-03); 0.13-0.39x on an AMD EPYC (Zen 3, AVX2) host (2026-12-04),
-    where a 1,000-token prompt's attention took 157 ms a layer against SDPA's 21. Until the
-    AVX2 code path is fast, AVX2 hosts prefill through the twin."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    """Whether the kernel outruns torch's SDPA twin on this host: where it compiles to AVX-512
+    (the generic task below) or to AVX2 with FMA (``cpu_prefill_avx2``'s register-blocked task).
+    bench/prefill_kernel.py, 2 threads, twin/kernel: 1.1-1.9x on an Intel AVX-512 host
+    (2026-12-03); 1.36-2.28x on an AMD EPYC (Zen 3, AVX2) host with the AVX2 task (2026-12-04),
+    where the generic task had run 0.12-0.35x. Hosts without AVX2 prefill through the twin."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
 
 SOURCE = r"""
 #include <algorithm>
@@ -232,9 +233,16 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor query, torch::Tens
     constexpr int NC = decltype(nc_tag)::value;
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       for (int64_t i = next++; i < n; i = next++)
+#ifdef KVTIDE_PREFILL_AVX2
+        prefill_avx2::run_task<NC>(tasks[i].seq, tasks[i].kvh, tasks[i].t0, tasks[i].t1, query.data_ptr<float>(),
+                                   query.stride(0), out.data_ptr<float>(), k_cache.data_ptr<float>(),
+                                   v_cache.data_ptr<float>(), block_tables.data_ptr<int64_t>(), max_blocks, qsl, lens,
+                                   num_heads, num_kv_heads, block_size, static_cast<float>(scale));
+#else
         run_task<NC>(tasks[i], query.data_ptr<float>(), query.stride(0), out.data_ptr<float>(),
                      k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), block_tables.data_ptr<int64_t>(),
                      max_blocks, qsl, lens, num_heads, num_kv_heads, block_size, static_cast<float>(scale));
+#endif
     });
   };
   switch (head_dim) {

@@ -114,7 +114,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     twins, which dequantize the gathered blocks. So does every cache when the kernels did not
     build (``cpu_attention.available()`` said why, once), and prefill with a head size the
     kernel has no instance for (``cpu_prefill.SUPPORTED_HEAD_DIMS``) or on a host without
-    AVX-512, where torch's SDPA is faster (``cpu_prefill.beats_the_twin``).
+    AVX2, where torch's SDPA is faster (``cpu_prefill.beats_the_twin``).
     """
 
     def prefill(

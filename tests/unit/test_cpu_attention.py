@@ -87,7 +87,7 @@ def test_the_cpu_backend_prefills_through_the_kernel_and_quantized_caches_throug
     calls = []
     kernel = cpu_attention.paged_prefill_attention_cpu
     monkeypatch.setattr(cpu_attention, "paged_prefill_attention_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    monkeypatch.setattr(cpu_prefill, "beats_the_twin", lambda: True)  # an AVX-512 host
+    monkeypatch.setattr(cpu_prefill, "beats_the_twin", lambda: True)  # an AVX2 or AVX-512 host
     backend = CpuAttentionBackend()
     k_cache, v_cache, tables, _, _ = _paged_setup([20], 16, 2, 64, seed=9)
     q = torch.randn(20, 4, 64)
@@ -99,7 +99,7 @@ def test_the_cpu_backend_prefills_through_the_kernel_and_quantized_caches_throug
     assert calls == [1]  # a quantized cache (scales given) went to the twin
 
 
-def test_an_avx2_host_prefills_through_the_twin(monkeypatch):
+def test_a_host_without_avx2_prefills_through_the_twin(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_attention, "paged_prefill_attention_cpu", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(cpu_prefill, "beats_the_twin", lambda: False)
@@ -109,3 +109,13 @@ def test_an_avx2_host_prefills_through_the_twin(monkeypatch):
     assert calls == []
     torch.testing.assert_close(out, paged_prefill_attention_ref(q, k_cache, v_cache, tables, [0, 20], [20], 0.125))
 
+
+
+@pytest.mark.parametrize("capability,kernel", [("AVX512", True), ("AVX2", True), ("DEFAULT", False)])
+def test_the_kernel_prefills_where_it_was_measured_to_beat_the_twin(monkeypatch, capability, kernel):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu_prefill.beats_the_twin.cache_clear()
+    try:
+        assert cpu_prefill.beats_the_twin() is kernel
+    finally:
+        cpu_prefill.beats_the_twin.cache_clear()
