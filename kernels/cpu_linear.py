@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from kvtide.kernels import cpu_build
+from kvtide.kernels import cpu_build, cpu_linear_panels
 from kvtide.kernels.cpu_build import CppExtension
 
 logger = logging.getLogger(__name__)
@@ -35,17 +35,18 @@ logger = logging.getLogger(__name__)
 def _max_rows() -> int:
     """Rows of ``x`` up to which this kernel beats MKL's sgemm, by the ISA torch dispatches to.
     Measured with bench/linear_small_m.py, 2 threads: on an Intel AVX-512 host MKL was as fast
-    or faster from 17 rows on (even at 32); on an AMD EPYC (Zen 3, AVX2) host, where MKL's
-    mid-sized sgemm is slow, the kernel was 1.16-1.36x MKL for a step's 120 layer linears at 17-32
-    rows and 1.18-1.6x for the LM head (interleaved, median of 9), 1.09-1.35x and 1.2-1.75x at
-    36-48 rows, and about even at 64 and 96 (bench/README.md)."""
-    return 48 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+    or faster from 17 rows on (even at 32). On an AMD EPYC (Zen 3, AVX2) host, where MKL's
+    sgemm on this [N, K] layout reached 36-154 GFLOP/s from 8 to 1,024 rows, the dot-product
+    tiles beat it up to 16 rows and the packed panels (``cpu_linear_panels``) from 18: 1.2-1.4x
+    at 24-128 rows, even to 1.1x at 1,024 (bench/README.md, "Packed panels"). Above 1,024 (a
+    prefill step larger than the default budget) MKL keeps them: not measured to lose there."""
+    return 1024 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
 
 MAX_ROWS = _max_rows()
-"""Rows of ``x`` up to which this kernel is used; above it MKL's compute-efficient sgemm."""
+"""Rows of ``x`` up to which this kernel is used; above it MKL's sgemm."""
 
-_SOURCE = r"""
+_TILES = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -149,6 +150,9 @@ static inline void rows_upto(int64_t m, const float* x, int64_t ldx, const float
   rows<M_>(x, ldx, w, K, y, ldy, nn);
 }
 
+"""
+
+_ENTRY = r"""
 // out: [M, N] f32 contiguous; x: [M, K] f32 with contiguous rows; w: [N, K] f32 contiguous.
 void linear(torch::Tensor out, torch::Tensor x, torch::Tensor w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
@@ -157,6 +161,9 @@ void linear(torch::Tensor out, torch::Tensor x, torch::Tensor w) {
   float* ys = out.data_ptr<float>();
   if (M == 1) return few_rows<1, NT1>(xs, ldx, ws, K, N, ys);
   if (M == 2) return few_rows<2, NT2>(xs, ldx, ws, K, N, ys);
+#ifdef KVTIDE_LINEAR_PANELS
+  if (M >= panels::MIN_ROWS) return panels::linear(xs, ldx, ws, M, K, N, ys);
+#endif
   const int64_t tiles = (N + NT - 1) / NT;
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -168,6 +175,8 @@ void linear(torch::Tensor out, torch::Tensor x, torch::Tensor w) {
 }
 """
 
+
+_SOURCE = _TILES + cpu_linear_panels.SOURCE + _ENTRY
 
 EXTENSION = CppExtension(
     name="cpu_linear",

@@ -1,5 +1,6 @@
-"""The small-M CPU linear kernel against torch's matmul: every tile shape, tails, strided rows,
-the layers that use it, and bad inputs."""
+"""The CPU linear kernel against torch's matmul: every tile shape of the few-row path, the
+packed panels (AVX2 hosts, 18 rows and more) with their row and column tails and row chunks,
+strided rows, the layers that use it, and bad inputs."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from kvtide.workers.layers.linear import ColumnParallelLinear
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C++ compiler for the CPU linear kernel")
 
 
-@pytest.mark.parametrize("rows", range(1, cpu_linear.MAX_ROWS + 1))
+# Every row count of the few-row tiles, then panel blocks of 6 rows with every remainder, and
+# more rows than a panel chunk (512); each only where the kernel takes that many rows.
+ROWS = [r for r in (*range(1, 25), 29, 48, 67, 130, 515) if r <= cpu_linear.MAX_ROWS]
+
+
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (37, 7), (5, 1), (64, 49)])
 def test_matches_matmul_for_every_row_count_and_tail(rows, in_features, out_features):
-    # 37, 5: K not a multiple of any vector width; 7, 49, 1: N not a multiple of the tile.
+    # 37, 5: K not a multiple of any vector width; 7, 49, 1: N not a multiple of the tile (or
+    # of a 16-row panel).
     g = torch.Generator().manual_seed(rows * 1000 + in_features)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g)
@@ -42,7 +49,7 @@ def test_column_parallel_linear_and_lm_head_use_it_and_agree_with_matmul():
         layer.load(shard, w)
     assert layer.weight_t.t().is_contiguous()  # [out, in] memory: what the kernel streams
     full = torch.cat(weights)
-    for rows in (1, cpu_linear.MAX_ROWS, cpu_linear.MAX_ROWS + 1):  # the kernel, then MKL
+    for rows in (1, 17, 40, cpu_linear.MAX_ROWS, cpu_linear.MAX_ROWS + 1):  # the kernel, then MKL
         x = torch.randn(rows, 96, generator=g)
         assert cpu_linear.usable(x, layer.weight_t.t()) == (rows <= cpu_linear.MAX_ROWS)
         torch.testing.assert_close(layer(x), x @ full.t(), rtol=1e-5, atol=1e-4)

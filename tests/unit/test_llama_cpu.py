@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 BLOCK = 4
-MANY = cpu_linear.MAX_ROWS + 2  # one-token requests: an all-decode step above the kernel's rows
+MANY = 50  # one-token requests: an all-decode step above the few-row tiles (MKL, or AVX2's panels)
 
 
 def tables() -> dict[str, list[int]]:
@@ -38,10 +38,10 @@ def steps() -> list[list[tuple[list[int], int, str]]]:
     """(token ids, start position, table name) per chunk; decodes first, as the scheduler orders."""
     a, b, c = [5, 17, 33, 41, 60, 7, 7, 8, 90], list(range(20, 60)), [3, 9, 27, 81, 50, 11]
     return [
-        [(a, 0, "a"), (b, 0, "b")],  # prefill, 49 rows: MKL and the prefill kernel
+        [(a, 0, "a"), (b, 0, "b")],  # prefill, 49 rows: MKL or the panels, and the prefill kernel
         [([12], 9, "a"), ([13], 40, "b"), (c, 0, "c")],  # mixed, 8 rows: the small-M kernel
         [([14], 10, "a"), ([15], 41, "b"), ([16], 6, "c")],  # all decode, 3 rows
-        [([(7 * i) % 90 + 1], 0, f"s{i}") for i in range(MANY)],  # all decode above MAX_ROWS
+        [([(7 * i) % 90 + 1], 0, f"s{i}") for i in range(MANY)],  # all decode, 50 rows
     ]
 
 

@@ -54,9 +54,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_seqs, hidden] -> logits [num_seqs, vocab_size] (float32).
 
-        NOTE: fp32 on the CPU: up to ``cpu_linear.MAX_ROWS`` rows (16, or 48 on AVX2 hosts)
-        through kvtide's small-M kernel (it streams the [vocab, hidden] weight once: 2-3x faster
-        than MKL at 2-16 rows, bench/linear_small_m.py); up to 32 as (W @ hidden^T)^T, which on
+        NOTE: fp32 on the CPU: up to ``cpu_linear.MAX_ROWS`` rows (16; 1,024 on AVX2 hosts,
+        where its packed panels take 18 and more) through kvtide's kernel (it streams the
+        [vocab, hidden] weight once: 2-3x faster than MKL at 2-16 rows, bench/linear_small_m.py); up to 32 as (W @ hidden^T)^T, which on
         the Intel host's MKL runs 1.3-2.2x faster than F.linear for a 49152 x 576 head; above
         that F.linear, faster there (bench/linear_layout.py). No second copy of the tied weight. bf16/fp16 always use
         F.linear, transformers' own matmul (no faster either way there).
