@@ -19,10 +19,13 @@ Numerics: each output is one fp32 FMA chain along k, a different order from MKL'
 small-M kernel's, so the last bits may differ, as between any two BLAS.
 """
 
+from kvtide.kernels import cpu_simd
+
 SOURCE = r"""
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define KVTIDE_LINEAR_PANELS 1
 #include <vector>
+""" + cpu_simd.TRANSPOSE8 + r"""
 
 namespace panels {
 
@@ -35,24 +38,11 @@ constexpr int64_t MIN_ROWS = 18;
 static void pack(const float* w, int64_t K, int nr, float* dst) {
   int64_t k = 0;
   if (nr == NR) {
+    const float* rows[NR];
+    for (int j = 0; j < NR; ++j) rows[j] = w + j * K;
     for (; k + 8 <= K; k += 8)
       for (int jg = 0; jg < NR; jg += 8) {
-        __m256 r[8], t[8];
-        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(w + (jg + i) * K + k);
-        for (int i = 0; i < 8; i += 2) {
-          t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-          t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-        }
-        for (int i = 0; i < 8; i += 4) {
-          r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-          r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-          r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-          r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-        }
-        for (int i = 0; i < 4; ++i) {
-          _mm256_store_ps(dst + (k + i) * NR + jg, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-          _mm256_store_ps(dst + (k + i + 4) * NR + jg, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-        }
+        transpose8x8(rows + jg, k, dst + k * NR + jg, NR);
       }
   }
   for (; k < K; ++k)

@@ -20,12 +20,15 @@ Query rows wholly before a block are skipped, so a causal prompt does about half
 its square. Scores and sums are fp32 throughout; results match the twin to ~1e-6.
 """
 
+from kvtide.kernels import cpu_simd
+
 SOURCE = r"""
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #include <algorithm>
 #include <immintrin.h>
 #include <sleef.h>
 #define KVTIDE_PREFILL_AVX2 1
+""" + cpu_simd.TRANSPOSE8 + r"""
 
 namespace prefill_avx2 {
 
@@ -42,26 +45,6 @@ static inline float hsum8(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-
-// 8 keys' rows (8 floats from d) into dst[x * KB + 0..7], x < 8: the keys along each d.
-static inline void transpose8(const float* const* rows, int64_t d, float* dst) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + d);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_store_ps(dst + i * KB, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_store_ps(dst + (i + 4) * KB, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
 }
 
 // s[i * KB + 0..15] = q[i * D + :] . kt[:, 0..15] for the MR rows i.
@@ -165,7 +148,7 @@ static void run_task(int64_t seq, int64_t kvh, int64_t t0, int64_t t1, const flo
     }
     int j8 = 0;
     for (; j8 + 8 <= nk; j8 += 8)
-      for (int d = 0; d < D; d += 8) transpose8(krow + j8, d, kt + d * KB + j8);
+      for (int d = 0; d < D; d += 8) transpose8x8(krow + j8, d, kt + d * KB + j8, KB);
     for (int j = j8; j < width; ++j)
       for (int d = 0; d < D; ++d) kt[d * KB + j] = j < nk ? krow[j][d] : 0.f;
     // Rows whose token sits before this block see none of it: start at the block that does.
