@@ -8,7 +8,7 @@ kernel). The ceilings are measured here: device-to-device copy bandwidth and a l
 matmul. Decode and the KV write are bandwidth-bound (compare GB/s to the copy rate); prefill is
 compute-bound (compare TFLOP/s to the matmul rate).
 
-Run: .venv/bin/python bench/kernels.py [--dtype bfloat16|float16] [--kv-cache-dtype auto|int8|fp8]
+Run: .venv/bin/python bench/gpu_kernels.py [--dtype bfloat16|float16] [--kv-cache-dtype auto|int8|fp8]
 On a machine without CUDA it says so and exits 0.
 """
 
@@ -88,7 +88,7 @@ def main() -> int:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (the Triton kernels compile for CUDA); none here, nothing to time.")
+        print("bench/gpu_kernels.py needs a CUDA GPU (the Triton kernels compile for CUDA); none here, nothing to time.")
         return 0
     from kvtide.kernels.kv_quant import KV_CACHE_DTYPES, kv_bytes_per_row
     from kvtide.kernels.triton_decode import paged_decode_attention
