@@ -37,9 +37,10 @@ def _max_rows() -> int:
     Measured with bench/linear_small_m.py, 2 threads: on an Intel AVX-512 host MKL was as fast
     or faster from 17 rows on (even at 32). On an AMD EPYC (Zen 3, AVX2) host, where MKL's
     sgemm on this [N, K] layout reached 36-154 GFLOP/s from 8 to 1,024 rows, the dot-product
-    tiles beat it up to 16 rows and the packed panels (``cpu_linear_panels``) from 18: 1.2-1.4x
-    at 24-128 rows, even to 1.1x at 1,024 (bench/README.md, "Packed panels"). Above 1,024 (a
-    prefill step larger than the default budget) MKL keeps them: not measured to lose there."""
+    tiles beat it up to 16 rows and the packed panels (``cpu_linear_panels``) from 18: 1.2-1.8x
+    at 24-128 rows, about even at 256-1,024, 1.04-1.08x in whole 1,000-1,024-row prefill steps
+    (bench/README.md, "Packed panels"). Above 1,024 rows (a prefill budget larger than the
+    default) MKL multiplies: the panels were not measured there."""
     return 1024 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
 

@@ -30,7 +30,7 @@ def beats_the_twin() -> bool:
     """Whether the kernel outruns torch's SDPA twin on this host: where it compiles to AVX-512
     (the generic task below) or to AVX2 with FMA (``cpu_prefill_avx2``'s register-blocked task).
     bench/prefill_kernel.py, 2 threads, twin/kernel: 1.1-1.9x on an Intel AVX-512 host
-    (2026-12-03); 1.36-2.28x on an AMD EPYC (Zen 3, AVX2) host with the AVX2 task (2026-12-04),
+    (2026-12-03); 1.33-2.46x on an AMD EPYC (Zen 3, AVX2) host with the AVX2 task (2026-12-04),
     where the generic task had run 0.12-0.35x. Hosts without AVX2 prefill through the twin."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
 

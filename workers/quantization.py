@@ -81,9 +81,10 @@ class Unquantized:
     NOTE (layout): fp32 on the CPU runs decode's few rows (up to ``cpu_linear.MAX_ROWS``)
     through kvtide's kernel, which streams each [in] row of the weight once: 1.3-1.7x faster
     than MKL for 2-16 rows (bench/linear_small_m.py). On AVX2 hosts it takes up to 1,024 rows
-    (packed panels from 18, 1.2-1.4x MKL at 24-128 rows). Larger batches use MKL,
-    1-8% slower on this layout than on a row-major [in, out] one. For bf16/fp16 this is the very matmul transformers runs (``F.linear``),
-    bit for bit on CPU; it is also cuBLAS's usual layout on CUDA.
+    (packed panels from 18, 1.2-1.8x MKL at 24-128 rows). Larger batches use MKL, 1-8% slower
+    on this layout than on a row-major [in, out] one. For bf16/fp16 this is the very matmul
+    transformers runs (``F.linear``), bit for bit on CPU; it is also cuBLAS's usual layout on
+    CUDA.
     """
 
     name = "none"

@@ -110,7 +110,6 @@ def test_a_host_without_avx2_prefills_through_the_twin(monkeypatch):
     torch.testing.assert_close(out, paged_prefill_attention_ref(q, k_cache, v_cache, tables, [0, 20], [20], 0.125))
 
 
-
 @pytest.mark.parametrize("capability,kernel", [("AVX512", True), ("AVX2", True), ("DEFAULT", False)])
 def test_the_kernel_prefills_where_it_was_measured_to_beat_the_twin(monkeypatch, capability, kernel):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)

@@ -56,9 +56,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
         NOTE: fp32 on the CPU: up to ``cpu_linear.MAX_ROWS`` rows (16; 1,024 on AVX2 hosts,
         where its packed panels take 18 and more) through kvtide's kernel (it streams the
-        [vocab, hidden] weight once: 2-3x faster than MKL at 2-16 rows, bench/linear_small_m.py); up to 32 as (W @ hidden^T)^T, which on
-        the Intel host's MKL runs 1.3-2.2x faster than F.linear for a 49152 x 576 head; above
-        that F.linear, faster there (bench/linear_layout.py). No second copy of the tied weight. bf16/fp16 always use
+        [vocab, hidden] weight once: 2-3x faster than MKL at 2-16 rows, bench/linear_small_m.py);
+        up to 32 as (W @ hidden^T)^T, which on the Intel host's MKL runs 1.3-2.2x faster than
+        F.linear for a 49152 x 576 head; above that F.linear, faster there
+        (bench/linear_layout.py). No second copy of the tied weight. bf16/fp16 always use
         F.linear, transformers' own matmul (no faster either way there).
         """
         if cpu_linear.usable(hidden, self.weight):
