@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from kvtide.kernels import cpu_build, cpu_linear_panels
+from kvtide.kernels import cpu_build, cpu_linear_panels, cpu_simd
 from kvtide.kernels.cpu_build import CppExtension
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ _TILES = r"""
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+""" + cpu_simd.REDUCE8 + r"""
+#endif
 
 // MT rows of x by NT rows of w per tile: MT * NT vector accumulators, NT weight vectors and one
 // x vector stay in registers (32 vector registers with AVX-512, 16 with AVX2). PF: how far
@@ -76,11 +79,7 @@ constexpr int VL = 8, MT = 4, NT = 3, NT1 = 8, NT2 = 6, PF = 64;
 static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vf vzero() { return _mm256_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(vf a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
+static inline float vsum(vf a) { return hsum8(a); }
 static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #else
 using vf = float;

@@ -22,6 +22,8 @@ import functools
 
 import torch
 
+from kvtide.kernels import cpu_simd
+
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 
 
@@ -42,6 +44,9 @@ SOURCE = r"""
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #include <sleef.h>
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+""" + cpu_simd.REDUCE8 + r"""
 #endif
 
 namespace prefill {
@@ -79,22 +84,11 @@ static inline v16 exp16(v16 x) {
 static inline float hmax(v16 v) { return _mm512_reduce_max_ps((__m512)v); }
 static inline float hsum(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
 #elif defined(__AVX2__)
-// The two 8-float halves combined, then 8 -> 4 -> 2 -> 1 lanes by shuffles (a scalar loop over
-// the 16 lanes is a chain of 16 dependent adds).
+// The two 8-float halves combined, then cpu_simd's 8-lane reductions.
 static inline __m256 lo8(v16 v) { __m256 r; std::memcpy(&r, &v, 32); return r; }
 static inline __m256 hi8(v16 v) { __m256 r; std::memcpy(&r, reinterpret_cast<const char*>(&v) + 32, 32); return r; }
-static inline float hmax(v16 v) {
-  const __m256 a = _mm256_max_ps(lo8(v), hi8(v));
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-static inline float hsum(v16 v) {
-  const __m256 a = _mm256_add_ps(lo8(v), hi8(v));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
+static inline float hmax(v16 v) { return hmax8(_mm256_max_ps(lo8(v), hi8(v))); }
+static inline float hsum(v16 v) { return hsum8(_mm256_add_ps(lo8(v), hi8(v))); }
 #else
 static inline float hmax(v16 v) { float m = v[0]; for (int j = 1; j < 16; ++j) m = std::max(m, v[j]); return m; }
 static inline float hsum(v16 v) { float s = 0.f; for (int j = 0; j < 16; ++j) s += v[j]; return s; }

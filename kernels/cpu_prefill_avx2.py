@@ -28,24 +28,13 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <sleef.h>
 #define KVTIDE_PREFILL_AVX2 1
-""" + cpu_simd.TRANSPOSE8 + r"""
+""" + cpu_simd.TRANSPOSE8 + cpu_simd.REDUCE8 + r"""
 
 namespace prefill_avx2 {
 
 constexpr int MR = 6;   // query rows per register block
 constexpr int KB = 64;  // keys per block
 constexpr float NEG = -1e30f;
-
-static inline float hmax8(__m256 a) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-static inline float hsum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
 
 // s[i * KB + 0..15] = q[i * D + :] . kt[:, 0..15] for the MR rows i.
 template <int D>

@@ -1,5 +1,24 @@
-"""C++ shared by the AVX2 kernel bodies (``cpu_prefill_avx2``, ``cpu_linear_panels``): source
-only, pasted into each of their (separately built) extensions inside its AVX2 guard."""
+"""C++ shared by the AVX2 code of the CPU kernels (``cpu_prefill_avx2``, ``cpu_prefill``,
+``cpu_linear``, ``cpu_linear_panels``): source only, pasted inside each one's AVX2 guard; an
+include guard keeps one copy where two of them share an extension."""
+
+REDUCE8 = r"""
+#ifndef KVTIDE_REDUCE8
+#define KVTIDE_REDUCE8 1
+// The max and the sum of 8 floats: 8 -> 4 -> 2 -> 1 lanes by shuffles (a scalar loop over the
+// lanes is a chain of dependent operations).
+static inline float hmax8(__m256 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+static inline float hsum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+#endif
+"""
 
 TRANSPOSE8 = r"""
 #ifndef KVTIDE_TRANSPOSE8
