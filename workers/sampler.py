@@ -131,7 +131,15 @@ class Sampler:
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return _on(rows, torch.long, device)
+
+
+def _on(values: list, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on ``device``. On CUDA they go through pinned memory in a copy that
+    does not wait: a pageable host-to-device copy syncs with the GPU, several times a step."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _needs_processing(row: SamplingRow) -> bool:
@@ -150,7 +158,7 @@ def _process_row(x: torch.Tensor, row: SamplingRow) -> None:
     """Apply the logits processors to one row in place. x: [vocab_size]"""
     p, output, device = row.params, row.output_token_ids, x.device
     if p.logit_bias:
-        x[_index(list(p.logit_bias), device)] += torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=device)
+        x[_index(list(p.logit_bias), device)] += _on(list(p.logit_bias.values()), x.dtype, device)
     if row.stop_token_ids and len(output) < p.min_tokens:
         x[_index(list(row.stop_token_ids), device)] = -math.inf
     if p.bad_words_token_ids:
@@ -177,7 +185,7 @@ def _ends_with(output: Sequence[int], prefix: tuple[int, ...]) -> bool:
 
 def _apply_temperature(x: torch.Tensor, params: list[SamplingParams]) -> None:
     if any(p.temperature != 1.0 for p in params):
-        x.div_(torch.tensor([p.temperature for p in params], dtype=x.dtype, device=x.device).unsqueeze(1))
+        x.div_(_on([p.temperature for p in params], x.dtype, x.device).unsqueeze(1))
 
 
 def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -197,7 +205,7 @@ def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.T
         # On an accelerator a full sort is cheap, and exact without reading anything back; the
         # candidate search below needs to know (on the host) which rows overflow it.
         x = _top_k_only(x, ks)
-        p = torch.tensor(top_ps, dtype=x.dtype, device=device).unsqueeze(1)
+        p = _on(top_ps, x.dtype, device).unsqueeze(1)
         return _top_p_sorted(x, p)
     # Sorting the whole vocabulary is slow on a CPU: look for the nucleus among the top candidates
     # first, and sort only the rows whose nucleus reaches past them.
@@ -205,7 +213,7 @@ def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.T
     if use_top_p:
         num_candidates = max(num_candidates, min(TOP_P_CANDIDATES, vocab_size))
     top = x.topk(num_candidates, dim=-1).values  # Shape: (num_seqs, num_candidates), descending
-    k = torch.tensor(ks, device=device).unsqueeze(1)
+    k = _on(ks, torch.long, device).unsqueeze(1)
     has_top_k = k <= num_candidates
     kth = torch.where(has_top_k, top.gather(1, (k - 1).clamp(max=num_candidates - 1)), -math.inf)
     if not use_top_p:
@@ -216,7 +224,7 @@ def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.T
     log_total = torch.where(has_top_k, top.logsumexp(dim=-1, keepdim=True), x.logsumexp(dim=-1, keepdim=True))
     probs = (top - log_total).exp_()
     cum = probs.cumsum(dim=-1)
-    p = torch.tensor(top_ps, dtype=x.dtype, device=device).unsqueeze(1)
+    p = _on(top_ps, x.dtype, device).unsqueeze(1)
     num_kept = ((cum - probs) < p).sum(dim=-1, keepdim=True)
     threshold = torch.where(p < 1.0, torch.maximum(top.gather(1, num_kept - 1), kth), kth)
     overflow = (p < 1.0) & ~has_top_k & (cum[:, -1:] < p) & (num_candidates < vocab_size)
@@ -232,7 +240,7 @@ def _top_k_only(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     if min(ks) == x.shape[1]:
         return x
     top = x.topk(max(k for k in ks if k < x.shape[1]), dim=-1).values
-    k = torch.tensor(ks, device=x.device).unsqueeze(1)
+    k = _on(ks, torch.long, x.device).unsqueeze(1)
     kth = torch.where(k <= top.shape[1], top.gather(1, (k - 1).clamp(max=top.shape[1] - 1)), -math.inf)
     return x.masked_fill_(x < kth, -math.inf)
 
@@ -248,7 +256,7 @@ def _top_p_sorted(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _apply_min_p(x: torch.Tensor, params: list[SamplingParams]) -> None:
     """Mask tokens whose probability is below min_p times the top token's."""
     if any(p.min_p > 0.0 for p in params):
-        log_min_p = torch.tensor([p.min_p for p in params], dtype=x.dtype, device=x.device).log().unsqueeze(1)
+        log_min_p = _on([p.min_p for p in params], x.dtype, x.device).log().unsqueeze(1)
         x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + log_min_p, -math.inf)
 
 
