@@ -221,4 +221,7 @@ def test_fp8_scaled_mm_matches_bf16_on_fp8_gpus():
     # Weights and activations both rounded to e4m3 (2^-4 relative each), output in bf16.
     bound = (x.float().abs() @ w.abs().to(device).t()) * (2 * 2.0**-4 + 2.0**-8) + 1e-3
     assert torch.all((y - y_ref).abs() <= bound)
-    assert torch.allclose(y, method.dequantize_apply(layer, x).float(), rtol=0.1, atol=0.5)
+    # The fallback rounds only the weights, so the two differ by the activations' rounding: a
+    # bound on sum |x| |w|, not on |y| (an H200 run saw -0.93 against -2.31 where terms cancel).
+    y_deq = method.dequantize_apply(layer, x).float()
+    assert torch.all((y - y_deq).abs() <= bound)
