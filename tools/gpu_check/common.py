@@ -27,6 +27,10 @@ SHAPES = {
 }  # fmt: skip
 """Model shapes in tests/tiny.py's terms: SmolLM2-135M's (hidden 576 = 9 heads x 64), the
 check's model; and a tiny one, to run the check itself on a CPU (``--device cpu --shape tiny``)."""
+INIT = "scaled"
+"""tests/tiny.py's ``scaled`` weights: its fixed stds make SmolLM2's shape chaotic (bf16 and fp32
+transformers agree on 1% of next tokens), which no comparison of dtypes or kernels survives.
+Written into config.json, so a work folder's checkpoint from the old init is rewritten."""
 
 SEED = 1234
 
@@ -67,7 +71,7 @@ class Context:
 def hf_config(shape: str = "smollm2") -> dict[str, Any]:
     from tests.tiny import tiny_llama_config
 
-    return tiny_llama_config(**SHAPES[shape])
+    return tiny_llama_config(**SHAPES[shape], kvtide_init=INIT)
 
 
 def write_model(path: Path, shape: str = "smollm2") -> tuple[Path, bool]:
@@ -80,7 +84,7 @@ def write_model(path: Path, shape: str = "smollm2") -> tuple[Path, bool]:
     config = path / "config.json"
     if config.is_file() and (path / "model.safetensors").is_file() and json.loads(config.read_text()) == hf_config(shape):
         return path, False
-    write_tiny_llama(path, seed=SEED, **SHAPES[shape])
+    write_tiny_llama(path, seed=SEED, scaled=True, **SHAPES[shape], kvtide_init=INIT)
     return path, True
 
 
@@ -117,24 +121,38 @@ def greedy(eng, prompts: Sequence[Sequence[int]], num_tokens: int) -> list[tuple
     return [out.outputs[0].token_ids for out in generate(eng, prompts, params)]
 
 
-def teacher_forced(eng, seqs: Sequence[Sequence[int]], start: int) -> list[tuple[int, float | None]]:
-    """The engine's greedy next token (and its logprob) after every prefix ``seq[:n]``,
-    ``start <= n < len(seq)``, in (sequence, n) order: one 1-token request per prefix."""
+CLOSE_K = 5
+"""Two runs' next tokens are close when each one's top token is in the other's top ``CLOSE_K``
+(vLLM's ``check_logprobs_close``): rounding may swap near-tied candidates, a bug moves the
+token far down the other's list."""
+
+
+def teacher_forced(eng, seqs: Sequence[Sequence[int]], start: int) -> list[tuple[int, float | None, frozenset]]:
+    """The engine's greedy next token, its logprob and its top ``CLOSE_K`` ids after every prefix
+    ``seq[:n]``, ``start <= n < len(seq)``, in (sequence, n) order: one 1-token request per prefix."""
     params = need("kvtide.workers.sampling_params.SamplingParams")(
-        temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=0
+        temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=CLOSE_K
     )
     prompts = [seq[:n] for seq in seqs for n in range(start, len(seq))]
     found = []
     for out in generate(eng, prompts, params):
         c = out.outputs[0]
-        found.append((c.token_ids[0], c.logprobs[0].logprob if c.logprobs else None))
+        lp = c.logprobs[0] if c.logprobs else None
+        found.append((c.token_ids[0], lp.logprob if lp else None, frozenset(t for t, _ in lp.top_logprobs) if lp else frozenset()))
     return found
 
 
-def top1_agreement(a: Sequence[tuple[int, Any]], b: Sequence[tuple[int, Any]]) -> float:
+def top1_agreement(a: Sequence[tuple], b: Sequence[tuple]) -> float:
     if len(a) != len(b) or not a:
         raise ValueError(f"compared {len(a)} against {len(b)} positions")
     return sum(x[0] == y[0] for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def close_agreement(a: Sequence[tuple], b: Sequence[tuple]) -> float:
+    """The share of positions where each side's top token is in the other's top ``CLOSE_K``."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"compared {len(a)} against {len(b)} positions")
+    return sum(x[0] in y[2] and y[0] in x[2] for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def common_prefix(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> tuple[int, float]:

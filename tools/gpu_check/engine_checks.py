@@ -12,7 +12,9 @@ import math
 import time
 
 from common import (
+    CLOSE_K,
     Context,
+    close_agreement,
     common_prefix,
     engine,
     generate,
@@ -26,9 +28,12 @@ from common import (
 from plan import BACKENDS, DTYPES, KV_DTYPES
 from report import NotAvailable, Row, row_for
 
-TOP1_MIN = {"float32": 0.98, "bfloat16": 0.95, "float16": 0.95}
-"""Least teacher-forced top-1 agreement of the two backends in one dtype (random weights have
-near ties, so not 1.0)."""
+TOP1_MIN = {"float32": 0.98, "bfloat16": 0.90, "float16": 0.90}
+"""Least teacher-forced top-1 agreement of two runs in one dtype: rounding in another order
+swaps near-tied tokens (bf16 and fp32 transformers agree on 96% of the random model's)."""
+CLOSE_MIN = 0.98
+"""Least share of positions whose top tokens are each in the other's top ``CLOSE_K``: the
+pass criterion (a bug moves the token far down the list; rounding swaps near neighbours)."""
 KV_TOP1_WARN, KV_TOP1_FAIL = 0.90, 0.50
 """Quantized KV against the model dtype's cache: below WARN is worth a look, below FAIL is broken."""
 
@@ -76,18 +81,21 @@ def engine_dtypes(ctx: Context) -> list[Row]:
         if None in pair:
             continue
         agree = top1_agreement(pair[0]["teacher"], pair[1]["teacher"])
+        close = close_agreement(pair[0]["teacher"], pair[1]["teacher"])
         same, prefix = common_prefix(pair[0]["greedy"], pair[1]["greedy"])
         rows.append(row_for(
-            f"{dtype} torch vs triton", agree >= TOP1_MIN[dtype], f"top-1 {agree:.1%} teacher-forced",
-            f"greedy: {same}/{len(pair[0]['greedy'])} identical, {prefix:.0%} shared prefix; needs >= {TOP1_MIN[dtype]:.0%}",
-            top1=agree, identical=same, shared_prefix=prefix,
+            f"{dtype} torch vs triton", agree >= TOP1_MIN[dtype] and close >= CLOSE_MIN,
+            f"top-1 {agree:.1%}, close {close:.1%}",
+            f"teacher-forced; greedy: {same}/{len(pair[0]['greedy'])} identical, {prefix:.0%} shared prefix; "
+            f"needs top-1 >= {TOP1_MIN[dtype]:.0%} and close >= {CLOSE_MIN:.0%}",
+            top1=agree, close=close, identical=same, shared_prefix=prefix,
         ))  # fmt: skip
     for dtype in ("bfloat16", "float16"):
         a, b = results.get((dtype, "triton", "auto")), results.get(("float32", "triton", "auto"))
         if a and b:
-            agree = top1_agreement(a["teacher"], b["teacher"])
-            rows.append(Row(f"{dtype} vs float32 (triton)", f"top-1 {agree:.1%}", "info", "rounding of the half dtype",
-                            {"top1": agree}))  # fmt: skip
+            agree, close = top1_agreement(a["teacher"], b["teacher"]), close_agreement(a["teacher"], b["teacher"])
+            rows.append(Row(f"{dtype} vs float32 (triton)", f"top-1 {agree:.1%}, close {close:.1%}", "info",
+                            "rounding of the half dtype", {"top1": agree, "close": close}))  # fmt: skip
     return rows
 
 
@@ -106,10 +114,11 @@ def kv_cache_dtypes(ctx: Context) -> list[Row]:
             ref = results.get(("bfloat16", backend, "auto"))
             if res is None or ref is None:
                 continue
-            agree = top1_agreement(res["teacher"], ref["teacher"])
+            agree, close = top1_agreement(res["teacher"], ref["teacher"]), close_agreement(res["teacher"], ref["teacher"])
             status = "ok" if agree >= KV_TOP1_WARN else "warn" if agree >= KV_TOP1_FAIL else "FAIL"
-            rows.append(Row(f"KV {kv} vs bfloat16 ({backend})", f"top-1 {agree:.1%} teacher-forced", status,
-                            f"warn below {KV_TOP1_WARN:.0%}, fail below {KV_TOP1_FAIL:.0%}", {"top1": agree}))  # fmt: skip
+            rows.append(Row(f"KV {kv} vs bfloat16 ({backend})", f"top-1 {agree:.1%}, close {close:.1%}", status,
+                            f"teacher-forced; warn below {KV_TOP1_WARN:.0%} top-1, fail below {KV_TOP1_FAIL:.0%}",
+                            {"top1": agree, "close": close}))  # fmt: skip
     return rows
 
 
@@ -201,7 +210,7 @@ def vs_transformers(ctx: Context) -> list[Row]:
     rows, results = [], ctx.shared.setdefault("engines", {})
     vocab, start = ctx.shared["vocab_size"], ctx.plan.prompt_len
     seqs = ctx.teacher_seqs(vocab)
-    for dtype, least in (("bfloat16", 0.95), ("float32", 0.99)):
+    for dtype, least in (("bfloat16", TOP1_MIN["bfloat16"]), ("float32", 0.99)):
         ours = results.get((dtype, "triton", "auto"))
         if ours is None:
             got, ours = _runs(ctx, f"kvtide {dtype} triton", dtype=dtype, attention_backend="triton")
@@ -216,18 +225,20 @@ def vs_transformers(ctx: Context) -> list[Row]:
             del model
             release()
         logp = torch.log_softmax(logits, -1).flatten(0, 1)
-        top2 = logits.flatten(0, 1).topk(2, -1)
-        hf = [(int(t), None) for t in top2.indices[:, 0].tolist()]
-        agree = top1_agreement(ours["teacher"], hf)
-        margins = (top2.values[:, 0] - top2.values[:, 1]).tolist()
+        top = logits.flatten(0, 1).topk(CLOSE_K, -1)
+        hf = [(ids[0], None, frozenset(ids)) for ids in top.indices.tolist()]
+        agree, close = top1_agreement(ours["teacher"], hf), close_agreement(ours["teacher"], hf)
+        margins = (top.values[:, 0] - top.values[:, 1]).tolist()
         differ = sorted(m for m, a, b in zip(margins, ours["teacher"], hf, strict=True) if a[0] != b[0])
-        ours_ids = torch.tensor([t for t, _ in ours["teacher"]], device=logp.device)
+        ours_ids = torch.tensor([t[0] for t in ours["teacher"]], device=logp.device)
         hf_lp = logp.gather(1, ours_ids[:, None])[:, 0].tolist()
         diff = max((abs(a[1] - b) for a, b in zip(ours["teacher"], hf_lp, strict=True) if a[1] is not None), default=float("nan"))
         rows.append(row_for(
-            f"{dtype}: kvtide vs transformers", agree >= least, f"top-1 {agree:.1%} of {len(hf)}",
-            f"needs >= {least:.0%}; where they differ HF's top-2 margin is {_median(differ)} (median); "
-            f"max |logprob diff| {diff:.3g}", top1=agree, max_logprob_diff=diff, differing_margins=differ[:20],
+            f"{dtype}: kvtide vs transformers", agree >= least and close >= CLOSE_MIN,
+            f"top-1 {agree:.1%}, close {close:.1%} of {len(hf)}",
+            f"needs top-1 >= {least:.0%} and close >= {CLOSE_MIN:.0%}; where they differ HF's top-2 margin is "
+            f"{_median(differ)} (median); max |logprob diff| {diff:.3g}",
+            top1=agree, close=close, max_logprob_diff=diff, differing_margins=differ[:20],
         ))  # fmt: skip
     return rows
 
