@@ -136,7 +136,10 @@ class SimReplica:
         self.running: list[SimRequest] = []
 
     def load(self) -> ReplicaLoad:
-        return ReplicaLoad(len(self.running), len(self.waiting), self.pool.num_free_blocks, self.pool.num_blocks, self.pool.usage)
+        # As the engine counts it: a waiting request's cache hits are not known before admission.
+        pending = sum(len(r.prompt) for r in self.waiting) + sum(r.prefill_left for r in self.running)
+        return ReplicaLoad(len(self.running), len(self.waiting), self.pool.num_free_blocks, self.pool.num_blocks,
+                           self.pool.usage, num_pending_prefill_tokens=pending)  # fmt: skip
 
     def _admit(self) -> None:
         while self.waiting:

@@ -284,7 +284,7 @@ class ReplicaRegistration(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., hash_seed: _Optional[bytes] = ..., hash_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., incarnation: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("replica_id", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "kv_cache_usage", "num_preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "timestamp_s", "num_restarts")
+    __slots__ = ("replica_id", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "kv_cache_usage", "num_preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "timestamp_s", "num_restarts", "num_pending_prefill_tokens")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +296,7 @@ class LoadReport(_message.Message):
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
     NUM_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     num_running: int
     num_waiting: int
@@ -307,7 +308,8 @@ class LoadReport(_message.Message):
     prefix_cache_hit_tokens: int
     timestamp_s: float
     num_restarts: int
-    def __init__(self, replica_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., num_restarts: _Optional[int] = ...) -> None: ...
+    num_pending_prefill_tokens: int
+    def __init__(self, replica_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., num_restarts: _Optional[int] = ..., num_pending_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class BlocksStored(_message.Message):
     __slots__ = ("block_hashes", "parent_hash")

@@ -283,8 +283,10 @@ class Router:
             num_cached += self._index.num_approximate(rid, now)
         load = r.load
         # The load report lags; requests sent since are queued there as far as we know.
-        num_requests = max(load.num_running + load.num_waiting, r.in_flight)
+        reported = load.num_running + load.num_waiting
+        num_requests = max(reported, r.in_flight)
         num_running = min(load.num_running, num_requests)
+        unreported = num_requests - reported
         inputs = CostInputs(
             num_prompt_tokens=num_prompt,
             num_cached_tokens=cached_blocks * self.block_size,
@@ -294,6 +296,6 @@ class Router:
             num_waiting=num_requests - num_running,
             num_free_blocks=load.num_free_blocks,
             num_empty_blocks=max(0, r.registration.num_blocks - num_cached),
-            mean_prefill_tokens=self._mean_prefill_tokens or 0.0,
+            queued_prefill_tokens=load.num_pending_prefill_tokens + unreported * (self._mean_prefill_tokens or 0.0),
         )
         return Candidate(rid, cached_blocks, inputs, mode)

@@ -76,6 +76,9 @@ class ReplicaLoad:
     """Wall clock (unix seconds) when it was taken; 0 when unknown."""
     num_restarts: int = 0
     """Times the replica restarted its shards."""
+    num_pending_prefill_tokens: int = 0
+    """Prompt tokens its waiting and running requests must still prefill (the queue a new
+    request's prefill waits behind, in the router's cost)."""
 
 
 @dataclass(frozen=True)

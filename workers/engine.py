@@ -43,6 +43,7 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
+    num_pending_prefill_tokens: int = 0
 
 
 class Engine:
@@ -169,6 +170,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queried_tokens=self._prefix_queried,
             prefix_cache_hit_tokens=self._prefix_hits,
+            num_pending_prefill_tokens=self.scheduler.num_pending_prefill_tokens,
         )
 
     # -- the loop --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Pure Python: the scheduler touches requests and block tables, never tensors.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,6 +99,18 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    @property
+    def num_pending_prefill_tokens(self) -> int:
+        """Tokens the waiting and running requests must still prefill before they decode (a
+        waiting request's prefix-cache hits are not known until it is admitted): what stands
+        between a new request and its first token here, for the router."""
+        pending = 0
+        for r in itertools.chain(self.waiting, self.running):
+            left = r.num_tokens - r.num_computed_tokens
+            if left > 1 or not r.output_token_ids:  # 1 left after an output token is a decode
+                pending += left
+        return pending
 
     # -- one step --------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class Reporting:
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
             timestamp_s=time.time(),
             num_restarts=self.executor.num_restarts,
+            num_pending_prefill_tokens=s.num_pending_prefill_tokens,
         )
 
     def kv_snapshot(self) -> KvSnapshot:

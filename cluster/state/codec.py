@@ -15,6 +15,7 @@ _REGISTRATION_FIELDS = (
 _LOAD_FIELDS = (
     "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "kv_cache_usage", "num_preemptions",
     "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "timestamp_s", "num_restarts",
+    "num_pending_prefill_tokens",
 )  # fmt: skip
 
 

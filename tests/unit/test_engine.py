@@ -512,3 +512,17 @@ def test_a_resumed_request_must_leave_something_to_generate(tiny, reference):
     engine = make_engine(tiny)
     with pytest.raises(ValueError, match="output tokens must be token ids .* fewer than max_tokens="):
         check_request("full", PROMPTS["p9"], GREEDY, engine.limits, reference["p9"])
+
+
+def test_pending_prefill_tokens_count_what_is_left_to_prefill(tiny):
+    """The router's queue signal: every prompt token not yet prefilled, none for decodes."""
+    engine = make_engine(tiny, max_num_batched_tokens=8, enable_prefix_caching=False)
+    engine.add_request("a", list(range(20, 33)), GREEDY)  # 13 tokens
+    engine.add_request("b", PROMPTS["p5"], GREEDY)
+    assert engine.stats().num_pending_prefill_tokens == 13 + 5
+    engine.step()  # 8 of a's 13 tokens
+    assert engine.stats().num_pending_prefill_tokens == 5 + 5
+    engine.step()  # a's last 5 (it samples), then 3 of b's 5
+    assert engine.stats().num_pending_prefill_tokens == 2
+    engine.step()  # a decodes, b's last 2: nothing left to prefill
+    assert engine.stats().num_pending_prefill_tokens == 0

@@ -57,11 +57,12 @@ def test_kv_aware_sends_a_prompt_to_the_replica_holding_its_prefix():
 
 
 def test_only_a_leading_run_of_blocks_counts():
-    router, _ = make_router(2)
+    router, _ = make_router(2, temperature=0.0)
     router.apply_events("r0", [BlocksStored(0, tuple(HASHES[1:4]), HASHES[0])])  # no block 0
     router.apply_events("r1", [BlocksStored(0, (HASHES[0],), None)])
     assert router.choose(PROMPT, 8) == RouteDecision("r1", 1, 13.0, "exact")
-    # r1 now has a request in flight that its load report does not show: 13 + 256 > 17.
+    # r1 now has a request in flight that its load report does not show, costed at the mean
+    # new prefill so far (17 + 0.05 * (13 - 17) = 16.8): 13 + 0.25 * 16.8 = 17.2 > 17.
     assert router.choose(PROMPT, 8) == RouteDecision("r0", 0, 17.0, "exact")
 
 
@@ -262,9 +263,24 @@ def test_a_cold_prompt_goes_where_it_evicts_the_fewest_cached_blocks():
     assert d == RouteDecision("r1", 0, 17 + 0.5 * 4 * 1, "exact")
 
 
-def test_a_queued_request_costs_the_mean_new_prefill_of_recent_decisions():
-    router, _ = make_router(2)
+def test_a_queued_request_costs_the_tokens_it_must_still_prefill():
+    router, _ = make_router(2, temperature=0.0)
     router.apply_events("r0", [BlocksStored(0, tuple(HASHES), None)])
-    router.update_load("r0", ReplicaLoad(0, 1, 64, 64, 0.0))
-    # The first decision seeds the mean with the prompt length (17): r0 costs 1 + 17 = 18 > 17.
-    assert router.choose(PROMPT, 8).replica_id == "r1"
+    router.update_load("r0", ReplicaLoad(0, 1, 64, 64, 0.0, num_pending_prefill_tokens=20))
+    # r0 holds the prefix (1 token to prefill) but 20 queued ahead: 1 + 0.25 * 20 = 6 < 17.
+    assert router.choose(PROMPT, 8) == RouteDecision("r0", 4, 6.0, "exact")
+    router.on_request_finished("r0", 17, 8)
+    # One long prompt queued counts as its length, not as one request: 1 + 0.25 * 400 > 17.
+    router.update_load("r0", ReplicaLoad(0, 1, 64, 64, 0.0, num_pending_prefill_tokens=400))
+    assert router.choose(PROMPT, 8) == RouteDecision("r1", 0, 17.0, "exact")
+
+
+def test_requests_sent_since_the_last_report_cost_the_mean_new_prefill():
+    router, _ = make_router(2, temperature=0.0)
+    router.apply_events("r0", [BlocksStored(0, tuple(HASHES), None)])
+    # r0 costs 1 + 0.25 * in_flight * mean, the mean seeded at 17 and moving 5% towards each
+    # decision's new prefill (1): 1, 5.05, 8.72, 12.04, 15.03, then 1 + 0.25 * 5 * 13.38 > 17.
+    for _ in range(5):
+        assert router.choose(PROMPT, 8).replica_id == "r0"
+    assert router.status().replica("r0").in_flight == 5
+    assert router.choose(PROMPT, 8) == RouteDecision("r1", 0, 17.0, "exact")

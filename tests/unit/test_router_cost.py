@@ -26,7 +26,7 @@ def inputs(**kw) -> CostInputs:
         "num_waiting": 1,
         "num_free_blocks": 3,
         "num_empty_blocks": 1,
-        "mean_prefill_tokens": 50.0,
+        "queued_prefill_tokens": 200.0,
     }
     return CostInputs(**{**base, **kw})
 
@@ -37,12 +37,12 @@ def test_cost_adds_prefill_queue_decode_kv_overflow_and_eviction():
     assert x.num_blocks_needed == 8 - 2  # ceil(120 / 16) blocks, 2 of them cached
     assert x.num_missing_blocks == 3
     assert x.num_evicted_blocks == 2  # takes the 3 free blocks; only 1 of them is empty
-    # 68 prefill + 1 waiting * 50 + 8 * 2 running + 4 * 16 * 3 missing + 0.5 * 16 * 2 evicted
+    # 68 prefill + 0.25 * 200 queued + 8 * 2 running + 4 * 16 * 3 missing + 0.5 * 16 * 2 evicted
     assert cost(x) == 68 + 50 + 16 + 192 + 16
 
 
 def test_cost_without_kv_pressure_and_with_custom_weights():
-    x = inputs(num_free_blocks=100, num_empty_blocks=100, num_waiting=0)
+    x = inputs(num_free_blocks=100, num_empty_blocks=100, num_waiting=0, queued_prefill_tokens=0)
     assert (x.num_missing_blocks, x.num_evicted_blocks) == (0, 0)
     assert cost(x) == 68 + 16
     w = CostWeights(prefill_weight=2.0, decode_weight=0.0, queue_weight=0.0, overflow_weight=0.0, eviction_weight=0.0)
@@ -50,13 +50,13 @@ def test_cost_without_kv_pressure_and_with_custom_weights():
 
 
 def test_evicting_cached_prefixes_costs_only_beyond_the_empty_blocks():
-    x = inputs(num_free_blocks=100, num_empty_blocks=4, num_waiting=0)
+    x = inputs(num_free_blocks=100, num_empty_blocks=4, num_waiting=0, queued_prefill_tokens=0)
     assert x.num_evicted_blocks == 6 - 4
     assert cost(x) == 68 + 16 + 0.5 * 16 * 2
 
 
 def test_a_cached_prefix_is_cheaper_than_a_busier_cold_replica():
-    kw = {"num_prompt_tokens": 512, "num_waiting": 0, "num_free_blocks": 100, "num_empty_blocks": 100}
+    kw = {"num_prompt_tokens": 512, "num_waiting": 0, "queued_prefill_tokens": 0, "num_free_blocks": 100, "num_empty_blocks": 100}
     warm = inputs(num_cached_tokens=496, num_running=4, **kw)
     cold = inputs(num_cached_tokens=0, num_running=0, **kw)
     assert cost(warm) == 16 + 32
