@@ -283,10 +283,9 @@ class Router:
             num_cached += self._index.num_approximate(rid, now)
         load = r.load
         # The load report lags; requests sent since are queued there as far as we know.
-        reported = load.num_running + load.num_waiting
-        num_requests = max(reported, r.in_flight)
+        num_requests = max(load.num_running + load.num_waiting, r.in_flight)
         num_running = min(load.num_running, num_requests)
-        unreported = num_requests - reported
+        unreported = num_requests - load.num_running - load.num_waiting
         inputs = CostInputs(
             num_prompt_tokens=num_prompt,
             num_cached_tokens=cached_blocks * self.block_size,
