@@ -136,10 +136,19 @@ class SimReplica:
         self.running: list[SimRequest] = []
 
     def load(self) -> ReplicaLoad:
-        # As the engine counts it: a waiting request's cache hits are not known before admission.
-        pending = sum(len(r.prompt) for r in self.waiting) + sum(r.prefill_left for r in self.running)
+        # As the engine counts it: a waiting request's prompt less its cached prefix.
+        pending = sum(len(r.prompt) - self._num_cached(r.prompt) for r in self.waiting)
+        pending += sum(r.prefill_left for r in self.running)
         return ReplicaLoad(len(self.running), len(self.waiting), self.pool.num_free_blocks, self.pool.num_blocks,
                            self.pool.usage, num_pending_prefill_tokens=pending)  # fmt: skip
+
+    def _num_cached(self, prompt: list[int]) -> int:
+        n = 0
+        for h in hash_full_blocks(prompt, BLOCK_SIZE)[: (len(prompt) - 1) // BLOCK_SIZE]:
+            if self.pool.get_cached_block(h) is None:
+                break
+            n += BLOCK_SIZE
+        return n
 
     def _admit(self) -> None:
         while self.waiting:

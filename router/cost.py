@@ -47,9 +47,10 @@ class CostWeights:
 
     NOTE: 1 would price the wait in the request's own TTFT exactly, but it sends prompts away
     from their cached prefix whenever a replica is busy, and the copies evict other prefixes.
-    Tuned on the Mooncake replay (``bench/routing_sim.py --trace``, 64 replicas): weights
-    1 / 0.5 / 0.25 / 0.1 gave hit rates 31.8 / 33.0 / 34.3 / 35.1% at goodput 98.0 / 97.9 / 97.9 /
-    97.7%, and max/min load 1.21 / 1.22 / 1.19 / 1.31."""
+    Chosen on the Mooncake replay (``bench/routing_sim.py --trace``, 64 replicas): weights
+    1 / 0.5 / 0.25 / 0.2 kept 32.1 / 33.3 / 34.4 / 34.3% of prompt tokens in cache at goodput
+    98.0 / 98.0 / 97.8 / 97.9%; their max/min load (1.22-1.32) moves more with the seed than
+    with the weight."""
     decode_weight: float = 8.0
     """Per running request (its decode row rides in every step of this request's prefill)."""
     overflow_weight: float = 4.0

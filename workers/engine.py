@@ -77,6 +77,9 @@ class Engine:
         shard seeds its generator with it."""
         self._prefix_queried = 0
         self._prefix_hits = 0
+        self._pending_prefill = 0
+        """``Scheduler.pending_prefill_tokens`` as of the last step, add or abort: counted on the
+        stepping thread, read by ``stats()`` from any thread."""
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", config: EngineConfig | None = None, **kwargs) -> Engine:
@@ -122,6 +125,7 @@ class Engine:
         r = Request(RequestId(request.request_id), list(request.prompt_token_ids), request.params,
                     output_token_ids=list(request.output_token_ids))  # fmt: skip
         self.scheduler.add(r)
+        self._pending_prefill += self.scheduler.pending_prefill_tokens([r])
         seed = r.params.seed
         self._seeds[r.request_id] = seed if seed is not None else self._rng.randrange(2**63)
 
@@ -144,6 +148,7 @@ class Engine:
         aborted = self.scheduler.abort(ids)
         for request in aborted:
             self._forget(request)
+        self._pending_prefill = self.scheduler.pending_prefill_tokens()
         return [r.index for r in aborted]
 
     def has_unfinished_requests(self) -> bool:
@@ -170,7 +175,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queried_tokens=self._prefix_queried,
             prefix_cache_hit_tokens=self._prefix_hits,
-            num_pending_prefill_tokens=self.scheduler.num_pending_prefill_tokens,
+            num_pending_prefill_tokens=self._pending_prefill,
         )
 
     # -- the loop --------------------------------------------------------------------------
@@ -204,7 +209,9 @@ class Engine:
             logger.exception("step failed; failing the %d running requests", len(self.scheduler.running))
             return self._fail_running(str(exc))
         self.scheduler.complete(plan)
-        return [self._on_token(request, token) for request, token in sampled]
+        deltas = [self._on_token(request, token) for request, token in sampled]
+        self._pending_prefill = self.scheduler.pending_prefill_tokens()
+        return deltas
 
     def _count_prefix_queries(self, plan: StepPlan) -> None:
         for chunk in plan.chunks:

@@ -100,14 +100,17 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    @property
-    def num_pending_prefill_tokens(self) -> int:
-        """Tokens the waiting and running requests must still prefill before they decode (a
-        waiting request's prefix-cache hits are not known until it is admitted): what stands
-        between a new request and its first token here, for the router."""
+    def pending_prefill_tokens(self, requests: Iterable[Request] | None = None) -> int:
+        """Tokens the waiting and running requests (or ``requests``) must still prefill before
+        they decode, a waiting one's prefix-cache hits deducted: what stands between a new
+        request and its first token here, for the router. On the stepping thread only (it
+        hashes waiting requests' blocks)."""
         pending = 0
-        for r in itertools.chain(self.waiting, self.running):
-            left = r.num_tokens - r.num_computed_tokens
+        for r in itertools.chain(self.waiting, self.running) if requests is None else requests:
+            done = r.num_computed_tokens
+            if r.status is RequestStatus.WAITING:
+                done = max(done, self.kv.get_computed_blocks(r).num_computed_tokens)
+            left = r.num_tokens - done
             if left > 1 or not r.output_token_ids:  # 1 left after an output token is a decode
                 pending += left
         return pending

@@ -526,3 +526,16 @@ def test_pending_prefill_tokens_count_what_is_left_to_prefill(tiny):
     assert engine.stats().num_pending_prefill_tokens == 2
     engine.step()  # a decodes, b's last 2: nothing left to prefill
     assert engine.stats().num_pending_prefill_tokens == 0
+    engine.abort_request("a")
+    engine.add_request("c", PROMPTS["p9"], GREEDY)
+    assert engine.stats().num_pending_prefill_tokens == 9
+
+
+def test_pending_prefill_tokens_deduct_a_waiting_request_s_cache_hits(tiny):
+    engine = make_engine(tiny)  # block size 4
+    generate(engine, {"first": PROMPTS["p13"]})
+    # p13 again: its 3 leading full blocks are cached (never the block of its last token).
+    engine.add_request("again", PROMPTS["p13"], GREEDY)
+    assert engine.stats().num_pending_prefill_tokens == 13 - 12
+    engine.add_request("p5", PROMPTS["p5"], GREEDY)  # shares 4 tokens with p13: one block
+    assert engine.stats().num_pending_prefill_tokens == 1 + (5 - 4)
