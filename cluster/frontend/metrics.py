@@ -23,6 +23,8 @@ _REPLICA_METRICS = (
     ("kv_cache_usage", GaugeMetricFamily, "kvtide:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent."),
     ("num_running", GaugeMetricFamily, "kvtide:num_requests_running", "Requests in the engine's batch."),
     ("num_waiting", GaugeMetricFamily, "kvtide:num_requests_waiting", "Requests in the engine's queue."),
+    ("num_pending_prefill_tokens", GaugeMetricFamily, "kvtide:num_prefill_tokens_pending",
+     "Prompt tokens the replica's requests must still prefill (the router's queue signal)."),
     ("num_preemptions", CounterMetricFamily, "kvtide:num_preemptions", "Requests preempted for KV blocks."),
     ("prefix_cache_hit_tokens", CounterMetricFamily, "kvtide:prefix_cache_hits", "Prompt tokens found cached."),
     ("prefix_cache_queried_tokens", CounterMetricFamily, "kvtide:prefix_cache_queries", "Prompt tokens looked up."),

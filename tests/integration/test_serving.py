@@ -453,7 +453,8 @@ def test_metrics_show_the_engine_and_the_routing_mode(server, oai):
     base = f"http://127.0.0.1:{server[0].http_port}"
     text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in ("kvtide:time_to_first_token_seconds_count", "kvtide:e2e_request_latency_seconds_count",
-                 "kvtide:kv_cache_usage_perc", "kvtide:num_requests_running", "kvtide:prefix_cache_queries_total"):
+                 "kvtide:kv_cache_usage_perc", "kvtide:num_requests_running", "kvtide:prefix_cache_queries_total",
+                 "kvtide:num_prefill_tokens_pending"):
         assert name in text, name
     # The replica publishes its KV events through Redis, so the router follows it exactly.
     assert 'kvtide:router_exact_mode{replica="replica-0"} 1.0' in text
