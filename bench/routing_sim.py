@@ -137,29 +137,27 @@ class SimReplica:
 
     def load(self) -> ReplicaLoad:
         # As the engine counts it: a waiting request's prompt less its cached prefix.
-        pending = sum(len(r.prompt) - self._num_cached(r.prompt) for r in self.waiting)
+        pending = sum(len(r.prompt) - BLOCK_SIZE * len(self._cached_blocks(r.prompt)[1]) for r in self.waiting)
         pending += sum(r.prefill_left for r in self.running)
         return ReplicaLoad(len(self.running), len(self.waiting), self.pool.num_free_blocks, self.pool.num_blocks,
                            self.pool.usage, num_pending_prefill_tokens=pending)  # fmt: skip
 
-    def _num_cached(self, prompt: list[int]) -> int:
-        n = 0
-        for h in hash_full_blocks(prompt, BLOCK_SIZE)[: (len(prompt) - 1) // BLOCK_SIZE]:
-            if self.pool.get_cached_block(h) is None:
+    def _cached_blocks(self, prompt: list[int]) -> tuple[list, list[int]]:
+        """(the prompt's full-block hashes, the cached blocks of its leading run), never the
+        block of its last token (the engine computes that one for its logits)."""
+        hashes = hash_full_blocks(prompt, BLOCK_SIZE)
+        cached: list[int] = []
+        for h in hashes[: (len(prompt) - 1) // BLOCK_SIZE]:
+            b = self.pool.get_cached_block(h)
+            if b is None:
                 break
-            n += BLOCK_SIZE
-        return n
+            cached.append(b)
+        return hashes, cached
 
     def _admit(self) -> None:
         while self.waiting:
             r = self.waiting[0]
-            hashes = hash_full_blocks(r.prompt, BLOCK_SIZE)
-            cached: list[int] = []
-            for h in hashes[: (len(r.prompt) - 1) // BLOCK_SIZE]:
-                b = self.pool.get_cached_block(h)
-                if b is None:
-                    break
-                cached.append(b)
+            hashes, cached = self._cached_blocks(r.prompt)
             total = -(-(len(r.prompt) + len(r.reply)) // BLOCK_SIZE)
             if total > self.pool.num_blocks:
                 raise ValueError(f"a request needs {total} KV blocks; replica {self.rid} has {self.pool.num_blocks}")
