@@ -233,6 +233,7 @@ class Engine:
         self.runner.reset()
         cleared = self.kv.reset_prefix_cache()
         assert cleared, "no block may be in use once every running request has finished"
+        self._pending_prefill = self.scheduler.pending_prefill_tokens()
         return deltas
 
     def _on_token(self, request: Request, token: SampledToken) -> CompletionDelta:

@@ -539,3 +539,11 @@ def test_pending_prefill_tokens_deduct_a_waiting_request_s_cache_hits(tiny):
     assert engine.stats().num_pending_prefill_tokens == 13 - 12
     engine.add_request("p5", PROMPTS["p5"], GREEDY)  # shares 4 tokens with p13: one block
     assert engine.stats().num_pending_prefill_tokens == 1 + (5 - 4)
+
+
+def test_a_failed_step_leaves_no_pending_prefill_behind(tiny, monkeypatch):
+    engine = make_engine(tiny, max_num_batched_tokens=8)
+    engine.add_request("a", list(range(20, 33)), GREEDY)  # 13 tokens: 5 still to prefill after a step
+    fail_next_forward(monkeypatch, engine.runner.executor.model)
+    assert [d.finish_reason for d in engine.step()] == ["error"]
+    assert engine.stats().num_pending_prefill_tokens == 0
