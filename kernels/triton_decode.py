@@ -20,6 +20,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from kvtide.kernels.kv_quant import is_quantized
 from kvtide.kernels.triton_checks import (
@@ -36,14 +37,28 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def to_dot(x, DOT: tl.constexpr):
+    """``x`` as a ``tl.dot`` operand, in the dtype ``DOT`` names (``dot_config``)."""
+    if DOT == "fp16":
+        y = x.to(tl.float16)
+    elif DOT == "bf16":
+        y = x.to(tl.bfloat16)
+    elif DOT == "bf16-as-fp32":
+        y = x.to(tl.bfloat16).to(tl.float32)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
 def load_kv_tile(
     k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, tok, valid, d,
     kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st,
-    QUANTIZED: tl.constexpr, DOT_FP16: tl.constexpr,
+    QUANTIZED: tl.constexpr, DOT: tl.constexpr,
 ):
     """K and V rows of tokens ``tok`` of one sequence's KV head ([BLOCK_N, HEAD_DIM], zeros where
-    not ``valid``), read through its block table and dequantized; fp16 when the dots are.
-    Shared by the decode and prefill kernels."""
+    not ``valid``), read through its block table and dequantized, in the dots' operand dtype
+    (``DOT``, see ``dot_config``). Shared by the decode and prefill kernels."""
     block = tl.load(block_table_ptr + tok // block_size, mask=valid, other=0).to(tl.int64)
     rows = block * stride_cb + kv_head * stride_ch + (tok % block_size) * stride_ct
     k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
@@ -52,10 +67,7 @@ def load_kv_tile(
         srows = block * stride_sb + kv_head * stride_sh + (tok % block_size) * stride_st
         k = k * tl.load(k_scale_ptr + srows, mask=valid, other=0.0)[:, None]
         v = v * tl.load(v_scale_ptr + srows, mask=valid, other=0.0)[:, None]
-    if DOT_FP16:
-        k = k.to(tl.float16)
-        v = v.to(tl.float16)
-    return k, v
+    return to_dot(k, DOT), to_dot(v, DOT)
 
 
 @triton.jit
@@ -68,7 +80,7 @@ def _decode_split_kernel(
     stride_sb, stride_sh, stride_st,
     stride_bts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    QUANTIZED: tl.constexpr, DOT_FP16: tl.constexpr, PRECISION: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    QUANTIZED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -84,7 +96,7 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + g
     in_group = g < GROUP
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=in_group[:, None], other=0.0)
-    q = q.to(tl.float16) if DOT_FP16 else q.to(tl.float32)
+    q = to_dot(q, DOT)
 
     # Running max (log2 domain), sum and unnormalised output of each query head in the group.
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -97,7 +109,7 @@ def _decode_split_kernel(
         valid = tok < end
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr + seq * stride_bts, tok, valid, d,
-            kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT_FP16,
+            kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT,
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -105,7 +117,7 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
-        p = p.to(tl.float16) if DOT_FP16 else p
+        p = to_dot(p, DOT)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
 
@@ -145,15 +157,26 @@ def _decode_reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=(h < num_heads)[:, None])
 
 
-def dot_config(dtype: torch.dtype) -> tuple[bool, str]:
-    """(feed tl.dot fp16?, its input_precision) for a query dtype.
+def dot_config(dtype: torch.dtype, kernel) -> tuple[str, str]:
+    """(the dtype ``tl.dot`` takes its operands in, its input_precision) for a query dtype and
+    the kernel that will run (compiled, or the interpreter's).
 
-    fp16 queries use fp16 tensor-core dots with fp32 accumulation; fp32 stays exact ("ieee",
-    not TF32); bf16 is loaded and computed in fp32 (TF32 dots hold bf16 operands exactly).
+    fp16 and bf16 queries feed the tensor cores their own dtype, with fp32 accumulation, as
+    FlashAttention does: Q and K as stored, the softmax weights P rounded to the query's dtype
+    before P @ V. fp32 stays exact ("ieee", not TF32).
+
+    NOTE: Triton's interpreter cannot dot bf16 operands (it multiplies their bit patterns;
+    triton-lang/triton#11584, "we just don't support it yet"), so under ``TRITON_INTERPRET=1``
+    bf16 operands are rounded to bf16 and dotted in fp32 ("bf16-as-fp32"): the same operand
+    values, summed in another order. bf16 used to be loaded as fp32 and dotted in TF32 with P
+    kept in fp32: on an H200 its prefill reached 43.9 TFLOP/s, 5.6% of the bf16 matmul rate,
+    against fp16's 156.8 (bench/README.md, "First numbers: one H200").
     """
     if dtype == torch.float16:
-        return True, "ieee"
-    return False, "ieee" if dtype == torch.float32 else "tf32"
+        return "fp16", "ieee"
+    if dtype == torch.bfloat16:
+        return ("bf16-as-fp32" if isinstance(kernel, InterpretedFunction) else "bf16"), "ieee"
+    return "fp32", "ieee"
 
 
 @functools.cache
@@ -232,7 +255,7 @@ def paged_decode_attention(
                            dtype=torch.float32, device=query.device)
     part_m = torch.empty(0 if single else num_seqs * num_heads * num_splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
-    dot_fp16, precision = dot_config(query.dtype)
+    dot, precision = dot_config(query.dtype, _decode_split_kernel)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache,
         k_scale if k_scale is not None else k_cache, v_scale if v_scale is not None else v_cache,
@@ -243,7 +266,7 @@ def paged_decode_attention(
         *scale_strides(k_scale),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=block_n,
-        QUANTIZED=is_quantized(k_cache.dtype), DOT_FP16=dot_fp16, PRECISION=precision, SINGLE_SPLIT=single,
+        QUANTIZED=is_quantized(k_cache.dtype), DOT=dot, PRECISION=precision, SINGLE_SPLIT=single,
     )
     if not single:
         splits_pad = triton.next_power_of_2(num_splits)

@@ -25,7 +25,7 @@ from kvtide.kernels.triton_checks import (
     check_host_int,
     check_tensor,
 )
-from kvtide.kernels.triton_decode import LOG2E, dot_config, load_kv_tile
+from kvtide.kernels.triton_decode import LOG2E, dot_config, load_kv_tile, to_dot
 from kvtide.kernels.triton_kv_write import check_kv_cache, scale_strides
 
 
@@ -39,7 +39,7 @@ def _prefill_kernel(
     stride_sb, stride_sh, stride_st,
     stride_bts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, QUANTIZED: tl.constexpr, DOT_FP16: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, QUANTIZED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -59,7 +59,7 @@ def _prefill_kernel(
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)
-        q = q.to(tl.float16) if DOT_FP16 else q.to(tl.float32)
+        q = to_dot(q, DOT)
         pos = context + token  # each row's position in its sequence
 
         m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
@@ -73,7 +73,7 @@ def _prefill_kernel(
             valid = tok < kv_end
             k, v = load_kv_tile(
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr + seq * stride_bts, tok, valid, d,
-                kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT_FP16,
+                kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT,
             )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             s = tl.where(valid[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
@@ -81,7 +81,7 @@ def _prefill_kernel(
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)
-            p = p.to(tl.float16) if DOT_FP16 else p
+            p = to_dot(p, DOT)
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
             m = m_new
 
@@ -145,7 +145,7 @@ def paged_prefill_attention(
     group_pad = triton.next_power_of_2(group)
     # NOTE: 64 query rows (tokens x group) and 64 keys per tile; tl.dot needs 16 of each.
     block_q = max(1, 64 // group_pad)
-    dot_fp16, precision = dot_config(query.dtype)
+    dot, precision = dot_config(query.dtype, _prefill_kernel)
     grid = (num_seqs, triton.cdiv(q_hi, block_q), num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache,
@@ -157,6 +157,6 @@ def paged_prefill_attention(
         *scale_strides(k_scale),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        BLOCK_N=64, QUANTIZED=is_quantized(k_cache.dtype), DOT_FP16=dot_fp16, PRECISION=precision,
+        BLOCK_N=64, QUANTIZED=is_quantized(k_cache.dtype), DOT=dot, PRECISION=precision,
     )
     return out
