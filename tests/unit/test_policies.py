@@ -1,5 +1,6 @@
 """kv_aware's bounded load: a replica whose every request is a cheap cache hit still gets no
-more than its bound of the recent decisions, and the bound can be turned off."""
+more than its bound of the recent decisions, and the bound can be turned off. Its share
+penalty: a replica that is a little more expensive than the others is not left far behind."""
 
 from __future__ import annotations
 
@@ -42,8 +43,30 @@ def test_the_cheapest_replica_gets_at_most_its_bound_of_every_window():
     assert set(chosen) == {"hot", "b", "c", "d"}
 
 
-def test_without_the_bound_the_cheapest_replica_takes_everything():
-    assert set(decide(PolicyOptions(balance_slack=None), 300)) == {"hot"}
+def test_without_the_bound_and_the_share_penalty_the_cheapest_replica_takes_everything():
+    assert set(decide(PolicyOptions(balance_slack=None, balance_share_weight=0), 300)) == {"hot"}
+
+
+def test_the_share_penalty_charges_a_fraction_of_the_prompt_so_a_full_hit_still_wins_mostly():
+    # Without the bound: "hot" saves 496 of 512 prompt tokens, and the penalty passes it over
+    # only once it is ~2 means ahead (0.5 x 512 x gap / mean > 496).
+    chosen = Counter(decide(PolicyOptions(balance_slack=None, balance_share_weight=0.5), 2000))
+    assert 0.5 < chosen["hot"] / 2000 < 0.75, chosen
+    assert {"b", "c", "d"} <= set(chosen)
+
+
+# "d" holds 3 blocks fewer of the prompt than the others: each choice costs 48 tokens more.
+NEAR_TIE = [candidate("a", 496), candidate("b", 496), candidate("c", 496), candidate("d", 448)]
+
+
+@pytest.mark.parametrize("weight, lo, hi", [(0.0, 1.5, 2.0), (0.5, 1.0, 1.3)])
+def test_the_share_penalty_lifts_a_replica_a_little_more_expensive_than_the_rest(weight, lo, hi):
+    # The bound alone caps a, b and c at 1.1x their share + 1 and leaves d the rest (~0.6 of a
+    # share); the penalty gives d a request once the others are ~0.19 of a share ahead.
+    policy, rng = make_policy("kv_aware", PolicyOptions(balance_share_weight=weight)), random.Random(0)
+    chosen = [NEAR_TIE[policy.choose(NEAR_TIE, rng).index].replica_id for _ in range(2000)]
+    last = Counter(chosen[-1024:])
+    assert lo <= max(last.values()) / min(last.values()) <= hi, last
 
 
 def test_a_fleet_that_is_all_over_its_bound_still_gets_a_choice():
@@ -59,6 +82,8 @@ def test_a_fleet_that_is_all_over_its_bound_still_gets_a_choice():
         ("balance_slack", float("nan"), "balance_slack must be a finite number >= 0 or None, got nan"),
         ("balance_window", 0, "balance_window must be >= 1, got 0"),
         ("balance_warmup", 0, "balance_warmup must be >= 1, got 0"),
+        ("balance_share_weight", -1.0, "balance_share_weight must be a finite number >= 0, got -1.0"),
+        ("balance_share_weight", float("inf"), "balance_share_weight must be a finite number >= 0, got inf"),
     ],
 )
 def test_bad_options_name_the_field_and_value(field, value, message):
