@@ -20,9 +20,23 @@ import argparse
 import statistics
 import time
 
-import torch
+from kvtide.cluster.threads import configure_threads
 
-from kvtide.kernels import cpu_linear
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,2,4,8,16,32,64,256,1024")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+ARGS = parse_args()
+configure_threads(ARGS.threads)  # the engine's OpenMP settings, before torch loads OpenMP
+
+import torch  # noqa: E402
+
+from kvtide.kernels import cpu_linear  # noqa: E402
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # [out, in]
 NUM_LAYERS, VOCAB, HIDDEN = 30, 49152, 576
@@ -38,13 +52,7 @@ def read_gbs(reps: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="1,2,4,8,16,32,64,256,1024")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     weights = [[torch.randn(o, i) * 0.02 for o, i in LAYER_SHAPES] for _ in range(NUM_LAYERS)]
     row_major = [[w.t().contiguous() for w in layer] for layer in weights]
@@ -86,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

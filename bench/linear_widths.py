@@ -22,10 +22,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.cpp_extension import load_inline
+from kvtide.cluster.threads import configure_threads
 
-from kvtide.kernels import cpu_linear
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,2", help="comma list of row counts")
+    p.add_argument("--rev", help="compare with kernels/cpu_linear.py at this git revision")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+configure_threads(ARGS.threads)  # the engine's OpenMP settings, before torch loads OpenMP
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import load_inline  # noqa: E402
+
+from kvtide.kernels import cpu_linear  # noqa: E402
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # [out, in]
 
@@ -45,14 +60,7 @@ def source_at(rev: str) -> str:
     return namespace["_SOURCE"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=11)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default="1,2", help="comma list of row counts")
-    p.add_argument("--rev", help="compare with kernels/cpu_linear.py at this git revision")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+def main(args: argparse.Namespace) -> None:
     source = cpu_linear._SOURCE
     if args.rev:
         old = source_at(args.rev)
@@ -95,5 +103,6 @@ def main() -> None:
             for part in ("layers", "head")
         ) + f"; step new {step['new'] / floor_ms:.2f}x / old {step['old'] / floor_ms:.2f}x the floor of {floor_ms:.2f} ms")  # fmt: skip
 
+
 if __name__ == "__main__":
-    main()
+    main(ARGS)
