@@ -3,10 +3,10 @@
 Under ``TRITON_INTERPRET=1`` on CPU tensors here; the ``cuda`` cases run the compiled kernels.
 Tolerances (max abs/rel error vs the twin): fp32 1e-5 (both compute in fp32; only the
 summation order differs); fp16 2e-3 (fp16 dot operands, fp32 accumulation, vs the twin's fp16
-matmuls); bf16 2e-2 (bf16 dot operands, the softmax weights rounded to bf16, fp32 accumulation;
-under the interpreter the same rounded values dotted in fp32; the twin in bf16). Quantized caches compare
-exactly on write (same codes, same scales) and at fp32 tolerance on attention (both
-dequantize the same codes).
+matmuls); bf16 2e-2 (bf16 dot operands, the softmax weights rounded to bf16, fp32 accumulation,
+under the interpreter the same rounded values dotted in fp32; the twin in bf16). Quantized
+caches compare exactly on write (same codes, same scales) and at fp32 tolerance on attention
+(both dequantize the same codes).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import pytest
 
 CHILD = r"""
 import inspect, json, sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -45,8 +46,8 @@ def mma(ptx):
 out = {}
 for query, cache, quantized in (("fp32", "fp32", False), ("fp16", "fp16", False), ("bf16", "bf16", False),
                                 ("bf16", "i8", True)):
-    dot, precision = triton_decode.dot_config({"fp32": triton_decode.torch.float32, "fp16": triton_decode.torch.float16,
-                                               "bf16": triton_decode.torch.bfloat16}[query], triton_prefill._prefill_kernel)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[query]
+    dot, precision = triton_decode.dot_config(dtype, triton_prefill._prefill_kernel)
     types = {"q_ptr": "*" + query, "out_ptr": "*" + query, "k_cache_ptr": "*" + cache, "v_cache_ptr": "*" + cache,
              "block_tables_ptr": "*i64", "query_start_loc_ptr": "*i64", "seq_lens_ptr": "*i64"}
     common = dict(GROUP=3, HEAD_DIM=64, BLOCK_N=64, QUANTIZED=quantized, DOT=dot, PRECISION=precision)
