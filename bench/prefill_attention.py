@@ -14,9 +14,22 @@ import argparse
 import statistics
 import time
 
-import torch
+from kvtide.cluster.threads import configure_threads
 
-from kvtide.kernels.attention_ref import _attend
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=9)
+    return p.parse_args()
+
+
+ARGS = parse_args()
+configure_threads(ARGS.threads)  # the engine's OpenMP settings, before torch loads OpenMP
+
+import torch  # noqa: E402
+
+from kvtide.kernels.attention_ref import _attend  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 SHAPES = ((1, 64), (1, 512), (1, 2048), (128, 128), (512, 512), (918, 918), (256, 1024), (512, 2048))
@@ -38,12 +51,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=9)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     scale = HEAD_DIM**-0.5
     print(f"{args.threads} threads, median of {args.reps} interleaved pairs")
@@ -67,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

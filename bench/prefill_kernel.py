@@ -16,10 +16,23 @@ import argparse
 import statistics
 import time
 
-import torch
+from kvtide.cluster.threads import configure_threads
 
-from kvtide.kernels import cpu_attention
-from kvtide.kernels.attention_ref import paged_prefill_attention_ref, write_kv_ref
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=15)
+    return p.parse_args()
+
+
+ARGS = parse_args()
+configure_threads(ARGS.threads)  # the engine's OpenMP settings, before torch loads OpenMP
+
+import torch  # noqa: E402
+
+from kvtide.kernels import cpu_attention  # noqa: E402
+from kvtide.kernels.attention_ref import paged_prefill_attention_ref, write_kv_ref  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 STEPS = {  # name -> (new query tokens, cached context before them) per sequence
@@ -56,12 +69,7 @@ def step_inputs(chunks: list[tuple[int, int]]) -> dict:
     }  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=15)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     if not cpu_attention.available():
         raise SystemExit("the CPU attention kernels are not built: .venv/bin/python -m kvtide.kernels.cpu_build")
@@ -96,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
