@@ -37,12 +37,21 @@ def run(env_value: str | None) -> subprocess.CompletedProcess:
 
 
 def test_tuned_heap_reuses_a_steps_pages():
-    p = run(None)
-    assert p.returncode == 0, p.stderr
-    lines = dict(line.split(" ", 1) for line in p.stdout.splitlines())
-    assert lines["applied"] == "True True"  # once, and idempotent
-    # 20 steps of 60 MB of fresh activations: ~15,000 pages if each were mapped anew.
-    assert int(lines["faults"]) < 200, p.stdout
+    # 20 steps of 60 MB of fresh activations: ~15,000 pages if each were mapped anew; glibc's
+    # defaults fault ~4,200 here before their dynamic mmap threshold catches up, in every run.
+    # NOTE: the fewer of two children's counts: this host reclaims idle memory behind the
+    # process's back (DAMON's kdamond), and once in about ten runs a child faulted its freed
+    # 20 MB buffer back in (5,120 faults), which says nothing about the heap's settings.
+    faults = []
+    for _ in range(2):
+        p = run(None)
+        assert p.returncode == 0, p.stderr
+        lines = dict(line.split(" ", 1) for line in p.stdout.splitlines())
+        assert lines["applied"] == "True True"  # once, and idempotent
+        faults.append(int(lines["faults"]))
+        if faults[-1] < 200:
+            break
+    assert min(faults) < 200, faults
 
 
 def test_default_leaves_glibc_alone():
