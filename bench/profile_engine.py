@@ -142,8 +142,56 @@ def instrument_kvtide(engine, clock: Clock) -> None:
     clock.wrap(RopeStep, "apply", "rope")
     clock.wrap(VocabParallelEmbedding, "forward", "embedding")
     clock.wrap(ParallelLMHead, "compute_logits", "lm head")
-    clock.wrap(Sampler, "__call__", "sampling")
+    clock.wrap(Sampler, "sample", "sampling")
     clock.wrap(Engine, "_on_token", "output processing")
+    instrument_lean_loop(clock)
+
+
+class _Kernels:
+    """A compiled kernel module whose named functions ``Clock.wrap`` replaces on this object."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def instrument_lean_loop(clock: Clock) -> None:
+    """The fp32 CPU path (``CpuDecoderStack``, workers/models/llama_cpu.py) calls the compiled
+    kernels directly, not the layer modules wrapped above: while it runs, the kernel modules
+    it takes from ``cpu_linear``/``cpu_ops``/``cpu_attention`` are timed stand-ins. (The LM
+    head's linear runs outside it and stays in "lm head".)"""
+    from kvtide.kernels import cpu_attention, cpu_linear, cpu_ops
+    from kvtide.workers.models.llama_cpu import CpuDecoderStack
+
+    phases = {
+        cpu_linear: {"linear": "linear"},
+        cpu_ops: {"fused_add_rms_norm": "norm", "rotary_embedding": "rope", "write_kv": "attention",
+                  "silu_and_mul": "forward"},
+        cpu_attention: {"paged_decode_attention": "attention", "paged_prefill_attention": "attention"},
+    }  # fmt: skip
+    if not all(m.available() for m in (cpu_linear, cpu_ops, cpu_attention)):
+        return
+    stand_ins = {}
+    for module, names in phases.items():
+        kernels = _Kernels(module._module())
+        for name, phase in names.items():
+            clock.wrap(kernels, name, phase)
+        stand_ins[module] = kernels
+    forward = CpuDecoderStack.forward
+
+    def timed_forward(self, *args, **kwargs):
+        real = {m: m._module for m in stand_ins}
+        for m, kernels in stand_ins.items():
+            m._module = lambda kernels=kernels: kernels
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            for m, f in real.items():
+                m._module = f
+
+    CpuDecoderStack.forward = timed_forward
 
 
 def instrument_vllm(llm, clock: Clock) -> None:
