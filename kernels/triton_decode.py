@@ -80,7 +80,7 @@ def _decode_split_kernel(
     stride_sb, stride_sh, stride_st,
     stride_bts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    QUANTIZED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    QUANTIZED: tl.constexpr, DOT: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,14 +111,14 @@ def _decode_split_kernel(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr + seq * stride_bts, tok, valid, d,
             kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [GROUP_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
         p = to_dot(p, DOT)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m = m_new
 
     if SINGLE_SPLIT:
@@ -157,9 +157,9 @@ def _decode_reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=(h < num_heads)[:, None])
 
 
-def dot_config(dtype: torch.dtype, kernel) -> tuple[str, str]:
-    """(the dtype ``tl.dot`` takes its operands in, its input_precision) for a query dtype and
-    the kernel that will run (compiled, or the interpreter's).
+def dot_config(dtype: torch.dtype, kernel) -> str:
+    """The dtype ``tl.dot`` takes its operands in, for a query dtype and the kernel that will run
+    (compiled, or the interpreter's). The dots' input_precision is "ieee" throughout.
 
     fp16 and bf16 queries feed the tensor cores their own dtype, with fp32 accumulation, as
     FlashAttention does: Q and K as stored, the softmax weights P rounded to the query's dtype
@@ -173,10 +173,10 @@ def dot_config(dtype: torch.dtype, kernel) -> tuple[str, str]:
     against fp16's 156.8 (bench/README.md, "First numbers: one H200").
     """
     if dtype == torch.float16:
-        return "fp16", "ieee"
+        return "fp16"
     if dtype == torch.bfloat16:
-        return ("bf16-as-fp32" if isinstance(kernel, InterpretedFunction) else "bf16"), "ieee"
-    return "fp32", "ieee"
+        return "bf16-as-fp32" if isinstance(kernel, InterpretedFunction) else "bf16"
+    return "fp32"
 
 
 @functools.cache
@@ -255,7 +255,7 @@ def paged_decode_attention(
                            dtype=torch.float32, device=query.device)
     part_m = torch.empty(0 if single else num_seqs * num_heads * num_splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
-    dot, precision = dot_config(query.dtype, _decode_split_kernel)
+    dot = dot_config(query.dtype, _decode_split_kernel)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache,
         k_scale if k_scale is not None else k_cache, v_scale if v_scale is not None else v_cache,
@@ -266,7 +266,7 @@ def paged_decode_attention(
         *scale_strides(k_scale),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=block_n,
-        QUANTIZED=is_quantized(k_cache.dtype), DOT=dot, PRECISION=precision, SINGLE_SPLIT=single,
+        QUANTIZED=is_quantized(k_cache.dtype), DOT=dot, SINGLE_SPLIT=single,
     )
     if not single:
         splits_pad = triton.next_power_of_2(num_splits)

@@ -39,7 +39,7 @@ def _prefill_kernel(
     stride_sb, stride_sh, stride_st,
     stride_bts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, QUANTIZED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, QUANTIZED: tl.constexpr, DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -75,14 +75,14 @@ def _prefill_kernel(
                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr + seq * stride_bts, tok, valid, d,
                 kv_head, block_size, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, QUANTIZED, DOT,
             )
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
             s = tl.where(valid[None, :] & (tok[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)
             p = to_dot(p, DOT)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             m = m_new
 
         out = acc / l[:, None]
@@ -145,7 +145,7 @@ def paged_prefill_attention(
     group_pad = triton.next_power_of_2(group)
     # NOTE: 64 query rows (tokens x group) and 64 keys per tile; tl.dot needs 16 of each.
     block_q = max(1, 64 // group_pad)
-    dot, precision = dot_config(query.dtype, _prefill_kernel)
+    dot = dot_config(query.dtype, _prefill_kernel)
     grid = (num_seqs, triton.cdiv(q_hi, block_q), num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache,
@@ -157,6 +157,6 @@ def paged_prefill_attention(
         *scale_strides(k_scale),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim,
-        BLOCK_N=64, QUANTIZED=is_quantized(k_cache.dtype), DOT=dot, PRECISION=precision,
+        BLOCK_N=64, QUANTIZED=is_quantized(k_cache.dtype), DOT=dot,
     )
     return out

@@ -43,9 +43,9 @@ def _kernel_body():  # a function for the test below to wrap as a compiled kerne
 @pytest.mark.parametrize(
     "dtype,compiled,interpreted",
     [
-        (torch.float32, ("fp32", "ieee"), ("fp32", "ieee")),
-        (torch.float16, ("fp16", "ieee"), ("fp16", "ieee")),
-        (torch.bfloat16, ("bf16", "ieee"), ("bf16-as-fp32", "ieee")),
+        (torch.float32, "fp32", "fp32"),
+        (torch.float16, "fp16", "fp16"),
+        (torch.bfloat16, "bf16", "bf16-as-fp32"),
     ],
 )
 def test_dot_operands_are_the_query_dtype_and_bf16_is_emulated_only_by_the_interpreter(dtype, compiled, interpreted):

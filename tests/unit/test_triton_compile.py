@@ -47,10 +47,10 @@ out = {}
 for query, cache, quantized in (("fp32", "fp32", False), ("fp16", "fp16", False), ("bf16", "bf16", False),
                                 ("bf16", "i8", True)):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[query]
-    dot, precision = triton_decode.dot_config(dtype, triton_prefill._prefill_kernel)
+    dot = triton_decode.dot_config(dtype, triton_prefill._prefill_kernel)
     types = {"q_ptr": "*" + query, "out_ptr": "*" + query, "k_cache_ptr": "*" + cache, "v_cache_ptr": "*" + cache,
              "block_tables_ptr": "*i64", "query_start_loc_ptr": "*i64", "seq_lens_ptr": "*i64"}
-    common = dict(GROUP=3, HEAD_DIM=64, BLOCK_N=64, QUANTIZED=quantized, DOT=dot, PRECISION=precision)
+    common = dict(GROUP=3, HEAD_DIM=64, BLOCK_N=64, QUANTIZED=quantized, DOT=dot)
     key = query + ("/" + cache if quantized else "")
     out["prefill " + key] = mma(compile_sm90(triton_prefill._prefill_kernel, types,
                                              dict(common, GROUP_PAD=4, BLOCK_Q=16)).asm["ptx"])
