@@ -1,7 +1,8 @@
 """One multi-node scenario, run as its own process (a test process holds one Ray connection, and
 this needs a cluster of its own): three Ray nodes on 127.0.0.1, each started with its own
 ``KVTIDE_CACHE_DIR`` (so each node converts the model into its own cache, as separate machines
-would); ``kvtide serve --address`` joins it with a PP=2 replica, ``--host 0.0.0.0`` and the
+would; the compiled kernels are linked in from this process's cache, since building them three
+times over took most of the scenario's five minutes and is tested by ``test_front_door``); ``kvtide serve --address`` joins it with a PP=2 replica, ``--host 0.0.0.0`` and the
 embedded Redis behind a generated password; a few requests; SIGTERM. Prints one JSON line of
 what it saw.
 
@@ -24,6 +25,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from kvtide.kernels.cpu_build import extensions_root  # noqa: E402
 from tests.integration.serve_process import ServeProcess, clean_env  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
@@ -31,6 +33,9 @@ LOOPBACK = "127.0.0.1"
 
 def main(workdir: Path) -> dict:
     caches = [workdir / f"node{i}-cache" for i in range(3)]
+    for cache in caches:  # the kernels this process's cache has built: the scenario is about the model
+        cache.mkdir(parents=True)
+        (cache / "extensions").symlink_to(extensions_root(), target_is_directory=True)
     cluster = None
     try:
         os.environ["KVTIDE_CACHE_DIR"] = str(caches[0])  # raylets inherit this process's environment
