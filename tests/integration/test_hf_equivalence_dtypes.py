@@ -10,6 +10,9 @@ How agreement is counted:
 - teacher-forced top-1 (printed beside it): transformers reads each prompt plus kvtide's
   tokens in one forward pass; agreement is the share of positions where its top-1 token is
   kvtide's. Each position is judged on its own, so it measures the model, not the cascade.
+  For SmolLM2 this and the batched figure below are measured only when the free-running
+  agreement misses (they are diagnoses, and took ~35 of each test's ~90 s); the tiny model
+  prints all three every run.
 
 The engine runs one request at a time, with no prefix caching and the prompt prefilled in
 one chunk: the same computation shapes as transformers' ``generate`` on one prompt. bf16 and
@@ -49,18 +52,22 @@ PROSE = (Path(__file__).parent.parent / "data" / "prose.txt").read_text()
 class Agreement:
     free_running: float
     """Equal tokens at equal positions, one request at a time (asserted)."""
-    free_running_batched: float
-    """The same with all prompts batched together (printed)."""
-    teacher_forced: float
-    """transformers' top-1 on kvtide's prefix equals kvtide's token (printed)."""
+    free_running_batched: float | None
+    """The same with all prompts batched together (printed; None where not measured)."""
+    teacher_forced: float | None
+    """transformers' top-1 on kvtide's prefix equals kvtide's token (printed; None where not
+    measured)."""
     per_prompt: list[int]
     seconds: float
 
     def line(self, model: str, dtype: str) -> str:
+        def share(x: float | None) -> str:
+            return "not measured" if x is None else f"{x:.1%}"
+
         return (
             f"{model} {dtype}: free-running agreement {self.free_running:.1%} (per prompt, of "
-            f"{NEW_TOKENS}: {self.per_prompt}); batched {self.free_running_batched:.1%}; "
-            f"teacher-forced top-1 {self.teacher_forced:.1%}; {self.seconds:.0f} s"
+            f"{NEW_TOKENS}: {self.per_prompt}); batched {share(self.free_running_batched)}; "
+            f"teacher-forced top-1 {share(self.teacher_forced)}; {self.seconds:.0f} s"
         )
 
 
@@ -68,7 +75,9 @@ def _positionwise(a: list[list[int]], b: list[list[int]]) -> list[int]:
     return [sum(x == y for x, y in zip(p, q, strict=True)) for p, q in zip(a, b, strict=True)]
 
 
-def measure(model_dir: Path, dtype: str, prompts: list[list[int]]) -> Agreement:
+def measure(model_dir: Path, dtype: str, prompts: list[list[int]], diagnose_always: bool = True) -> Agreement:
+    """``diagnose_always=False`` measures the batched and teacher-forced figures only when the
+    free-running agreement misses: on SmolLM2 in bf16 they took ~35 of a test's ~90 s."""
     start = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
     gc = copy.deepcopy(hf.generation_config)
@@ -84,18 +93,20 @@ def measure(model_dir: Path, dtype: str, prompts: list[list[int]]) -> Agreement:
         max_prefill_chunk=longest, max_num_batched_tokens=max(2048, longest),
     )  # fmt: skip
     one = [list(llm.generate([p], GREEDY)[0].outputs[0].token_ids) for p in prompts]
+    per_prompt = _positionwise(one, want)
+    total = len(prompts) * NEW_TOKENS
+    free_running = sum(per_prompt) / total
+    if not diagnose_always and free_running >= MIN_AGREEMENT:
+        return Agreement(free_running, None, None, per_prompt, time.perf_counter() - start)
     batched = [list(out.outputs[0].token_ids) for out in llm.generate(prompts, GREEDY)]
     forced = 0
     with torch.inference_mode():
         for p, got in zip(prompts, one, strict=True):
             logits = hf(torch.tensor([p + got])).logits[0, len(p) - 1 : len(p) + NEW_TOKENS - 1]
             forced += int((logits.argmax(-1) == torch.tensor(got)).sum())
-    per_prompt = _positionwise(one, want)
-    total = len(prompts) * NEW_TOKENS
     return Agreement(
-        sum(per_prompt) / total, sum(_positionwise(batched, want)) / total, forced / total, per_prompt,
-        time.perf_counter() - start,
-    )  # fmt: skip
+        free_running, sum(_positionwise(batched, want)) / total, forced / total, per_prompt, time.perf_counter() - start
+    )
 
 
 def check(model: str, dtype: str, agreement: Agreement) -> None:
@@ -146,4 +157,4 @@ def smollm2() -> tuple[Path, list[list[int]]]:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_smollm2_agrees_with_transformers(smollm2, dtype):
     model_dir, prompts = smollm2
-    check("smollm2-135m", dtype, measure(model_dir, dtype, prompts))
+    check("smollm2-135m", dtype, measure(model_dir, dtype, prompts, diagnose_always=False))
