@@ -1,10 +1,10 @@
 """One multi-node scenario, run as its own process (a test process holds one Ray connection, and
 this needs a cluster of its own): three Ray nodes on 127.0.0.1, each started with its own
 ``KVTIDE_CACHE_DIR`` (so each node converts the model into its own cache, as separate machines
-would; the compiled kernels are linked in from this process's cache, since building them three
-times over took most of the scenario's five minutes and is tested by ``test_front_door``); ``kvtide serve --address`` joins it with a PP=2 replica, ``--host 0.0.0.0`` and the
-embedded Redis behind a generated password; a few requests; SIGTERM. Prints one JSON line of
-what it saw.
+would; the compiled kernels are linked in from this process's cache: building them three times
+over took most of the scenario's five minutes, and ``test_front_door`` tests builds);
+``kvtide serve --address`` joins it with a PP=2 replica, ``--host 0.0.0.0`` and the embedded
+Redis behind a generated password; a few requests; SIGTERM. Prints one JSON line of what it saw.
 
     python tests/integration/multinode_scenario.py WORKDIR
 """

@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
+LIBC, LIBC_VERSION = platform.libc_ver()
+pytestmark = pytest.mark.skipif(
+    LIBC != "glibc" or tuple(map(int, LIBC_VERSION.split("."))) < (2, 33), reason="needs glibc 2.33+ (mallinfo2)"
+)
 
 REUSE = """
 import ctypes, resource, torch
