@@ -41,6 +41,7 @@ def steps() -> list[list[tuple[list[int], int, str]]]:
         [(a, 0, "a"), (b, 0, "b")],  # prefill, 49 rows: MKL or the panels, and the prefill kernel
         [([12], 9, "a"), ([13], 40, "b"), (c, 0, "c")],  # mixed, 8 rows: the small-M kernel
         [([14], 10, "a"), ([15], 41, "b"), ([16], 6, "c")],  # all decode, 3 rows
+        [([17], 42, "b")],  # all decode, 1 row: the kernel reads q in place in the qkv buffer
         [([(7 * i) % 90 + 1], 0, f"s{i}") for i in range(MANY)],  # all decode, 50 rows
     ]
 

@@ -138,7 +138,11 @@ class CpuDecoderStack:
             q, k, v = split(qkv)  # views into the buffer every layer's projection writes
         all_decode = meta.num_decode_tokens == n
         if all_decode:  # the decode kernel reads a contiguous query and writes a contiguous output
-            q_in, attn_out = torch.empty(n, nh, d), torch.empty(n, nh, d)
+            attn_out = torch.empty(n, nh, d)
+            attn_flat = attn_out.view(n, q_size)
+            # One row's q is already contiguous in the qkv buffer (a batch-1 step skips 30 copies);
+            # more rows are a whole qkv row apart, so each layer copies q into q_in.
+            q_in = q if qkv is not None and q.is_contiguous() else torch.empty(n, nh, d)
             tables = meta.decode_block_tables.to(torch.int64).contiguous()
             seq_lens = meta.decode_seq_lens.to(torch.int64).contiguous()
             slots = meta.slot_mapping.to(torch.int64).contiguous()
@@ -158,9 +162,9 @@ class CpuDecoderStack:
             ops.rotary_embedding(q, k, pos, self.cos, self.sin)
             if all_decode:
                 ops.write_kv(k, v, k_cache, v_cache, slots)
-                q_in.copy_(q)
+                if q_in is not q:
+                    q_in.copy_(q)
                 attention.paged_decode_attention(attn_out, q_in, k_cache, v_cache, tables, seq_lens, self.scale, True)
-                attn_flat = attn_out.view(n, q_size)
             else:
                 attn_flat = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale).reshape(n, q_size)
             o = linear(o_out, attn_flat, layer.o)
