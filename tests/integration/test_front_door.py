@@ -96,7 +96,7 @@ def test_make_run_serves_from_empty_caches_past_a_build_killed_midway(tmp_path):
         server.kill()
 
     # `kvtide serve` itself, not make: the shard finds a kernel missing and builds it. One kernel,
-    # not all three again: the full build from nothing is what the first half timed.
+    # not all three again: the first half already built everything from nothing.
     shutil.rmtree(cache / "extensions" / cpu_ops.EXTENSION.module_name)
     kvtide = Path(sys.executable).with_name("kvtide")
     cmd = [str(kvtide), "serve", "--grpc-port", "0", "--http-port", "0", "--kv-cache-gib", "0.05",

@@ -32,11 +32,10 @@ def step():  # a layer's activations of a 940-token prefill step, freed in a dif
     del b, c, d
     return mapped
 for _ in range(20):
-    before, faults = libc.mallinfo2(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before, faults_before = libc.mallinfo2(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     mapped = step()
-    after = libc.mallinfo2()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    print("step", mapped - before.hblkhd, before.arena, after.arena, faults)
+    after, faults_after = libc.mallinfo2(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    print("step", mapped - before.hblkhd, before.arena, after.arena, faults_after - faults_before)
 """
 
 
@@ -59,8 +58,9 @@ def test_tuned_heap_reuses_a_steps_pages():
     # unmapped and mapped again. A bare fault count also counted that growth: CI's layout grew
     # the heap by 20 MB inside the measured steps (5,120 faults) in both of two children.
     p = run(None)
+    measured = steps(p)  # first: a child that crashed says so, with its stderr
     assert "applied True True" in p.stdout  # once, and idempotent
-    for i, (mapped, arena_before, arena_after, faults) in enumerate(steps(p)):
+    for i, (mapped, arena_before, arena_after, faults) in enumerate(measured):
         assert mapped == 0, f"step {i}: {mapped} bytes of step buffers mmapped"
         assert arena_after >= arena_before, f"step {i}: heap trimmed from {arena_before} to {arena_after}"
         grown_pages = (arena_after - arena_before) // resource.getpagesize()
