@@ -62,6 +62,21 @@ class ShardReady:
     """Measured on a GPU (zeros on a CPU): what ``kv_plan`` sizes the KV cache from."""
 
 
+def warn_if_niced(where: str) -> None:
+    """Warn when this process runs below normal priority. Ray starts its workers at niceness 15,
+    so every Ray daemon, the frontend and the client preempt a shard's compute threads, and a
+    step waits at its barriers for the thread that was preempted. ``kvtide serve`` starts its
+    own cluster at 0; a cluster it joins is started by the operator (deploy/ sets
+    ``RAY_worker_niceness=0`` before ``ray start``)."""
+    niceness = os.nice(0)
+    if niceness > 0:
+        logger.warning(
+            "%s runs at niceness %d: other processes on the node preempt its compute threads "
+            "(Ray's worker default is 15); start Ray with RAY_worker_niceness=0",
+            where, niceness,
+        )  # fmt: skip
+
+
 class InjectedFailure(RuntimeError):
     """Raised by a shard told to fail by ``ShardActor.inject_failure`` (tests only)."""
 
@@ -110,6 +125,7 @@ class ShardActor:
         """Join the process group and every stage's TP group, load this shard's weights and
         measure its device's memory; the KV cache comes with ``allocate``."""
         self.resolve_device()
+        warn_if_niced(f"shard (stage {self.spec.stage}, tp_rank {self.spec.tp_rank}) on {self.host}")
         interface = _interface_of(self.host)
         if interface is not None:  # else gloo/NCCL pick an interface from the hostname
             os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)

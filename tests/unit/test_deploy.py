@@ -224,6 +224,19 @@ def test_workers_join_the_head_and_every_node_exports_metrics(name):
     assert "--metrics-export-port=8080" in join and "--metrics-export-port=8080" in head
 
 
+@pytest.mark.parametrize("name", sorted(RAY_YAMLS))
+def test_every_ray_start_runs_workers_at_niceness_0(name):
+    """Ray's default worker niceness (15) lets every daemon preempt the shards mid-step."""
+    config = _ray_config(name)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config[key]:
+            words = _words(command, {})
+            if _program(words, "ray", "start") is None:
+                continue
+            start = next(i for i in range(len(words)) if words[i : i + 2] == ["ray", "start"])
+            assert _program(words[:start], "export", "RAY_worker_niceness=0") == [], f"{name} {key}: {command}"
+
+
 # -- KubeRay ------------------------------------------------------------------------------
 
 
@@ -259,6 +272,15 @@ def test_kuberay_cluster_runs_the_image_and_kvtide_serve(monkeypatch):
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert (ports["http"], ports["grpc"]) == (args.http_port, args.grpc_port)
     assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+
+
+def test_kuberay_pods_run_ray_workers_at_niceness_0():
+    cluster, _ = _kuberay()
+    spec = cluster["spec"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        assert {"name": "RAY_worker_niceness", "value": "0"} in container.get("env", []), container["name"]
 
 
 def test_kuberay_autoscaling_bounds_and_gpu_workers():
