@@ -118,10 +118,8 @@ class Server(ReplicaChanges):
             num_cpus = max(os.cpu_count() or 1, cfg.num_replicas * cfg.tp * cfg.pp)
             # NOTE: address="local": a bare ray.init() would join someone else's cluster on this
             # machine. The private cluster stays on loopback whatever --host the API binds.
-            # worker_niceness 0: Ray starts its workers at nice 15, so the shards' compute
-            # threads yield to every Ray daemon, the frontend and the client; one thread
-            # preempted mid-step stalls the other at the step's barriers (one stream, 2 cores:
-            # 1.07x the tokens/s at nice 0, bench/README.md "Serving at nice 0").
+            # worker_niceness 0, not Ray's 15, or every daemon preempts the shards mid-step
+            # (1.07x the tokens/s at one stream, bench/README.md "Serving at nice 0").
             info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                             _node_ip_address="127.0.0.1", _system_config={"worker_niceness": 0})  # fmt: skip
             logger.info("started a local Ray cluster at %s", info.address_info.get("gcs_address"))
