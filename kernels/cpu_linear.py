@@ -5,7 +5,9 @@ memory-bound: the floor is the time to read the weights. MKL's sgemm reaches tha
 one row but not for 2-16 (a 30-layer SmolLM2 step's linears: 18 ms at M=1, 39 ms at M=8 in
 MKL, against 24 ms here; bench/linear_small_m.py). This kernel streams each weight row from
 memory once, keeps a tile of rows in L1 while every row of ``x`` uses it, and prefetches the
-next tile's rows while it computes, so 8 rows cost 1.3x one row instead of MKL's 2.2x.
+next tile's rows while it computes, so 8 rows cost 1.3x one row instead of MKL's 2.2x. One and
+two rows (AVX2) read each thread's weight rows front to back as one stream instead, which the
+hardware prefetcher keeps at the read bandwidth.
 
 Layout: ``weight`` is [N, K] row-major (``nn.Linear``'s; the embedding's, for a tied LM head),
 so each output is a dot product of two contiguous rows. Threads split the N outputs.
@@ -64,7 +66,7 @@ _TILES = r"""
 // NT1, NT2: the tile's width for one and for two rows of x, where NT leaves registers idle and
 // too few independent sums in flight (AVX2: 8 and 6 beat NT's 3 by 1.04-1.11x on a step's layer
 // linears and 1.03-1.14x on the LM head in five runs, bench/linear_widths.py; AVX-512 keeps NT,
-// not re-measured).
+// not re-measured). STREAM: one and two rows go to stream_rows instead (measured on AVX2).
 #if defined(__AVX512F__)
 using vf = __m512;
 constexpr int VL = 16, MT = 8, NT = 3, NT1 = 3, NT2 = 3, PF = 128;
@@ -72,6 +74,9 @@ static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+constexpr bool STREAM = true;  // one or two rows: stream_rows, SU1 / SU2 vectors of k per step
+constexpr int SU1 = 2, SU2 = 2;
 static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using vf = __m256;
@@ -80,6 +85,9 @@ static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vf vzero() { return _mm256_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vf a) { return hsum8(a); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+constexpr bool STREAM = true;  // one or two rows: stream_rows, SU1 / SU2 vectors of k per step
+constexpr int SU1 = 4, SU2 = 2;
 static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 #else
 using vf = float;
@@ -88,6 +96,9 @@ static inline vf vload(const float* p) { return *p; }
 static inline vf vzero() { return 0.f; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline float vsum(vf a) { return a; }
+static inline vf vadd(vf a, vf b) { return a + b; }
+constexpr bool STREAM = false;
+constexpr int SU1 = 4, SU2 = 2;
 static inline void prefetch(const float* p) { __builtin_prefetch(p); }
 #endif
 
@@ -141,6 +152,48 @@ static void few_rows(const float* xs, int64_t ldx, const float* ws, int64_t K, i
   });
 }
 
+// One or two rows of x (a batch-1 or batch-2 decode step, whose time is the weight read): each
+// thread reads its rows of w front to back as one stream, every row of x against each, U_
+// vectors of k in flight per row (U_ x M_ accumulators), no software prefetch. The hardware's
+// stream prefetcher holds one sequential stream per core at the read bandwidth; the tiles'
+// 8 (or 6) rows side by side did not: on an AMD EPYC (Zen 3) host reading 36 GB/s, one row's
+// layers took 1.30x and its LM head 1.35x as long as this (bench/README.md, "One row, one
+// stream, at 36 GB/s").
+template <int M_, int U_>
+static void stream_rows(const float* xs, int64_t ldx, const float* ws, int64_t K, int64_t N, float* ys) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* w = ws + n * K;
+      vf acc[U_][M_];
+#pragma GCC unroll 8
+      for (int u = 0; u < U_; ++u)
+#pragma GCC unroll 8
+        for (int i = 0; i < M_; ++i) acc[u][i] = vzero();
+      int64_t k = 0;
+      for (; k + VL * U_ <= K; k += VL * U_) {
+#pragma GCC unroll 8
+        for (int u = 0; u < U_; ++u) {
+          const vf wv = vload(w + k + VL * u);
+#pragma GCC unroll 8
+          for (int i = 0; i < M_; ++i) acc[u][i] = vfma(vload(xs + i * ldx + k + VL * u), wv, acc[u][i]);
+        }
+      }
+      for (; k + VL <= K; k += VL) {
+        const vf wv = vload(w + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < M_; ++i) acc[0][i] = vfma(vload(xs + i * ldx + k), wv, acc[0][i]);
+      }
+      for (int i = 0; i < M_; ++i) {
+        vf sum = acc[0][i];
+        for (int u = 1; u < U_; ++u) sum = vadd(sum, acc[u][i]);
+        float s = vsum(sum);
+        for (int64_t r = k; r < K; ++r) s += xs[i * ldx + r] * w[r];
+        ys[i * N + n] = s;
+      }
+    }
+  });
+}
+
 template <int M_>
 static inline void rows_upto(int64_t m, const float* x, int64_t ldx, const float* w, int64_t K, float* y,
                              int64_t ldy, int64_t nn) {
@@ -159,6 +212,8 @@ void linear(torch::Tensor out, torch::Tensor x, torch::Tensor w) {
   const float* xs = x.data_ptr<float>();
   const float* ws = w.data_ptr<float>();
   float* ys = out.data_ptr<float>();
+  if (STREAM && M == 1) return stream_rows<1, SU1>(xs, ldx, ws, K, N, ys);
+  if (STREAM && M == 2) return stream_rows<2, SU2>(xs, ldx, ws, K, N, ys);
   if (M == 1) return few_rows<1, NT1>(xs, ldx, ws, K, N, ys);
   if (M == 2) return few_rows<2, NT2>(xs, ldx, ws, K, N, ys);
 #ifdef KVTIDE_LINEAR_PANELS

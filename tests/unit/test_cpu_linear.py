@@ -32,11 +32,13 @@ def test_matches_matmul_for_every_row_count_and_tail(rows, in_features, out_feat
     torch.testing.assert_close(got, x @ w.t(), rtol=1e-5, atol=1e-4 * in_features**0.5)
 
 
-def test_rows_with_a_stride_are_read_in_place():
-    # The attention output and merged projections hand the layers strided row views.
-    g = torch.Generator().manual_seed(0)
-    wide = torch.randn(6, 1000, generator=g)
-    x = wide[:, 100:676]  # [6, 576], row stride 1000
+@pytest.mark.parametrize("rows", [1, 2, 6])
+def test_rows_with_a_stride_are_read_in_place(rows):
+    # The attention output and merged projections hand the layers strided row views (1 and 2
+    # rows: the one-stream path on AVX2; 6: the tiles).
+    g = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 1000, generator=g)
+    x = wide[:, 100:676]  # [rows, 576], row stride 1000
     w = torch.randn(300, 576, generator=g)
     torch.testing.assert_close(cpu_linear.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-3)
 
