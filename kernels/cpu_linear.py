@@ -35,15 +35,17 @@ logger = logging.getLogger(__name__)
 
 
 def _max_rows() -> int:
-    """Rows of ``x`` up to which this kernel beats MKL's sgemm, by the ISA torch dispatches to.
-    Measured with bench/linear_small_m.py, 2 threads: on an Intel AVX-512 host MKL was as fast
-    or faster from 17 rows on (even at 32). On an AMD EPYC (Zen 3, AVX2) host, where MKL's
-    sgemm on this [N, K] layout reached 36-154 GFLOP/s from 8 to 1,024 rows, the dot-product
-    tiles beat it up to 16 rows and the packed panels (``cpu_linear_panels``) from 18: 1.2-1.8x
-    at 24-128 rows, about even at 256-1,024, 1.04-1.08x in whole 1,000-1,024-row prefill steps
-    (bench/README.md, "Packed panels"). Above 1,024 rows (a prefill budget larger than the
-    default) MKL multiplies: the panels were not measured there."""
-    return 1024 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+    """Rows of ``x`` up to which this kernel beats MKL's sgemm, by the ISA torch dispatches to
+    and the CPU's vendor. Measured with bench/linear_small_m.py, 2 threads: on an Intel AVX-512
+    host MKL was as fast or faster from 17 rows on (even at 32). On AMD EPYC hosts MKL's sgemm
+    is slow at every small and mid-sized M, and the dot-product tiles beat it up to 16 rows and
+    the packed panels (``cpu_linear_panels``) from 18: on Zen 3 (AVX2) 1.2-1.8x at 24-128 rows,
+    1.04-1.08x in whole 1,000-1,024-row prefill steps; on Zen 4 (AVX-512) 1.5-1.7x at 24-128
+    and 1.15x at 918 (bench/README.md, "Packed panels"). Above 1,024 rows (a prefill budget
+    larger than the default) MKL multiplies: the panels were not measured there."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" or cpu_simd.cpu_vendor() == "AuthenticAMD":
+        return 1024
+    return 16
 
 
 MAX_ROWS = _max_rows()

@@ -1,6 +1,7 @@
-"""The linear kernel's path for 18 rows and more on AVX2 hosts: ``y = x @ W^T`` as a
+"""The linear kernel's path for 18 rows and more on AVX2 and AMD hosts: ``y = x @ W^T`` as a
 packed-panel GEMM. Source only: ``cpu_linear``'s entry point calls it where it compiles
-(``KVTIDE_LINEAR_PANELS``: AVX2 with FMA, not AVX-512) for ``MIN_ROWS`` rows and more.
+(``KVTIDE_LINEAR_PANELS``: AVX2 with FMA, AVX-512 hosts included: the panels are 256-bit code)
+for ``MIN_ROWS`` rows and more.
 
 Why: from a few dozen rows on (a serving step of many sequences beside a prefill chunk, a
 prefill step) a linear is compute-bound. On the Zen 3 host, MKL's sgemm on this [N, K] layout
@@ -22,7 +23,7 @@ small-M kernel's, so the last bits may differ, as between any two BLAS.
 from kvtide.kernels import cpu_simd
 
 SOURCE = r"""
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 #define KVTIDE_LINEAR_PANELS 1
 #include <vector>
 """ + cpu_simd.TRANSPOSE8 + r"""

@@ -1,6 +1,20 @@
 """C++ shared by the AVX2 code of the CPU kernels (``cpu_prefill_avx2``, ``cpu_prefill``,
 ``cpu_linear``, ``cpu_linear_panels``): source only, pasted inside each one's AVX2 guard; an
-include guard keeps one copy where two of them share an extension."""
+include guard keeps one copy where two of them share an extension. And the CPU's vendor, which
+decides where the kernels beat MKL (``cpu_linear._max_rows``)."""
+
+
+def cpu_vendor() -> str | None:
+    """``vendor_id`` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"; Linux x86), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
 
 REDUCE8 = r"""
 #ifndef KVTIDE_REDUCE8
