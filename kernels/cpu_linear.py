@@ -6,8 +6,8 @@ one row but not for 2-16 (a 30-layer SmolLM2 step's linears: 18 ms at M=1, 39 ms
 MKL, against 24 ms here; bench/linear_small_m.py). This kernel streams each weight row from
 memory once, keeps a tile of rows in L1 while every row of ``x`` uses it, and prefetches the
 next tile's rows while it computes, so 8 rows cost 1.3x one row instead of MKL's 2.2x. One and
-two rows (AVX2) read each thread's weight rows front to back as one stream instead, which the
-hardware prefetcher keeps at the read bandwidth.
+two rows (AVX2, AVX-512) read each thread's weight rows front to back as one stream instead,
+which the hardware prefetcher keeps at the read bandwidth.
 
 Layout: ``weight`` is [N, K] row-major (``nn.Linear``'s; the embedding's, for a tied LM head),
 so each output is a dot product of two contiguous rows. Threads split the N outputs.
@@ -68,7 +68,7 @@ _TILES = r"""
 // NT1, NT2: the tile's width for one and for two rows of x, where NT leaves registers idle and
 // too few independent sums in flight (AVX2: 8 and 6 beat NT's 3 by 1.04-1.11x on a step's layer
 // linears and 1.03-1.14x on the LM head in five runs, bench/linear_widths.py; AVX-512 keeps NT,
-// not re-measured). STREAM: one and two rows go to stream_rows instead (measured on AVX2).
+// not re-measured). STREAM: one and two rows go to stream_rows instead (both ISAs, on Zen 4).
 #if defined(__AVX512F__)
 using vf = __m512;
 constexpr int VL = 16, MT = 8, NT = 3, NT1 = 3, NT2 = 3, PF = 128;
@@ -158,9 +158,9 @@ static void few_rows(const float* xs, int64_t ldx, const float* ws, int64_t K, i
 // thread reads its rows of w front to back as one stream, every row of x against each, U_
 // vectors of k in flight per row (U_ x M_ accumulators), no software prefetch. The hardware's
 // stream prefetcher holds one sequential stream per core at the read bandwidth; the tiles'
-// 8 (or 6) rows side by side did not: on an AMD EPYC (Zen 3) host reading 36 GB/s, one row's
-// layers took 1.30x and its LM head 1.35x as long as this (bench/README.md, "One row, one
-// stream, at 36 GB/s").
+// rows side by side did not: on an AMD EPYC (Zen 4) host reading 36-56 GB/s, one row's layers
+// took 1.38x and its LM head 1.81x as long with the AVX-512 tiles, 1.05x and 1.21x with the
+// AVX2 ones (bench/README.md, "One row, one stream, at 36 GB/s").
 template <int M_, int U_>
 static void stream_rows(const float* xs, int64_t ldx, const float* ws, int64_t K, int64_t N, float* ys) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
