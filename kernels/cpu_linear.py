@@ -64,14 +64,16 @@ _TILES = r"""
 
 // MT rows of x by NT rows of w per tile: MT * NT vector accumulators, NT weight vectors and one
 // x vector stay in registers (32 vector registers with AVX-512, 16 with AVX2). PF: how far
-// ahead (in floats) the next tile's weight rows are prefetched. Tuned on this machine.
+// ahead (in floats) the next tile's weight rows are prefetched. AVX-512: 5 x 5 (31 registers)
+// over 8 x 3, 1.05-1.13x on a step's linears at 3-16 rows on Zen 4 (two sweeps of MT x NT,
+// bench/README.md "AVX-512 tiles: 5 x 5"); AVX2's 4 x 3 tuned on the first (Intel) host.
 // NT1, NT2: the tile's width for one and for two rows of x, where NT leaves registers idle and
 // too few independent sums in flight (AVX2: 8 and 6 beat NT's 3 by 1.04-1.11x on a step's layer
 // linears and 1.03-1.14x on the LM head in five runs, bench/linear_widths.py; AVX-512 keeps NT,
 // not re-measured). STREAM: one and two rows go to stream_rows instead (both ISAs, on Zen 4).
 #if defined(__AVX512F__)
 using vf = __m512;
-constexpr int VL = 16, MT = 8, NT = 3, NT1 = 3, NT2 = 3, PF = 128;
+constexpr int VL = 16, MT = 5, NT = 5, NT1 = 3, NT2 = 3, PF = 128;
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
