@@ -204,7 +204,9 @@ def main() -> None:
     args = parse_args()
     if args.num_replicas < 2 or args.num_replicas % 2:
         raise SystemExit(f"--num-replicas must be even and >= 2, got {args.num_replicas}")
-    ray.init(address="local", num_cpus=args.num_replicas + 2, include_dashboard=False, _node_ip_address=LOOPBACK)
+    # worker_niceness 0: the replicas' shards at normal priority, as kvtide serve starts them.
+    ray.init(address="local", num_cpus=args.num_replicas + 2, include_dashboard=False, _node_ip_address=LOOPBACK,
+             _system_config={"worker_niceness": 0})  # fmt: skip
     try:
         asyncio.run(main_async(args))
     finally:
