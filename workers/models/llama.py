@@ -13,6 +13,7 @@ import torch
 
 from kvtide.kernels import cpu_ops
 from kvtide.kernels.norm_rope_ref import silu_and_mul_ref
+from kvtide.workers import huge_pages
 from kvtide.workers.attention import AttentionMetadata, TorchAttentionBackend
 from kvtide.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvtide.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -177,13 +178,16 @@ class LlamaForCausalLM(nn.Module):
         filled from the checkpoint (the loader checks it).
 
         NOTE: ``to_empty`` replaces each module's parameters on its own, which would give a tied
-        head a second embedding-sized tensor; the head is detached first and re-tied after."""
+        head a second embedding-sized tensor; the head is detached first and re-tied after. On
+        a CPU the storage then moves into one mapping on huge pages (``huge_pages``)."""
         tied = self.ties_head
         if tied:
             self.lm_head.weight = None
         self.to_empty(device=device)
         if tied:
             self.lm_head.weight = self.embed_tokens.weight
+        if torch.device(device).type == "cpu":
+            self._weights_mapping = huge_pages.place_parameters(self)
         self.rotary.compute_tables()
 
     def forward(
