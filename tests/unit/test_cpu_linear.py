@@ -35,7 +35,7 @@ def test_matches_matmul_for_every_row_count_and_tail(rows, in_features, out_feat
 @pytest.mark.parametrize("rows", [1, 2, 6])
 def test_rows_with_a_stride_are_read_in_place(rows):
     # The attention output and merged projections hand the layers strided row views (1 and 2
-    # rows: the one-stream path on AVX2; 6: the tiles).
+    # rows: the one-stream path on AVX2 and AVX-512 builds; 6: the tiles).
     g = torch.Generator().manual_seed(rows)
     wide = torch.randn(rows, 1000, generator=g)
     x = wide[:, 100:676]  # [rows, 576], row stride 1000
