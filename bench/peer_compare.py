@@ -151,7 +151,8 @@ def report_workload(w: Workload, runs: list[tuple[str, Result, Result]], et) -> 
 
 def report_single(runs: list[tuple[str, Result, Result]], new_tokens: int) -> None:
     print(f"\n== single stream: ISL {SINGLE_ISL}, {new_tokens} new tokens; decode rate excludes the "
-          "prefill and first token; floor = weight bytes / read bandwidth, measured in the kvtide process")
+          "prefill and first token; floor = weight bytes / the fastest read bandwidth sampled beside "
+          "the kvtide process's reps (a 1 GiB sum on huge pages; the slowest sample in brackets)")
     pair_ratios = []
     for label, kv, vl in runs:
         floor_ms = 1e3 * kv.floor["weight_bytes"] / (kv.floor["read_gbs"] * 1e9)
@@ -163,7 +164,9 @@ def report_single(runs: list[tuple[str, Result, Result]], new_tokens: int) -> No
             line.append(f"{r.system} {rate:.1f} tok/s (median step {step:.1f} ms = {step / floor_ms:.2f}x floor)")
         pair_ratios.append(rates["kvtide"] / rates["vllm"])
         print(f"   {label}: " + ", ".join(line) + f"; floor {kv.floor['weight_bytes'] / 1e6:.0f} MB / "
-              f"{kv.floor['read_gbs']:.1f} GB/s = {floor_ms:.1f} ms; kvtide/vllm {pair_ratios[-1]:.2f}x")
+              f"{kv.floor['read_gbs']:.1f} GB/s = {floor_ms:.1f} ms"
+              + (f" [{kv.floor['read_gbs_slowest']:.1f} GB/s]" if "read_gbs_slowest" in kv.floor else "")
+              + f"; kvtide/vllm {pair_ratios[-1]:.2f}x")
     print(f"   median kvtide/vllm single-stream decode: {statistics.median(pair_ratios):.2f}x")
 
 
