@@ -17,7 +17,6 @@ The last line is ``ratio_vs_transformers: N`` (kvtide / transformers output tok/
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import pickle
 import random
@@ -185,23 +184,15 @@ def run_hf_static(model, workload: Workload, batch_size: int, pad_id: int) -> St
 def read_bandwidth_gbs(reps: int) -> tuple[float, float]:
     """(read GB/s from summing 1 GiB, copy GB/s counting read + write of 1 GiB), medians. The
     buffers are on 2 MiB pages, as kvtide's CPU weights are (``workers/huge_pages.py``)."""
-    x, x_mapping = _on_huge_pages(2**28)
-    y, y_mapping = _on_huge_pages(2**28)
+    from kvtide.workers import huge_pages
+
+    x, x_mapping = huge_pages.empty(2**28)
+    y, y_mapping = huge_pages.empty(2**28)
     x.fill_(1.0)
     nbytes = x.numel() * x.element_size()
     read = nbytes / median_time(x.sum, reps) / 1e9
     copy = 2 * nbytes / median_time(lambda: y.copy_(x), reps) / 1e9
     return read, copy
-
-
-def _on_huge_pages(numel: int) -> tuple[torch.Tensor, mmap.mmap]:
-    """An fp32 tensor in a private anonymous mapping advised for huge pages, and the mapping."""
-    mapping = mmap.mmap(-1, numel * 4 + (4 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    whole = torch.frombuffer(mapping, dtype=torch.uint8)
-    start = -whole.data_ptr() % (2 << 20)
-    return whole[start : start + numel * 4].view(torch.float32), mapping
 
 
 def matmul_gflops(m: int, k: int, n: int, reps: int, inner: int) -> float:

@@ -52,17 +52,31 @@ def place_parameters(module: torch.nn.Module) -> mmap.mmap | None:
             size += -(-storage.nbytes() // ALIGN) * ALIGN
     if not size:
         return None
+    mapping, whole, start = _advised(size)
+    for p in params:
+        base = start + offsets[p.untyped_storage().data_ptr()]
+        flat = whole.view(p.dtype)  # the mapping is a whole number of huge pages: divisible
+        p.data = flat.as_strided(p.size(), p.stride(), base // p.element_size() + p.storage_offset())
+    return mapping
+
+
+def empty(numel: int) -> tuple[torch.Tensor, mmap.mmap]:
+    """An uninitialized fp32 tensor on huge pages, and its mapping (keep both alive): the buffer
+    the benchmarks' read-bandwidth floor sums, so that it is read as the weights are."""
+    mapping, whole, start = _advised(numel * 4)
+    return whole[start : start + numel * 4].view(torch.float32), mapping
+
+
+def _advised(size: int) -> tuple[mmap.mmap, torch.Tensor, int]:
+    """A mapping with at least ``size`` bytes after its first huge page boundary, advised for
+    huge pages before any page is touched: (the mapping, all of it as uint8, that boundary's
+    offset)."""
     # NOTE: private: Python's default for an anonymous mapping is shared, which is shmem and
     # follows shmem_enabled (usually never) instead of the madvise.
     mapping = mmap.mmap(-1, -(-size // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         mapping.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError) as exc:  # no MADV_HUGEPAGE here, or THP compiled out
-        log.info("weights on normal pages: madvise(MADV_HUGEPAGE) unavailable (%s)", exc)
+        log.info("normal pages: madvise(MADV_HUGEPAGE) unavailable (%s)", exc)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)
-    start = -whole.data_ptr() % HUGE_PAGE  # the first region on a huge page boundary
-    for p in params:
-        base = start + offsets[p.untyped_storage().data_ptr()]
-        flat = whole.view(p.dtype)  # the mapping is a whole number of huge pages: divisible
-        p.data = flat.as_strided(p.size(), p.stride(), base // p.element_size() + p.storage_offset())
-    return mapping
+    return mapping, whole, -whole.data_ptr() % HUGE_PAGE
