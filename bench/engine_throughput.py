@@ -189,10 +189,13 @@ def read_bandwidth_gbs(reps: int) -> tuple[float, float]:
     x, x_mapping = huge_pages.empty(2**28)
     y, y_mapping = huge_pages.empty(2**28)
     x.fill_(1.0)
-    nbytes = x.numel() * x.element_size()
-    read = nbytes / median_time(x.sum, reps) / 1e9
-    copy = 2 * nbytes / median_time(lambda: y.copy_(x), reps) / 1e9
-    return read, copy
+    copy = 2 * x.numel() * x.element_size() / median_time(lambda: y.copy_(x), reps) / 1e9
+    return read_gbs(x, reps), copy
+
+
+def read_gbs(x: torch.Tensor, reps: int) -> float:
+    """Read GB/s summing ``x``, median of ``reps``."""
+    return x.numel() * x.element_size() / median_time(x.sum, reps) / 1e9
 
 
 def matmul_gflops(m: int, k: int, n: int, reps: int, inner: int) -> float:
