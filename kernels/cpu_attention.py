@@ -36,7 +36,7 @@ _HEADER = r"""
 EXTENSION = CppExtension(
     name="cpu_attention",
     source=_HEADER + cpu_prefill_avx2.SOURCE + cpu_prefill.SOURCE + cpu_decode.SOURCE,
-    functions=("paged_decode_attention", "paged_prefill_attention"),
+    functions=("paged_decode_attention", "paged_prefill_attention", "decode_splits"),
     cflags=("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"),
 )
 

@@ -29,6 +29,38 @@ def test_matches_the_torch_twin(block_size, num_heads, num_kv_heads, head_dim, t
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "seq_lens,num_heads,num_kv_heads,parts",
+    [([1000], 9, 3, 2), ([129], 9, 3, 2), ([300, 7], 4, 1, 2), ([70, 2000], 4, 1, 2), ([2000], 5, 1, 2), ([64], 4, 2, 1)],
+    ids=["one-long", "two-parts", "an-empty-part", "uneven", "a-head-left-over", "too-short"],
+)
+def test_a_small_batch_cut_into_parts_matches_the_torch_twin(seq_lens, num_heads, num_kv_heads, parts):
+    """Batches of one or two split each context over the threads and merge the parts; a part
+    may be empty (the 7-key sequence beside a 300-key one)."""
+    module = cpu_attention._module()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert module.decode_splits(len(seq_lens), num_heads, num_kv_heads, max(seq_lens), 2) == parts
+        k_cache, v_cache, tables, _, _ = _paged_setup(seq_lens, 16, num_kv_heads, 64, seed=8)
+        q = torch.randn(len(seq_lens), num_heads, 64, generator=torch.Generator().manual_seed(9))
+        lens = torch.tensor(seq_lens)
+        want = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125)
+        got = cpu_attention.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_the_parts_make_the_tasks_a_multiple_of_the_threads():
+    module = cpu_attention._module()
+    assert module.decode_splits(1, 9, 3, 1000, 2) == 2  # 3 tasks -> 6 on 2 threads
+    assert module.decode_splits(1, 9, 3, 1000, 4) == 4  # 3 -> 12 on 4
+    assert module.decode_splits(1, 9, 3, 1000, 1) == 1  # one thread: nothing to share
+    assert module.decode_splits(4, 9, 3, 1000, 2) == 1  # 12 tasks already
+    assert module.decode_splits(1, 9, 3, 100, 2) == 1  # parts of at least 64 keys
+
+
 def test_rejects_what_it_cannot_compute():
     k_cache = torch.zeros(4, 2, 16, 8)
     with pytest.raises(ValueError, match="float32"):
