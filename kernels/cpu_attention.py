@@ -107,15 +107,19 @@ def paged_prefill_attention_cpu(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    blocked: bool | None = None,
 ) -> torch.Tensor:
     """Same contract as ``paged_prefill_attention_ref`` without quantized caches: every chunk's
     context (its new K/V included) is read from the cache. float32 CPU tensors; ``query`` may
-    be a view of the QKV projection (rows strided, heads contiguous); see ``cpu_prefill``."""
+    be a view of the QKV projection (rows strided, heads contiguous); see ``cpu_prefill``.
+    ``blocked`` picks the task body (default: ``cpu_prefill.blocked_task()``; the blocked one
+    exists only in builds with AVX2 and FMA, elsewhere both are the generic one)."""
     out = torch.empty(query.shape, dtype=query.dtype) if out is None else out
     query_start_loc = query_start_loc.to(torch.int64).contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
     cpu_prefill.check_prefill_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out)
     _module().paged_prefill_attention(
-        out, query, k_cache, v_cache, block_tables.to(torch.int64).contiguous(), query_start_loc, seq_lens, scale
+        out, query, k_cache, v_cache, block_tables.to(torch.int64).contiguous(), query_start_loc, seq_lens, scale,
+        cpu_prefill.blocked_task() if blocked is None else blocked,
     )
     return out

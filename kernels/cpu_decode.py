@@ -2,24 +2,27 @@
 context. Built into the ``cpu_attention`` extension (appended after ``cpu_prefill.SOURCE``,
 whose vector helpers it uses); the twin is ``attention_ref.paged_decode_attention_ref``.
 
-One task per (sequence, KV head, up to 4 of the query heads sharing it) on torch's intra-op
-thread pool, with a running max and sum (online softmax). The context goes by in tiles of 16
-keys: a vector of 16 scores per head, one max and one vectorized exp (Sleef's, as in
-``cpu_prefill``) per head and tile, then each V row read once for all the task's heads; the
-rows two tiles ahead are prefetched, since the block table may put them anywhere. The first
-version takes a scalar ``exp`` per key and head; it stays as the path for head sizes that are
-not a multiple of 16 (and ``tiled=False``). bench/decode_attention.py, seven runs on an AMD Zen 3
-host: tiled 0.96-1.36x the per-key path (median ~1.15x) on short or cached contexts, 0.84-1.05x
-on long uncached ones, which it streams worse.
+Tasks on torch's intra-op threads, longest contexts first, with a running max and sum (online
+softmax). The context goes by in tiles of 16 keys: for up to 4 query heads sharing a KV head, a
+vector of 16 scores per head, one max and one vectorized exp (Sleef's, as in ``cpu_prefill``) per
+head and tile, then each V row read once for all those heads (``tile``); the rows two tiles
+ahead are prefetched into L2, since the block table may put them anywhere. The first version
+takes a scalar ``exp`` per key and head; it stays as the path for head sizes that are not a
+multiple of 16 (and ``tiled=False``). bench/decode_attention.py, seven runs on an AMD Zen 3 host:
+tiled 0.96-1.36x the per-key path (median ~1.15x) on short or cached contexts, 0.84-1.05x on
+long uncached ones, which it streams worse.
 
-Batches of one or two have fewer tasks than threads can share evenly (SmolLM2 at batch 1: 3
-KV heads, 3 tasks on 2 threads), so there each context is cut into parts (``splits_for``), each
-part's running max, sum and accumulator kept apart and merged at the end (``combine``), as
-flash-decoding does on GPUs. With AVX-512 a tile's 16 scores a head come out of one shuffle
-tree (``reduce16``) instead of 16 horizontal sums. Zen 4 host, batch 1, the kernel alone with
-its context in cache: 1.31x (the tree) and 1.56-1.62x (with the parts) at 400-1,000 keys; from
-memory, as in a step: 1.05-1.15x at 200-1,000 keys, 0.9-0.95x at 50-100; whole engine steps
-(``bench/README.md``, "Decode attention at batch 1"): 1.008x at ~190 keys, 1.064x at ~1,050.
+A task is a whole sequence (``seq_task``), every KV head of a block before the next block, so
+the reads go through each block's K and V front to back (3 x 4 KB for SmolLM2) rather than one
+head's 4 KB at a time: a step's context comes from memory (the weights' read evicts it), where
+the per-head walk read ~15 GB/s. Batches with fewer than 2 sequences a thread take a task per
+KV head instead, and where that still leaves threads idle (SmolLM2 at batch 1: 3 tasks on 2
+threads) each context is cut into parts (``splits_for``) whose max, sum and accumulator are
+merged at the end (``combine``), as flash-decoding does on GPUs. With AVX-512 a tile's 16
+scores a head come out of one shuffle tree (``reduce16``) instead of 16 horizontal sums.
+Measured on the Zen 4 host (bench/README.md, "Decode attention: parts, a shuffle tree, whole
+blocks"): the kernel alone from memory at batch 32 1.17-1.3x, batch 8 1.05-1.2x; whole engine
+steps batch 1 1.05-1.12x, 4-16 1.00x, 32 1.02x.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ SOURCE = r"""
 namespace decode {
 
 // Tiles of keys in flight ahead of the one being computed (the first tile is not prefetched: its
-// loads come at once). Contexts of 2 and more parts: at least MIN_PART_KEYS keys a part, and
-// SPLIT_TASKS_PER_THREAD tasks a thread (see splits_for). -D flags override them for benches.
+// loads come at once), prefetched with locality 2 (into L2: two tiles of every KV head's K and V
+// are 48 KB for SmolLM2, more than L1 holds). Contexts of 2 and more parts: at least
+// MIN_PART_KEYS keys a part, and SPLIT_TASKS_PER_THREAD tasks a thread (see splits_for). -D
+// flags override them for benches.
 #ifndef KVTIDE_PREFETCH_TILES
 #define KVTIDE_PREFETCH_TILES 2
 #endif
@@ -39,7 +44,11 @@ namespace decode {
 #ifndef KVTIDE_SPLIT_TASKS_PER_THREAD
 #define KVTIDE_SPLIT_TASKS_PER_THREAD 2
 #endif
+#ifndef KVTIDE_PREFETCH_LOCALITY
+#define KVTIDE_PREFETCH_LOCALITY 2
+#endif
 constexpr int PREFETCH_TILES = KVTIDE_PREFETCH_TILES;
+constexpr int PREFETCH_LOCALITY = KVTIDE_PREFETCH_LOCALITY;
 constexpr int64_t MIN_PART_KEYS = KVTIDE_MIN_PART_KEYS;
 constexpr int64_t SPLIT_TASKS_PER_THREAD = KVTIDE_SPLIT_TASKS_PER_THREAD;
 
@@ -124,134 +133,169 @@ static inline __m512 reduce16(__m512 u0, __m512 u1, __m512 u2, __m512 u3) {
 }
 #endif
 
-// Heads [h0, h0 + GC) of KV head kvh of one sequence; head_dim = 16 * NC. The context goes by in
-// tiles of KT keys: GC x KT scores (one vector per head), one max and one vectorized exp per head
-// and tile (not a scalar exp per key), then every V row of the tile is read once for all GC heads.
-//
-// Keys [k0, k1) only. With `part` null the result is normalized into o; otherwise head g's
-// unnormalized accumulator, running max and sum go to part + g * part_stride (D, then 2 floats)
-// for `combine` to merge with the other parts of its context.
+// One tile of up to KT keys (rows krow/vrow) for heads [h, h + GC) sharing one KV head; head_dim
+// = 16 * NC. The heads' state lives in memory between tiles (the task walks every KV head of a
+// block before the next block): qs, the scaled queries, and acc, GC * D each; m and l, GC each.
+// GC x KT scores (one vector per head), one max and one vectorized exp per head and tile (not a
+// scalar exp per key), then every V row of the tile is read once for all GC heads.
 template <int NC, int GC>
-static void task(int64_t seq, int64_t kvh, int64_t h0, const float* q, float* o, const float* kc,
-                 const float* vc, const int64_t* table, int64_t k0, int64_t k1, int64_t num_heads,
-                 int64_t num_kv_heads, int64_t block_size, float sc, float* part, int64_t part_stride) {
-  constexpr int D = NC * 16;
-  const int64_t len = k1;
+static inline void tile(const float* qs, float* acc_mem, float* m, float* l, const float* const* krow,
+                        const float* const* vrow, int nk) {
   v16 qv[GC][NC], acc[GC][NC];
-  float m[GC], l[GC];
-  for (int g = 0; g < GC; ++g) {
-    const float* qg = q + (seq * num_heads + h0 + g) * D;
-    for (int c = 0; c < NC; ++c) { qv[g][c] = load16(qg + 16 * c) * sc; acc[g][c] = v16{}; }
-    m[g] = NEG;
-    l[g] = 0.f;
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NC; ++c) {
+      qv[g][c] = load16(qs + (g * NC + c) * 16);
+      acc[g][c] = load16(acc_mem + (g * NC + c) * 16);
+    }
+  v16 p[GC];
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // Scores 8 keys at a time: each key's 16-lane partial dot folded to 8 lanes, then the 8 keys'
+  // vectors summed across lanes together by a tree of hadds, not one horizontal sum per key
+  // (~7 shuffles and adds each: a third of a tile's time). 1.07-1.17x the per-key sums on the
+  // AMD host for batch 1-32, contexts 37-600 (bench/README.md, decode attention).
+  alignas(32) float s_[GC][KT];
+  alignas(32) __m256 part[GC][8];
+  for (int j0 = 0; j0 < nk; j0 += 8) {
+    const int n8 = std::min(8, nk - j0);
+    for (int jj = 0; jj < 8; ++jj) {
+      if (jj >= n8) { for (int g = 0; g < GC; ++g) part[g][jj] = _mm256_setzero_ps(); continue; }
+      v16 d[GC];
+      key_dots<NC, GC>(qv, krow[j0 + jj], d);
+      for (int g = 0; g < GC; ++g) part[g][jj] = _mm256_add_ps(prefill::lo8(d[g]), prefill::hi8(d[g]));
+    }
+    for (int g = 0; g < GC; ++g) {
+      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(part[g][0], part[g][1]), _mm256_hadd_ps(part[g][2], part[g][3]));
+      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(part[g][4], part[g][5]), _mm256_hadd_ps(part[g][6], part[g][7]));
+      _mm256_store_ps(&s_[g][j0], _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
   }
-  const float* krow[KT];
-  const float* vrow[KT];
-  // The rows of the tile PREFETCH_TILES ahead, from wherever the block table put them (each is
-  // 4 * D bytes); the tiles before it, before the loop. A step's context comes from memory (the
-  // weights' read has evicted it).
+  for (int g = 0; g < GC; ++g) {
+    for (int j = nk; j < KT; ++j) s_[g][j] = NEG;
+    p[g] = load16(s_[g]);
+  }
+#elif defined(__AVX512F__)
+  // The 16 keys' partial dots reduced together, 4 keys at a time then the four groups
+  // (reduce4, reduce16): 45 shuffles and adds a head and tile, not a horizontal sum and a lane
+  // insert per key (~160).
+  __m512 u[GC][4];
+  for (int j0 = 0; j0 < KT; j0 += 4) {
+    v16 d[4][GC];
+    for (int jj = 0; jj < 4; ++jj) {
+      if (j0 + jj < nk) {
+        key_dots<NC, GC>(qv, krow[j0 + jj], d[jj]);
+      } else {
+        for (int g = 0; g < GC; ++g) d[jj][g] = v16{};
+      }
+    }
+    for (int g = 0; g < GC; ++g)
+      u[g][j0 / 4] = reduce4((__m512)d[0][g], (__m512)d[1][g], (__m512)d[2][g], (__m512)d[3][g]);
+  }
+  for (int g = 0; g < GC; ++g) {
+    p[g] = (v16)reduce16(u[g][0], u[g][1], u[g][2], u[g][3]);
+    for (int j = nk; j < KT; ++j) p[g][j] = NEG;
+  }
+#else
+  for (int g = 0; g < GC; ++g) p[g] = splat(NEG);
+  for (int j = 0; j < nk; ++j) {
+    v16 d[GC];
+    key_dots<NC, GC>(qv, krow[j], d);
+    for (int g = 0; g < GC; ++g) p[g][j] = hsum(d[g]);
+  }
+#endif
+  for (int g = 0; g < GC; ++g) {
+    const float m_new = std::max(m[g], hmax(p[g]));
+    if (m_new > m[g]) {  // rescale what was accumulated under the old max
+      const float alpha = std::exp(m[g] - m_new);
+      l[g] *= alpha;
+      for (int c = 0; c < NC; ++c) acc[g][c] *= alpha;
+      m[g] = m_new;
+    }
+    p[g] = exp16(p[g] - m_new);  // lanes past nk hold NEG: exp gives 0
+    l[g] += hsum(p[g]);
+  }
+  for (int c = 0; c < NC; ++c)
+    for (int j = 0; j < nk; ++j) {
+      const v16 v = load16(vrow[j] + 16 * c);
+      for (int g = 0; g < GC; ++g) acc[g][c] += p[g][j] * v;
+    }
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NC; ++c) store16(acc_mem + (g * NC + c) * 16, acc[g][c]);
+}
+
+// Keys [k0, k1) of sequence seq, all its heads: block by block, every KV head of a block before
+// the next block, so the reads go through each block's K and V front to back (nkv x 4 KB each
+// for SmolLM2's 16-key blocks) instead of one head's 4 KB at a time. From memory, as in a step,
+// the per-head walk read at ~15-21 GB/s where a plain sum of the same bytes reads ~47.
+// With `part` null the result is normalized into o; otherwise head h's unnormalized
+// accumulator, running max and sum go to part + h * part_stride (D, then 2 floats) for
+// `combine` to merge with the other parts of its context.
+template <int NC>
+static void seq_task(int64_t seq, int64_t kvh0, int64_t kvh1, const float* q, float* o, const float* kc,
+                     const float* vc, const int64_t* table, int64_t k0, int64_t k1, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t block_size, float sc, float* part, int64_t part_stride) {
+  constexpr int D = NC * 16;
+  const int64_t group = num_heads / num_kv_heads, len = k1, h0 = kvh0 * group, h1 = kvh1 * group;
+  thread_local std::vector<float> state;
+  state.resize(num_heads * (2 * D + 2));
+  float* qs = state.data();
+  float* acc = qs + num_heads * D;
+  float* m = acc + num_heads * D;
+  float* l = m + num_heads;
+  for (int64_t h = h0; h < h1; ++h) {
+    const float* qh = q + (seq * num_heads + h) * D;
+    for (int d = 0; d < D; ++d) { qs[h * D + d] = qh[d] * sc; acc[h * D + d] = 0.f; }
+    m[h] = NEG;
+    l[h] = 0.f;
+  }
+  // The rows of the tile PREFETCH_TILES ahead, every KV head's, from wherever the block table put
+  // them (each is 4 * D bytes); the tiles before it, before the loop.
   auto prefetch_tile = [&](int64_t kb) {
     const int64_t n = std::min<int64_t>(KT, len - kb);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t row = cache_row(table, kb + j, num_kv_heads, kvh, block_size, D);
-      for (int c = 0; c < D; c += 16) {
-        __builtin_prefetch(kc + row + c);
-        __builtin_prefetch(vc + row + c);
-      }
-    }
-  };
-  for (int t = 1; t < PREFETCH_TILES && k0 + t * KT < len; ++t) prefetch_tile(k0 + t * KT);
-  for (int64_t kb = k0; kb < len; kb += KT) {
-    const int nk = static_cast<int>(std::min<int64_t>(KT, len - kb));
-    for (int j = 0; j < nk; ++j) {
-      const int64_t row = cache_row(table, kb + j, num_kv_heads, kvh, block_size, D);
-      krow[j] = kc + row;
-      vrow[j] = vc + row;
-    }
-    if (kb + PREFETCH_TILES * KT < len) prefetch_tile(kb + PREFETCH_TILES * KT);
-    v16 p[GC];
-#if defined(__AVX2__) && !defined(__AVX512F__)
-    // Scores 8 keys at a time: each key's 16-lane partial dot folded to 8 lanes, then the 8 keys'
-    // vectors summed across lanes together by a tree of hadds, not one horizontal sum per key
-    // (~7 shuffles and adds each: a third of a tile's time). 1.07-1.17x the per-key sums on the
-    // AMD host for batch 1-32, contexts 37-600 (bench/README.md, decode attention).
-    alignas(32) float s_[GC][KT];
-    alignas(32) __m256 part[GC][8];
-    for (int j0 = 0; j0 < nk; j0 += 8) {
-      const int n8 = std::min(8, nk - j0);
-      for (int jj = 0; jj < 8; ++jj) {
-        if (jj >= n8) { for (int g = 0; g < GC; ++g) part[g][jj] = _mm256_setzero_ps(); continue; }
-        v16 d[GC];
-        key_dots<NC, GC>(qv, krow[j0 + jj], d);
-        for (int g = 0; g < GC; ++g) part[g][jj] = _mm256_add_ps(prefill::lo8(d[g]), prefill::hi8(d[g]));
-      }
-      for (int g = 0; g < GC; ++g) {
-        const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(part[g][0], part[g][1]), _mm256_hadd_ps(part[g][2], part[g][3]));
-        const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(part[g][4], part[g][5]), _mm256_hadd_ps(part[g][6], part[g][7]));
-        _mm256_store_ps(&s_[g][j0], _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-      }
-    }
-    for (int g = 0; g < GC; ++g) {
-      for (int j = nk; j < KT; ++j) s_[g][j] = NEG;
-      p[g] = load16(s_[g]);
-    }
-#elif defined(__AVX512F__)
-    // The 16 keys' partial dots reduced together, 4 keys at a time then the four groups
-    // (reduce4, reduce16): 45 shuffles and adds a head and tile, not a horizontal sum and a lane
-    // insert per key (~160).
-    __m512 u[GC][4];
-    for (int j0 = 0; j0 < KT; j0 += 4) {
-      v16 d[4][GC];
-      for (int jj = 0; jj < 4; ++jj) {
-        if (j0 + jj < nk) {
-          key_dots<NC, GC>(qv, krow[j0 + jj], d[jj]);
-        } else {
-          for (int g = 0; g < GC; ++g) d[jj][g] = v16{};
+    for (int64_t kvh = kvh0; kvh < kvh1; ++kvh)
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t row = cache_row(table, kb + j, num_kv_heads, kvh, block_size, D);
+        for (int c = 0; c < D; c += 16) {
+          __builtin_prefetch(kc + row + c, 0, PREFETCH_LOCALITY);
+          __builtin_prefetch(vc + row + c, 0, PREFETCH_LOCALITY);
         }
       }
-      for (int g = 0; g < GC; ++g)
-        u[g][j0 / 4] = reduce4((__m512)d[0][g], (__m512)d[1][g], (__m512)d[2][g], (__m512)d[3][g]);
-    }
-    for (int g = 0; g < GC; ++g) {
-      p[g] = (v16)reduce16(u[g][0], u[g][1], u[g][2], u[g][3]);
-      for (int j = nk; j < KT; ++j) p[g][j] = NEG;
-    }
-#else
-    for (int g = 0; g < GC; ++g) p[g] = splat(NEG);
-    for (int j = 0; j < nk; ++j) {
-      v16 d[GC];
-      key_dots<NC, GC>(qv, krow[j], d);
-      for (int g = 0; g < GC; ++g) p[g][j] = hsum(d[g]);
-    }
-#endif
-    for (int g = 0; g < GC; ++g) {
-      const float m_new = std::max(m[g], hmax(p[g]));
-      if (m_new > m[g]) {  // rescale what was accumulated under the old max
-        const float alpha = std::exp(m[g] - m_new);
-        l[g] *= alpha;
-        for (int c = 0; c < NC; ++c) acc[g][c] *= alpha;
-        m[g] = m_new;
-      }
-      p[g] = exp16(p[g] - m_new);  // lanes past nk hold NEG: exp gives 0
-      l[g] += hsum(p[g]);
-    }
-    for (int c = 0; c < NC; ++c)
+  };
+  for (int t = 1; t < PREFETCH_TILES && k0 + t * KT < len; ++t) prefetch_tile(k0 + t * KT);
+  const float* krow[KT];
+  const float* vrow[KT];
+  for (int64_t kb = k0; kb < len; kb += KT) {
+    const int nk = static_cast<int>(std::min<int64_t>(KT, len - kb));
+    if (kb + PREFETCH_TILES * KT < len) prefetch_tile(kb + PREFETCH_TILES * KT);
+    for (int64_t kvh = kvh0; kvh < kvh1; ++kvh) {
       for (int j = 0; j < nk; ++j) {
-        const v16 v = load16(vrow[j] + 16 * c);
-        for (int g = 0; g < GC; ++g) acc[g][c] += p[g][j] * v;
+        const int64_t row = cache_row(table, kb + j, num_kv_heads, kvh, block_size, D);
+        krow[j] = kc + row;
+        vrow[j] = vc + row;
       }
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {  // up to 4 query heads share a tile in registers
+        const int64_t h = kvh * group + g0;
+        float *ah = acc + h * D, *mh = m + h, *lh = l + h;
+        const float* qh = qs + h * D;
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 1: tile<NC, 1>(qh, ah, mh, lh, krow, vrow, nk); break;
+          case 2: tile<NC, 2>(qh, ah, mh, lh, krow, vrow, nk); break;
+          case 3: tile<NC, 3>(qh, ah, mh, lh, krow, vrow, nk); break;
+          default: tile<NC, 4>(qh, ah, mh, lh, krow, vrow, nk); break;
+        }
+      }
+    }
   }
-  for (int g = 0; g < GC; ++g) {
+  for (int64_t h = h0; h < h1; ++h) {
     if (part != nullptr) {
-      float* pg = part + g * part_stride;
-      for (int c = 0; c < NC; ++c) store16(pg + 16 * c, acc[g][c]);
-      pg[D] = m[g];
-      pg[D + 1] = l[g];
+      float* ph = part + h * part_stride;
+      for (int d = 0; d < D; ++d) ph[d] = acc[h * D + d];
+      ph[D] = m[h];
+      ph[D + 1] = l[h];
       continue;
     }
-    float* os = o + (seq * num_heads + h0 + g) * D;
-    const float inv = 1.f / l[g];
-    for (int c = 0; c < NC; ++c) store16(os + 16 * c, acc[g][c] * inv);
+    float* os = o + (seq * num_heads + h) * D;
+    const float inv = 1.f / l[h];
+    for (int d = 0; d < D; ++d) os[d] = acc[h * D + d] * inv;
   }
 }
 
@@ -273,40 +317,28 @@ static void combine(const float* parts, int64_t splits, int64_t head_dim, float*
   for (int64_t d = 0; d < head_dim; ++d) out[d] *= inv;
 }
 
-template <int NC>
-static void heads(int64_t gc, int64_t seq, int64_t kvh, int64_t h0, const float* q, float* o, const float* kc,
-                  const float* vc, const int64_t* table, int64_t k0, int64_t k1, int64_t num_heads,
-                  int64_t num_kv_heads, int64_t block_size, float sc, float* part, int64_t splits) {
-#define KVTIDE_DECODE_GC(G) \
-    return task<NC, G>(seq, kvh, h0, q, o, kc, vc, table, k0, k1, num_heads, num_kv_heads, block_size, sc, part, \
-                       splits * (NC * 16 + 2));
-  switch (gc) {
-    case 1: KVTIDE_DECODE_GC(1)
-    case 2: KVTIDE_DECODE_GC(2)
-    case 3: KVTIDE_DECODE_GC(3)
-    default: KVTIDE_DECODE_GC(4)
-  }
-#undef KVTIDE_DECODE_GC
-}
-
-// How many parts each sequence's context is cut into. A batch of one or two has fewer tasks than
-// a few per thread (SmolLM2: 3 KV heads, so batch 1 is 3 tasks on 2 threads, one thread idle for
-// a third of the attention): then each context is cut into parts of at least MIN_PART_KEYS keys,
-// as many as make the tasks a multiple of the threads, at least SPLIT_TASKS_PER_THREAD each.
+// How many parts each sequence's context is cut into. A batch of fewer than
+// SPLIT_TASKS_PER_THREAD sequences a thread leaves threads idle (batch 1 is one task), so each
+// context is cut into parts of at least MIN_PART_KEYS keys: the fewest that give every thread
+// SPLIT_TASKS_PER_THREAD tasks, or else the most that still share evenly among the threads.
 static int64_t splits_for(int64_t tasks, int64_t max_len, int64_t threads) {
   if (threads <= 1 || tasks >= SPLIT_TASKS_PER_THREAD * threads) return 1;
-  const int64_t most = max_len / MIN_PART_KEYS;
-  int64_t s = 1;
-  while (s < most && (tasks * s < SPLIT_TASKS_PER_THREAD * threads || (tasks * s) % threads)) ++s;
-  return std::max<int64_t>(1, std::min(s, most));
+  const int64_t most = std::max<int64_t>(1, max_len / MIN_PART_KEYS);
+  int64_t even = 1;
+  for (int64_t s = 1; s <= most; ++s) {
+    if ((tasks * s) % threads) continue;
+    if (tasks * s >= SPLIT_TASKS_PER_THREAD * threads) return s;
+    even = s;
+  }
+  return even;
 }
 
 }  // namespace decode
 
-// How many parts paged_decode_attention cuts each context into for this batch (the tests ask).
-int64_t decode_splits(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t max_len, int64_t threads) {
-  const int64_t chunks = (num_heads / num_kv_heads + 3) / 4;
-  return decode::splits_for(num_seqs * num_kv_heads * chunks, max_len, threads);
+// How many parts paged_decode_attention cuts each context into, for `tasks` tasks of whole
+// contexts (the tests ask).
+int64_t decode_splits(int64_t tasks, int64_t max_len, int64_t threads) {
+  return decode::splits_for(tasks, max_len, threads);
 }
 
 // out, query: [num_seqs, num_heads, head_dim] f32 contiguous; k/v_cache: [num_blocks, num_kv_heads,
@@ -319,7 +351,6 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
-  const int64_t chunks = (group + 3) / 4;
   const float* q = query.data_ptr<float>();
   const float* kc = k_cache.data_ptr<float>();
   const float* vc = v_cache.data_ptr<float>();
@@ -335,33 +366,37 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
     });
     return;
   }
-  const int64_t tasks = num_seqs * num_kv_heads * chunks;
   int64_t max_len = 0;
   for (int64_t s = 0; s < num_seqs; ++s) max_len = std::max(max_len, lens[s]);
-  const int64_t splits = decode_splits(num_seqs, num_heads, num_kv_heads, max_len, at::get_num_threads());
-  // A part's keys: whole tiles, the sequence's context cut as evenly as tiles allow.
+  const int64_t threads = at::get_num_threads();
+  // Enough sequences: one task each, all its heads. A small batch: one task per KV head, each
+  // context cut into parts as well where that still leaves threads idle.
+  const int64_t heads_per_task = num_seqs >= decode::SPLIT_TASKS_PER_THREAD * threads ? num_kv_heads : 1;
+  const int64_t per_seq = num_kv_heads / heads_per_task;
+  const int64_t splits = decode_splits(num_seqs * per_seq, max_len, threads);
   std::vector<float> parts(splits > 1 ? num_seqs * num_heads * splits * (head_dim + 2) : 0);
-  at::parallel_for(0, tasks * splits, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t task = t / splits, split = t % splits;
-      const int64_t seq = task / (num_kv_heads * chunks), kvh = task / chunks % num_kv_heads, chunk = task % chunks;
-      const int64_t g0 = chunk * 4, gc = std::min<int64_t>(4, group - g0), h0 = kvh * group + g0;
-      const int64_t* table = bt + seq * max_blocks;
-      const int64_t per = (lens[seq] + splits * decode::KT - 1) / (splits * decode::KT) * decode::KT;
+  // (sequence, KV heads, part) tasks, longest contexts first, taken by whichever thread is free.
+  const int64_t n = num_seqs * per_seq * splits;
+  std::vector<int64_t> order(n);
+  for (int64_t t = 0; t < n; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return lens[a / (per_seq * splits)] > lens[b / (per_seq * splits)]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, n), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) {
+      const int64_t seq = order[i] / (per_seq * splits), kvh0 = order[i] / splits % per_seq * heads_per_task;
+      const int64_t split = order[i] % splits;
+      // A part's keys: the sequence's context cut evenly (whole tiles would leave a thread
+      // with a part of 64 keys beside one of 8); a short context's last parts may be empty:
+      // max NEG, sum 0.
+      const int64_t per = (lens[seq] + splits - 1) / splits;
       const int64_t k0 = std::min(lens[seq], split * per), k1 = std::min(lens[seq], k0 + per);
-      // Head h's parts sit together: parts + ((seq * num_heads + h) * splits + split) * (head_dim + 2),
-      // so the task's GC heads are splits * (head_dim + 2) apart; `heads` writes them one stride apart.
-      float* part = splits > 1 ? parts.data() + ((seq * num_heads + h0) * splits + split) * (head_dim + 2) : nullptr;
-      if (part != nullptr && k0 == k1) {  // nothing left for this part: empty
-        for (int64_t g = 0; g < gc; ++g) {
-          float* pg = part + g * splits * (head_dim + 2);
-          pg[head_dim] = decode::NEG;
-          pg[head_dim + 1] = 0.f;
-        }
-        continue;
-      }
+      // Head h's parts sit together: parts + ((seq * num_heads + h) * splits + split) * (head_dim + 2).
+      float* part = splits > 1 ? parts.data() + (seq * num_heads * splits + split) * (head_dim + 2) : nullptr;
+      const int64_t* table = bt + seq * max_blocks;
 #define KVTIDE_DECODE_CASE(NC) \
-      case NC: decode::heads<NC>(gc, seq, kvh, h0, q, o, kc, vc, table, k0, k1, num_heads, num_kv_heads, block_size, sc, part, splits); break;
+      case NC: decode::seq_task<NC>(seq, kvh0, kvh0 + heads_per_task, q, o, kc, vc, table, k0, k1, num_heads, \
+                                    num_kv_heads, block_size, sc, part, splits * (head_dim + 2)); break;
       switch (head_dim / 16) {
         KVTIDE_DECODE_CASE(1) KVTIDE_DECODE_CASE(2) KVTIDE_DECODE_CASE(3) KVTIDE_DECODE_CASE(4)
         KVTIDE_DECODE_CASE(5) KVTIDE_DECODE_CASE(6) KVTIDE_DECODE_CASE(7) KVTIDE_DECODE_CASE(8)

@@ -8,7 +8,8 @@ makes 300 SDPA calls, 300 output copies and a Python loop per layer, and each ca
 gathers its whole context back out of the cache. This kernel reads K and V where the cache
 holds them, and spreads (sequence, KV head, 16-query tile) tasks over the threads, largest first.
 
-Per task (the generic body; AVX2 hosts with FMA run ``cpu_prefill_avx2``'s instead): the
+Per task (the generic body; AVX2 hosts and AMD's AVX-512 ones run ``cpu_prefill_avx2``'s
+instead, ``blocked_task``): the
 tile's queries (times the heads sharing the KV head) against 16-key tiles of the context, with
 a running max and sum per query row (online softmax, FlashAttention's recurrence); scores and
 softmax in fp32. Vectors are GCC's generic 16-float vectors, which the compiler lowers to one
@@ -35,6 +36,18 @@ def beats_the_twin() -> bool:
     (2026-12-03); 1.33-2.46x on an AMD EPYC (Zen 3, AVX2) host with the AVX2 task (2026-12-04),
     where the generic task had run 0.12-0.35x. Hosts without AVX2 prefill through the twin."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
+
+
+@functools.cache
+def blocked_task() -> bool:
+    """Whether tasks run ``cpu_prefill_avx2``'s register-blocked body (built wherever AVX2 and FMA
+    are) instead of the generic one: on AVX2 hosts, where the generic body's 16-float vectors
+    spill, and on AMD's AVX-512 hosts, where 512-bit FMAs issue as two 256-bit halves and the
+    blocked body's small GEMMs measured 1.12-1.15x the generic one (Zen 4, 2026-12-05,
+    bench/README.md "Prefill attention on AMD AVX-512"). Intel's AVX-512 hosts keep the generic
+    body, measured there and not the other."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability == "AVX2" or (capability == "AVX512" and cpu_simd.cpu_vendor() == "AuthenticAMD")
 
 SOURCE = r"""
 #include <algorithm>
@@ -204,7 +217,7 @@ static void run_task(const Task& t, const float* q, int64_t q_stride, float* o, 
 // i64; query_start_loc: [S + 1] i64; seq_lens: [S] i64 (context length after the chunk).
 void paged_prefill_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                              torch::Tensor block_tables, torch::Tensor query_start_loc, torch::Tensor seq_lens,
-                             double scale) {
+                             double scale, bool blocked) {
   using namespace prefill;
   const int64_t num_heads = query.size(1), head_dim = query.size(2);
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
@@ -226,17 +239,20 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor query, torch::Tens
   auto body = [&](auto nc_tag) {
     constexpr int NC = decltype(nc_tag)::value;
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      for (int64_t i = next++; i < n; i = next++)
+      for (int64_t i = next++; i < n; i = next++) {
 #ifdef KVTIDE_PREFILL_AVX2
-        prefill_avx2::run_task<NC>(tasks[i].seq, tasks[i].kvh, tasks[i].t0, tasks[i].t1, query.data_ptr<float>(),
-                                   query.stride(0), out.data_ptr<float>(), k_cache.data_ptr<float>(),
-                                   v_cache.data_ptr<float>(), block_tables.data_ptr<int64_t>(), max_blocks, qsl, lens,
-                                   num_heads, num_kv_heads, block_size, static_cast<float>(scale));
-#else
+        if (blocked) {
+          prefill_avx2::run_task<NC>(tasks[i].seq, tasks[i].kvh, tasks[i].t0, tasks[i].t1, query.data_ptr<float>(),
+                                     query.stride(0), out.data_ptr<float>(), k_cache.data_ptr<float>(),
+                                     v_cache.data_ptr<float>(), block_tables.data_ptr<int64_t>(), max_blocks, qsl,
+                                     lens, num_heads, num_kv_heads, block_size, static_cast<float>(scale));
+          continue;
+        }
+#endif
         run_task<NC>(tasks[i], query.data_ptr<float>(), query.stride(0), out.data_ptr<float>(),
                      k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), block_tables.data_ptr<int64_t>(),
                      max_blocks, qsl, lens, num_heads, num_kv_heads, block_size, static_cast<float>(scale));
-#endif
+      }
     });
   };
   switch (head_dim) {

@@ -23,7 +23,7 @@ its square. Scores and sums are fp32 throughout; results match the twin to ~1e-6
 from kvtide.kernels import cpu_simd
 
 SOURCE = r"""
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <algorithm>
 #include <immintrin.h>
 #include <sleef.h>

@@ -29,19 +29,22 @@ def test_matches_the_torch_twin(block_size, num_heads, num_kv_heads, head_dim, t
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
+# A batch of fewer than 2 sequences a thread runs a task per KV head (`tasks` for the whole
+# batch), and cuts contexts into parts where those tasks still leave a thread idle.
 @pytest.mark.parametrize(
-    "seq_lens,num_heads,num_kv_heads,parts",
-    [([1000], 9, 3, 2), ([129], 9, 3, 2), ([300, 7], 4, 1, 2), ([70, 2000], 4, 1, 2), ([2000], 5, 1, 2), ([64], 4, 2, 1)],
+    "seq_lens,num_heads,num_kv_heads,tasks,parts",
+    [([1000], 9, 3, 3, 2), ([129], 9, 3, 3, 2), ([300, 7], 4, 1, 2, 2), ([70, 2000], 4, 1, 2, 2),
+     ([2000], 5, 1, 1, 4), ([64], 4, 2, 2, 1)],
     ids=["one-long", "two-parts", "an-empty-part", "uneven", "a-head-left-over", "too-short"],
-)
-def test_a_small_batch_cut_into_parts_matches_the_torch_twin(seq_lens, num_heads, num_kv_heads, parts):
+)  # fmt: skip
+def test_a_small_batch_cut_into_parts_matches_the_torch_twin(seq_lens, num_heads, num_kv_heads, tasks, parts):
     """Batches of one or two split each context over the threads and merge the parts; a part
     may be empty (the 7-key sequence beside a 300-key one)."""
     module = cpu_attention._module()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert module.decode_splits(len(seq_lens), num_heads, num_kv_heads, max(seq_lens), 2) == parts
+        assert module.decode_splits(tasks, max(seq_lens), 2) == parts
         k_cache, v_cache, tables, _, _ = _paged_setup(seq_lens, 16, num_kv_heads, 64, seed=8)
         q = torch.randn(len(seq_lens), num_heads, 64, generator=torch.Generator().manual_seed(9))
         lens = torch.tensor(seq_lens)
@@ -54,11 +57,32 @@ def test_a_small_batch_cut_into_parts_matches_the_torch_twin(seq_lens, num_heads
 
 def test_the_parts_make_the_tasks_a_multiple_of_the_threads():
     module = cpu_attention._module()
-    assert module.decode_splits(1, 9, 3, 1000, 2) == 2  # 3 tasks -> 6 on 2 threads
-    assert module.decode_splits(1, 9, 3, 1000, 4) == 4  # 3 -> 12 on 4
-    assert module.decode_splits(1, 9, 3, 1000, 1) == 1  # one thread: nothing to share
-    assert module.decode_splits(4, 9, 3, 1000, 2) == 1  # 12 tasks already
-    assert module.decode_splits(1, 9, 3, 100, 2) == 1  # parts of at least 64 keys
+    assert module.decode_splits(3, 1000, 2) == 2  # 3 tasks -> 6, 3 a thread
+    assert module.decode_splits(3, 1000, 4) == 4  # 3 -> 12 on 4
+    assert module.decode_splits(1, 1000, 2) == 4  # 1 -> 4, 2 a thread
+    assert module.decode_splits(1, 190, 2) == 2  # parts of at least 64 keys: 2 of the 2 allowed
+    assert module.decode_splits(3, 1000, 1) == 1  # one thread: nothing to share
+    assert module.decode_splits(4, 1000, 2) == 1  # 4 tasks already
+    assert module.decode_splits(3, 100, 2) == 1  # too short for two parts
+
+
+def test_a_batch_of_sequences_walks_every_head_of_a_block_together():
+    """From 2 sequences a thread each task is a whole sequence, all its KV heads, block by block;
+    lengths differ so that the longest-first order matters, and block sizes below and above the
+    16-key tile put tiles across blocks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for block_size in (5, 16, 32):
+            seq_lens = [3, 700, 16, 129, 45, 1]
+            k_cache, v_cache, tables, _, _ = _paged_setup(seq_lens, block_size, 3, 64, seed=10)
+            q = torch.randn(len(seq_lens), 9, 64, generator=torch.Generator().manual_seed(11))
+            lens = torch.tensor(seq_lens)
+            want = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125)
+            got = cpu_attention.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, 0.125)
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_rejects_what_it_cannot_compute():
@@ -85,7 +109,9 @@ CHUNKS = [[(94, 0), (94, 0)], [(1, 0), (17, 40), (33, 16), (5, 300)], [(16, 0), 
 @pytest.mark.parametrize("chunks", CHUNKS, ids=["prompts", "chunks", "tiles"])
 @pytest.mark.parametrize("block_size", [5, 16])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 8, 128), (4, 1, 80), (6, 2, 96)])
-def test_prefill_matches_the_torch_twin(chunks, block_size, num_heads, num_kv_heads, head_dim):
+# Both task bodies where the build has AVX2 and FMA (elsewhere both are the generic one).
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "generic"])
+def test_prefill_matches_the_torch_twin(chunks, block_size, num_heads, num_kv_heads, head_dim, blocked):
     seq_lens = [new + cached for new, cached in chunks]
     k_cache, v_cache, tables, _, _ = _paged_setup(seq_lens, block_size, num_kv_heads, head_dim, seed=7)
     starts = [0]
@@ -97,10 +123,25 @@ def test_prefill_matches_the_torch_twin(chunks, block_size, num_heads, num_kv_he
     scale = head_dim**-0.5
     want = paged_prefill_attention_ref(q, k_cache, v_cache, tables, starts, seq_lens, scale)
     got = cpu_attention.paged_prefill_attention_cpu(
-        q, k_cache, v_cache, tables, torch.tensor(starts), torch.tensor(seq_lens), scale
+        q, k_cache, v_cache, tables, torch.tensor(starts), torch.tensor(seq_lens), scale, blocked=blocked
     )
     assert not got.isnan().any()  # the cache's unused slots are NaN: none was read
     torch.testing.assert_close(got, want, atol=3e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "capability,vendor,blocked",
+    [("AVX2", "AuthenticAMD", True), ("AVX2", "GenuineIntel", True), ("AVX512", "AuthenticAMD", True),
+     ("AVX512", "GenuineIntel", False), ("DEFAULT", "AuthenticAMD", False)],
+)  # fmt: skip
+def test_the_blocked_task_runs_where_it_was_measured_faster(monkeypatch, capability, vendor, blocked):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(cpu_prefill.cpu_simd, "cpu_vendor", lambda: vendor)
+    cpu_prefill.blocked_task.cache_clear()
+    try:
+        assert cpu_prefill.blocked_task() is blocked
+    finally:
+        cpu_prefill.blocked_task.cache_clear()
 
 
 def test_prefill_rejects_what_it_cannot_compute():
