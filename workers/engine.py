@@ -108,6 +108,8 @@ class Engine:
             memory = shard.measure_memory(sched.max_num_batched_tokens, sched.max_num_seqs)
             config = dataclasses.replace(config, num_blocks=kv_plan(config, [memory]).num_blocks)
             shard.allocate_kv_cache(config.num_blocks)
+        sched = config.engine.scheduler
+        shard.warm_up(sched.max_num_batched_tokens, sched.max_num_seqs)
         logger.info(config.describe_kv_cache())
         return cls(config, LocalExecutor(shard))
 

@@ -154,6 +154,34 @@ class ShardRunner:
         not_torch = max(0, (total - free) - torch.cuda.memory_reserved(dev))
         return ShardMemory(total, weights, peak + not_torch)
 
+    @torch.inference_mode()
+    def warm_up(self, num_tokens: int, num_seqs: int) -> None:
+        """One dummy step of ``num_tokens`` prompt tokens (``max_num_batched_tokens``) through this
+        shard's layers, and the logits of ``num_seqs`` rows on the last stage, so that the first
+        requests do not pay for what a process does once: faulting in a full step's activations
+        (which later steps reuse, ``host_memory``), the kernels' first calls, the threads'
+        start. On the Zen 4 host the first 1,024-token step of the peers' mixed workload took
+        100-170 ms longer than the same step later (bench/README.md, "A warm-up step at start");
+        vLLM runs a dummy step of its token budget at start for the same reason. No send/recv:
+        a later stage runs on zeros, every TP rank the same step (call it on all of them). The
+        K and V go to the cache's first blocks, which no request owns yet; a request writes
+        every slot it reads."""
+        if not self.kv_caches:
+            raise RuntimeError("warm_up needs the KV cache: call allocate_kv_cache first")
+        num_blocks = self.kv_caches[0][0].shape[0]
+        num_tokens = max(1, min(num_tokens, num_blocks * self.block_size))
+        blocks = -(-num_tokens // self.block_size)
+        dev = self.device
+        inputs = pack_batch([([0] * num_tokens, 0, list(range(blocks)), True)], (), self.block_size, dev)
+        hidden = residual = None
+        if self.links.prev_rank is not None:
+            hidden = torch.zeros(num_tokens, self.model.args.hidden_size, dtype=self.dtype, device=dev)
+            residual = torch.zeros_like(hidden)
+        hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
+                               hidden, residual)  # fmt: skip
+        if self.links.next_rank is None:
+            self.model.compute_logits(hidden[-1:].expand(num_seqs, -1).contiguous())
+
     pipeline_wait_s = 0.0
     """Seconds spent in send/recv to neighbouring stages (waiting for a peer included): a
     stage's busy time is its step time minus this."""

@@ -171,8 +171,12 @@ class ShardActor:
                           str(self.device), str(config.dtype).removeprefix("torch."), weight_bytes, memory)  # fmt: skip
 
     def allocate(self, num_blocks: int) -> int:
-        """Allocate this shard's KV cache; returns its bytes."""
-        return self.runner.allocate_kv_cache(num_blocks)
+        """Allocate this shard's KV cache and run one dummy step in it (``ShardRunner.warm_up``;
+        every shard of the replica at once, as a step's collectives need); returns its bytes."""
+        kv_bytes = self.runner.allocate_kv_cache(num_blocks)
+        sched = self.spec.config.engine.scheduler
+        self.runner.warm_up(sched.max_num_batched_tokens, sched.max_num_seqs)
+        return kv_bytes
 
     def _tp_group(self):
         """This stage's TP group. NOTE: ``new_group`` is collective over the whole world, so every

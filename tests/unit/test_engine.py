@@ -129,6 +129,31 @@ def test_greedy_output_is_the_same_in_every_batching_mode(tiny, reference, optio
     assert_all_blocks_free(engine)
 
 
+@pytest.mark.parametrize("num_blocks,tokens", [(64, 64), (10, 40)], ids=["budget", "capped-by-the-cache"])
+def test_an_engine_starts_with_one_dummy_step_of_its_token_budget_and_a_clean_slate(
+    tiny, reference, monkeypatch, num_blocks, tokens
+):
+    """The warm-up step runs the model once on ``max_num_batched_tokens`` tokens (no more than the
+    cache holds) and leaves nothing behind: no request, every block free, no stats; what it
+    wrote in free blocks changes no output: the same prompts right after it give ``reference``,
+    which test_matches_transformers_greedy holds against transformers."""
+    seen = []
+    forward = type(tiny.model).forward
+
+    def counting(self, input_ids, *args, **kwargs):
+        seen.append(input_ids.numel())
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny.model), "forward", counting)
+    engine = make_engine(tiny, num_blocks=num_blocks)
+    assert seen == [tokens]
+    assert_all_blocks_free(engine)
+    stats = engine.stats()
+    assert (stats.num_preemptions, stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens) == (0, 0, 0)
+    result = generate(engine, PROMPTS)
+    assert {rid: result[(rid, 0)].token_ids for rid in PROMPTS} == reference
+
+
 def test_prefix_cache_hits_do_not_change_output(tiny, reference):
     engine = make_engine(tiny)
     generate(engine, {"first": PROMPTS["p13"]})
