@@ -153,7 +153,7 @@ def report_single(runs: list[tuple[str, Result, Result]], new_tokens: int) -> No
     print(f"\n== single stream: ISL {SINGLE_ISL}, {new_tokens} new tokens; decode rate excludes the "
           "prefill and first token; floor = weight bytes / the fastest read bandwidth sampled beside "
           "the kvtide process's reps (a 1 GiB sum on huge pages; the slowest sample in brackets)")
-    pair_ratios = []
+    pair_ratios, rep_ratios = [], []
     for label, kv, vl in runs:
         floor_ms = 1e3 * kv.floor["weight_bytes"] / (kv.floor["read_gbs"] * 1e9)
         line, rates = [], {}
@@ -167,7 +167,30 @@ def report_single(runs: list[tuple[str, Result, Result]], new_tokens: int) -> No
               f"{kv.floor['read_gbs']:.1f} GB/s = {floor_ms:.1f} ms"
               + (f" [{kv.floor['read_gbs_slowest']:.1f} GB/s]" if "read_gbs_slowest" in kv.floor else "")
               + f"; kvtide/vllm {pair_ratios[-1]:.2f}x")
+        by_rep = rep_floor_ratios(kv)
+        if by_rep:
+            rep_ratios.extend(by_rep)
+            print(f"   {label}: kvtide rep by rep, median step / the floor at the faster of the samples "
+                  f"just before and after it: {' '.join(f'{x:.2f}x' for x in by_rep)}")
     print(f"   median kvtide/vllm single-stream decode: {statistics.median(pair_ratios):.2f}x")
+    if rep_ratios:
+        print(f"   median kvtide step / floor, rep by rep: {statistics.median(rep_ratios):.2f}x "
+              f"({len(rep_ratios)} reps)")
+
+
+def rep_floor_ratios(kv: Result) -> list[float]:
+    """Each single-stream rep's median step over the floor at that rep's own moment: the faster
+    of the read samples taken just before and just after it. The host's read rate moves by 2x
+    from minute to minute (31-62 GB/s within one process on the Zen 4 host), so the run's
+    fastest sample can come from a minute none of the reps saw."""
+    samples = kv.floor.get("read_gbs_samples")
+    if not samples or len(samples) != len(kv.single_token_times_s) + 1:
+        return []
+    out = []
+    for i, times in enumerate(kv.single_token_times_s):
+        floor_ms = 1e3 * kv.floor["weight_bytes"] / (max(samples[i], samples[i + 1]) * 1e9)
+        out.append(decode_rate(times)[1] / floor_ms)
+    return out
 
 
 def compare(args: argparse.Namespace, s: Settings) -> None:

@@ -105,6 +105,7 @@ def main() -> None:
         floor = {
             "read_gbs": max(read_gbs),
             "read_gbs_slowest": min(read_gbs),
+            "read_gbs_samples": read_gbs,  # before each rep, and after the last
             "weight_bytes": float(sum(q.numel() * q.element_size() for q in model.parameters())),
         }
     notes = [
