@@ -135,17 +135,9 @@ class ShardRunner:
         torch.cuda.synchronize(dev)
         weights = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        blocks = -(-num_tokens // self.block_size)
+        blocks = -(-num_tokens // self.block_size) + -(-num_tokens // self.model.args.max_position)
         scratch = self.allocate_kv_cache(blocks)  # where the dummy step writes its K and V
-        inputs = pack_batch([([0] * num_tokens, 0, list(range(blocks)), True)], (), self.block_size, dev)
-        hidden = residual = None
-        if self.links.prev_rank is not None:
-            hidden = torch.zeros(num_tokens, self.model.args.hidden_size, dtype=self.dtype, device=dev)
-            residual = torch.zeros_like(hidden)
-        hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
-                               hidden, residual)  # fmt: skip
-        if self.links.next_rank is None:  # the logits of a full batch of sequences
-            self.model.compute_logits(hidden[:1].expand(num_seqs, -1))
+        self._dummy_step(num_tokens, num_seqs)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - weights - scratch
         self.kv_caches = []
@@ -162,24 +154,37 @@ class ShardRunner:
         (which later steps reuse, ``host_memory``), the kernels' first calls, the threads'
         start. On the Zen 4 host the first 1,024-token step of the peers' mixed workload took
         100-170 ms longer than the same step later (bench/README.md, "A warm-up step at start");
-        vLLM runs a dummy step of its token budget at start for the same reason. No send/recv:
-        a later stage runs on zeros, every TP rank the same step (call it on all of them). The
-        K and V go to the cache's first blocks, which no request owns yet; a request writes
-        every slot it reads."""
+        vLLM runs a dummy step of its token budget at start for the same reason. Every TP rank
+        runs the same step (call it on all of them). The K and V go to the cache's first blocks,
+        which no request owns yet; a request writes every slot it reads."""
         if not self.kv_caches:
             raise RuntimeError("warm_up needs the KV cache: call allocate_kv_cache first")
-        num_blocks = self.kv_caches[0][0].shape[0]
-        num_tokens = max(1, min(num_tokens, num_blocks * self.block_size))
-        blocks = -(-num_tokens // self.block_size)
-        dev = self.device
-        inputs = pack_batch([([0] * num_tokens, 0, list(range(blocks)), True)], (), self.block_size, dev)
+        self._dummy_step(num_tokens, num_seqs)
+
+    def _dummy_step(self, num_tokens: int, num_seqs: int) -> None:
+        """``num_tokens`` prompt tokens (at most what the cache holds), as prompts of at most the
+        model's positions, through this shard's layers into the cache's first blocks, then the
+        logits of ``num_seqs`` rows on the last stage. No send/recv: a later stage runs on zeros."""
+        dev, bs = self.device, self.block_size
+        num_tokens = max(1, min(num_tokens, self.kv_caches[0][0].shape[0] * bs))
+        longest = self.model.args.max_position // bs * bs or self.model.args.max_position
+        prompts, first_block, left = [], 0, num_tokens
+        while left:  # block-aligned prompts, so that none shares a block with the next
+            n = min(left, longest)
+            if first_block + -(-n // bs) > self.kv_caches[0][0].shape[0]:
+                break
+            prompts.append(([0] * n, 0, list(range(first_block, first_block + -(-n // bs))), True))
+            first_block += -(-n // bs)
+            left -= n
+        inputs = pack_batch(prompts, (), bs, dev)
+        tokens = inputs.input_ids.shape[0]
         hidden = residual = None
         if self.links.prev_rank is not None:
-            hidden = torch.zeros(num_tokens, self.model.args.hidden_size, dtype=self.dtype, device=dev)
+            hidden = torch.zeros(tokens, self.model.args.hidden_size, dtype=self.dtype, device=dev)
             residual = torch.zeros_like(hidden)
         hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
                                hidden, residual)  # fmt: skip
-        if self.links.next_rank is None:
+        if self.links.next_rank is None:  # the logits of a full batch of sequences
             self.model.compute_logits(hidden[-1:].expand(num_seqs, -1).contiguous())
 
     pipeline_wait_s = 0.0

@@ -129,9 +129,13 @@ def test_greedy_output_is_the_same_in_every_batching_mode(tiny, reference, optio
     assert_all_blocks_free(engine)
 
 
-@pytest.mark.parametrize("num_blocks,tokens", [(64, 64), (10, 40)], ids=["budget", "capped-by-the-cache"])
+@pytest.mark.parametrize(
+    "num_blocks,budget,tokens",
+    [(64, 64, 64), (10, 64, 40), (400, 1200, 1200)],
+    ids=["budget", "capped-by-the-cache", "longer-than-the-model's-positions"],  # the tiny model has 512
+)
 def test_an_engine_starts_with_one_dummy_step_of_its_token_budget_and_a_clean_slate(
-    tiny, reference, monkeypatch, num_blocks, tokens
+    tiny, reference, monkeypatch, num_blocks, budget, tokens
 ):
     """The warm-up step runs the model once on ``max_num_batched_tokens`` tokens (no more than the
     cache holds) and leaves nothing behind: no request, every block free, no stats; what it
@@ -145,7 +149,7 @@ def test_an_engine_starts_with_one_dummy_step_of_its_token_budget_and_a_clean_sl
         return forward(self, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny.model), "forward", counting)
-    engine = make_engine(tiny, num_blocks=num_blocks)
+    engine = make_engine(tiny, num_blocks=num_blocks, max_num_batched_tokens=budget)
     assert seen == [tokens]
     assert_all_blocks_free(engine)
     stats = engine.stats()
