@@ -1,6 +1,6 @@
 """Paged decode and prefill attention for CPUs, in C++ (compiled once on first use, then
-cached): one extension built from ``cpu_decode.SOURCE`` and ``cpu_prefill.SOURCE``, and the
-checked Python entry points to both.
+cached): one extension built from ``cpu_prefill``'s, ``cpu_decode_tile``'s and ``cpu_decode``'s
+sources, and the checked Python entry points to both.
 
 The pure-torch twin (``attention_ref.paged_decode_attention_ref``) spends its time in
 per-sequence tensor ops: ~10 dispatches per sequence per layer. The kernels walk each
@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from kvtide.kernels import cpu_build, cpu_decode, cpu_prefill, cpu_prefill_avx2
+from kvtide.kernels import cpu_build, cpu_decode, cpu_decode_tile, cpu_prefill, cpu_prefill_avx2
 from kvtide.kernels.cpu_build import CppExtension
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ _HEADER = r"""
 
 EXTENSION = CppExtension(
     name="cpu_attention",
-    source=_HEADER + cpu_prefill_avx2.SOURCE + cpu_prefill.SOURCE + cpu_decode.SOURCE,
+    source=_HEADER + cpu_prefill_avx2.SOURCE + cpu_prefill.SOURCE + cpu_decode_tile.SOURCE + cpu_decode.SOURCE,
     functions=("paged_decode_attention", "paged_prefill_attention", "decode_splits"),
     cflags=("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"),
 )

@@ -10,10 +10,10 @@ holds them, and spreads (sequence, KV head, 16-query tile) tasks over the thread
 
 Per task (the generic body; AVX2 hosts and AMD's AVX-512 ones run ``cpu_prefill_avx2``'s
 instead, ``blocked_task``): the tile's queries (times the heads sharing the KV head) against
-16-key tiles of the context, with a running max and sum per query row (online softmax, FlashAttention's recurrence); scores and
-softmax in fp32. Vectors are GCC's generic 16-float vectors, which the compiler lowers to one
-AVX-512 register or scalar code; ``exp`` is Sleef's (torch's own) where AVX-512 is there,
-``std::exp`` otherwise.
+16-key tiles of the context, with a running max and sum per query row (online softmax,
+FlashAttention's recurrence); scores and softmax in fp32. Vectors are GCC's generic 16-float
+vectors, which the compiler lowers to one AVX-512 register or scalar code; ``exp`` is Sleef's
+(torch's own) where AVX-512 is there, ``std::exp`` otherwise.
 """
 
 from __future__ import annotations
