@@ -215,14 +215,15 @@ int64_t decode_splits(int64_t tasks, int64_t max_len, int64_t threads) {
 
 // out, query: [num_seqs, num_heads, head_dim] f32 contiguous; k/v_cache: [num_blocks, num_kv_heads,
 // block_size, head_dim] f32; block_tables: [num_seqs, max_blocks] i64; seq_lens: [num_seqs] i64.
-// One task per (sequence, KV head, up to 4 of its query heads); `tiled` false forces the generic
-// per-key path (kept for head sizes that are not a multiple of 16, and to measure against).
+// Tasks as the module's docstring says (a sequence, or a KV head of a sequence and a part of its
+// context); `tiled` false forces the generic per-key path (kept for head sizes that are not a
+// multiple of 16, and to measure against).
 void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache,
                             torch::Tensor v_cache, torch::Tensor block_tables,
                             torch::Tensor seq_lens, double scale, bool tiled) {
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const int64_t max_blocks = block_tables.size(1);
   const float* q = query.data_ptr<float>();
   const float* kc = k_cache.data_ptr<float>();
   const float* vc = v_cache.data_ptr<float>();

@@ -168,14 +168,14 @@ class ShardRunner:
         dev, bs = self.device, self.block_size
         num_tokens = max(1, min(num_tokens, self.kv_caches[0][0].shape[0] * bs))
         longest = self.model.args.max_position // bs * bs or self.model.args.max_position
-        prompts, first_block, left = [], 0, num_tokens
-        while left:  # block-aligned prompts, so that none shares a block with the next
-            n = min(left, longest)
-            if first_block + -(-n // bs) > self.kv_caches[0][0].shape[0]:
-                break
-            prompts.append(([0] * n, 0, list(range(first_block, first_block + -(-n // bs))), True))
-            first_block += -(-n // bs)
-            left -= n
+        # Block-aligned prompts (only the last may end inside a block), so they fit in the
+        # ceil(num_tokens / bs) blocks the cap above leaves.
+        prompts, first_block = [], 0
+        for start in range(0, num_tokens, longest):
+            n = min(longest, num_tokens - start)
+            blocks = -(-n // bs)
+            prompts.append(([0] * n, 0, list(range(first_block, first_block + blocks)), True))
+            first_block += blocks
         inputs = pack_batch(prompts, (), bs, dev)
         tokens = inputs.input_ids.shape[0]
         hidden = residual = None
