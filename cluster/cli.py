@@ -17,7 +17,7 @@ from kvtide.cluster.threads import configure_threads
 FLAGS = {
     "kv_cache_memory_gib": "--kv-cache-gib", "gpu_memory_utilization": "--gpu-memory-utilization",
     "max_num_batched_tokens": "--max-num-batched-tokens", "max_num_seqs": "--max-num-seqs",
-    "max_model_len": "--max-model-len", "block_size": "--block-size", "kv_cache_dtype": "--kv-cache-dtype",
+    "max_model_len": "--max-model-len", "queue_order_s_per_token": "--queue-order-s-per-token", "block_size": "--block-size", "kv_cache_dtype": "--kv-cache-dtype",
     "quantization": "--quantization", "dtype": "--dtype", "device": "--device",
     "tensor_parallel_size": "--tp", "pipeline_parallel_size": "--pp",
 }  # fmt: skip
@@ -32,6 +32,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step's batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens in one step (prefill chunks + decodes)")
+    p.add_argument("--queue-order-s-per-token", type=float, default=0.001,
+                   help="waiting requests are ordered by arrival time + this many seconds per prompt token "
+                        "still to compute: shorter prefills first among close arrivals; 0 = first come, first served")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU: the KV cache budget of each shard")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="GPU: the fraction of each GPU's memory the engine may use; the KV cache gets the rest "
@@ -69,6 +72,7 @@ def engine_config(args):
                "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization,
                "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens,
+               "queue_order_s_per_token": args.queue_order_s_per_token,
                "tensor_parallel_size": getattr(args, "tp", 1), "pipeline_parallel_size": getattr(args, "pp", 1)}  # fmt: skip
     return EngineConfig.from_kwargs(**options)
 

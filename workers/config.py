@@ -78,6 +78,12 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens + prefill chunks)."""
     max_prefill_chunk: int | None = None
     """Cap on one request's prefill chunk per step; None lets one prefill take the budget."""
+    queue_order_s_per_token: float = 0.001
+    """The waiting queue's order: arrival time plus this many seconds for each prompt token a
+    request must still compute (prefix-cache hits deducted). Among requests that arrive close
+    together the shorter prefills go first, which brings their first tokens forward; a request
+    is passed only by ones that arrive within its own slack, so no wait grows without bound.
+    0 is first come, first served."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,8 @@ def resolve(config: EngineConfig, model_dir: str, hf_config: dict[str, Any]) -> 
         raise ValueError(f"max_num_batched_tokens must be >= 1, got {sc.max_num_batched_tokens}")
     if sc.max_prefill_chunk is not None and sc.max_prefill_chunk < 1:
         raise ValueError(f"max_prefill_chunk must be >= 1 or None, got {sc.max_prefill_chunk}")
+    if not 0 <= sc.queue_order_s_per_token < math.inf:
+        raise ValueError(f"queue_order_s_per_token must be finite and >= 0, got {sc.queue_order_s_per_token}")
 
     pc = config.parallel
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):

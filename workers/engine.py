@@ -126,8 +126,7 @@ class Engine:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         r = Request(RequestId(request.request_id), list(request.prompt_token_ids), request.params,
                     output_token_ids=list(request.output_token_ids))  # fmt: skip
-        self.scheduler.add(r)
-        self._pending_prefill += self.scheduler.pending_prefill_tokens([r])
+        self._pending_prefill += self.scheduler.add(r)
         seed = r.params.seed
         self._seeds[r.request_id] = seed if seed is not None else self._rng.randrange(2**63)
 

@@ -54,6 +54,8 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     """Chained hashes of the full blocks of ``all_token_ids`` (maintained by the KV manager)."""
     num_preemptions: int = 0
+    queue_key: float = 0.0
+    """The waiting queue is ordered by this (the scheduler sets it; -inf once preempted)."""
     forked: bool = False
     """True once an n > 1 request has forked its n - 1 children."""
     in_flight: bool = False

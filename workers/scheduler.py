@@ -2,8 +2,11 @@
 
 Each ``schedule()`` fills one step under a token budget: first the running requests (one
 decode token each, or the next chunk of an unfinished prefill), then waiting requests in
-arrival order, whose prompts may be split into chunks across steps. When the KV cache runs
-out, the most recently arrived running request is preempted: its blocks are freed and it
+queue order, whose prompts may be split into chunks across steps. The queue is ordered by
+arrival time plus ``queue_order_s_per_token`` for each prompt token still to compute: of
+requests that arrive together the shortest prefills start first (more first tokens sooner),
+and a request is passed only by ones arriving within its own slack. When the KV cache runs
+out, the most recently admitted running request is preempted: its blocks are freed and it
 goes back to the front of the queue to be recomputed (its prefix-cached blocks usually
 survive, so recompute is cheap). The oldest running request always makes progress, and a
 request that could never fit is rejected at ``add``, so the loop cannot deadlock.
@@ -18,7 +21,9 @@ Pure Python: the scheduler touches requests and block tables, never tensors.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -68,12 +73,17 @@ class Scheduler:
 
     # -- queue changes -------------------------------------------------------------------
 
-    def add(self, request: Request) -> None:
-        """Queue a validated request (the engine checks it can ever fit)."""
+    def add(self, request: Request) -> int:
+        """Queue a validated request (the engine checks it can ever fit) in its place by
+        ``queue_key``; returns the tokens it must prefill (``pending_prefill_tokens``)."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
+        pending = self.pending_prefill_tokens([request])
+        request.queue_key = request.arrival_time + pending * self.config.queue_order_s_per_token
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        # Preempted requests (key -inf) stay at the front; the rest are sorted by key.
+        bisect.insort_right(self.waiting, request, key=_queue_key)
+        return pending
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, aborted, error) and free its blocks now."""
@@ -239,9 +249,14 @@ class Scheduler:
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
+        request.queue_key = -math.inf
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+
+def _queue_key(request: Request) -> float:
+    return request.queue_key
 
 
 def _seats(request: Request) -> int:

@@ -545,7 +545,8 @@ def test_a_resumed_request_must_leave_something_to_generate(tiny, reference):
 
 def test_pending_prefill_tokens_count_what_is_left_to_prefill(tiny):
     """The router's queue signal: every prompt token not yet prefilled, none for decodes."""
-    engine = make_engine(tiny, max_num_batched_tokens=8, enable_prefix_caching=False)
+    # First come, first served: a (the longer prompt) is prefilled before b.
+    engine = make_engine(tiny, max_num_batched_tokens=8, enable_prefix_caching=False, queue_order_s_per_token=0)
     engine.add_request("a", list(range(20, 33)), GREEDY)  # 13 tokens
     engine.add_request("b", PROMPTS["p5"], GREEDY)
     assert engine.stats().num_pending_prefill_tokens == 13 + 5

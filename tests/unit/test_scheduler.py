@@ -26,8 +26,10 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
     max_prefill_chunk: int | None = None,
     enable_prefix_caching: bool = False,
+    queue_order_s_per_token: float = 0.0,
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_prefill_chunk)
+    """First come, first served unless a test orders the queue by prefill length."""
+    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_prefill_chunk, queue_order_s_per_token)
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
     return Scheduler(config, kv, fork_child_id=lambda parent, i: RequestId(f"{parent.request_id}#{i}"))
 
@@ -159,6 +161,55 @@ def test_waiting_requests_are_admitted_in_arrival_order_under_the_budget():
     assert [r.request_id for r in s.waiting] == ["c"]
     assert chunks(step(s)) == [("b", 3, 2, True), ("c", 0, 5, True)]
     assert s.num_unfinished == 0
+
+
+def test_requests_arriving_together_start_shortest_prefill_first():
+    s = make_scheduler(max_num_batched_tokens=8, queue_order_s_per_token=0.001)
+    for rid, n, first in (("long", 12, 10), ("mid", 6, 30), ("short", 2, 50)):
+        s.add(make_request(rid, n, max_tokens=1, first=first))
+    assert [r.request_id for r in s.waiting] == ["short", "mid", "long"]
+    assert chunks(step(s)) == [("short", 0, 2, True), ("mid", 0, 6, True)]
+    assert chunks(step(s)) == [("long", 0, 8, False)]
+
+
+def test_a_request_is_passed_only_by_arrivals_within_its_slack():
+    """12 prompt tokens at 0.1 s each give ``long`` 1.2 s of slack: a 2-token request (0.2 s)
+    arriving 1.5 s later does not pass it, one arriving 0.5 s later does."""
+    s = make_scheduler(queue_order_s_per_token=0.1)
+    long = make_request("long", 12, first=10)
+    long.arrival_time = 100.0
+    s.add(long)
+    late = make_request("late", 2, first=30)
+    late.arrival_time = 101.5  # key 101.7, long's key 101.2
+    s.add(late)
+    soon = make_request("soon", 2, first=50)
+    soon.arrival_time = 100.5  # key 100.7
+    s.add(soon)
+    assert [r.request_id for r in s.waiting] == ["soon", "long", "late"]
+    assert [r.queue_key for r in s.waiting] == pytest.approx([100.7, 101.2, 101.7])
+
+
+def test_prefix_cache_hits_count_as_no_prefill_in_the_order():
+    s = make_scheduler(max_num_batched_tokens=64, queue_order_s_per_token=0.001, enable_prefix_caching=True)
+    s.add(make_request("history", 13, max_tokens=1))
+    run_to_end(s)
+    # The same 13 tokens again: 3 full blocks cached, 1 token to compute; 9 uncached tokens else.
+    s.add(make_request("fresh", 9, max_tokens=1, first=40))
+    s.add(make_request("next-turn", 13, max_tokens=1))
+    assert [r.request_id for r in s.waiting] == ["next-turn", "fresh"]
+
+
+def test_preempted_requests_stay_ahead_of_new_short_ones():
+    s = make_scheduler(num_blocks=4, queue_order_s_per_token=0.001)
+    a = make_request("a", 4, max_tokens=8)
+    b = make_request("b", 4, max_tokens=8, first=20)
+    s.add(a)
+    s.add(b)
+    while not s.num_preemptions:
+        step(s)
+    assert s.waiting[0] is b and b.status is RequestStatus.PREEMPTED
+    s.add(make_request("c", 1, max_tokens=1, first=40))
+    assert [r.request_id for r in s.waiting] == ["b", "c"]
 
 
 # -- KV pressure --------------------------------------------------------------------------
@@ -380,3 +431,15 @@ def test_duplicate_request_id_is_rejected():
     with pytest.raises(ValueError, match="request_id 'a' is already in use"):
         s.add(make_request("a", 5))
     assert [r.num_prompt_tokens for r in s.waiting] == [3]
+
+
+@pytest.mark.parametrize("value", [-0.001, float("inf"), float("nan")])
+def test_engine_config_rejects_a_queue_order_that_is_negative_or_not_finite(value):
+    from kvtide.cluster.cli import flag_error
+    from kvtide.workers.config import EngineConfig, resolve
+    from tests.tiny import tiny_llama_config
+
+    config = EngineConfig.from_kwargs(model="m", queue_order_s_per_token=value)
+    with pytest.raises(ValueError, match="queue_order_s_per_token must be finite and >= 0, got") as err:
+        resolve(config, "m", tiny_llama_config())
+    assert flag_error(err.value).startswith(f"--queue-order-s-per-token must be finite and >= 0, got {value}")

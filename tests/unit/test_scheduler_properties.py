@@ -47,6 +47,7 @@ class Workload:
     max_prefill_chunk: int | None
     enable_prefix_caching: bool
     arrivals: tuple[Arrival, ...]
+    queue_order_s_per_token: float = 0.0
 
 
 @st.composite
@@ -80,13 +81,14 @@ def workloads(draw, max_n: int = 1) -> Workload:
         max_prefill_chunk=draw(st.none() | st.integers(1, 8)),
         enable_prefix_caching=draw(st.booleans()),
         arrivals=tuple(arrivals),
+        queue_order_s_per_token=draw(st.sampled_from([0.0, 0.001, 1.0])),
     )
 
 
 def simulate(w: Workload, depth: int = 1) -> None:
     """``depth`` steps may be in flight at once (pipeline micro-batches): a plan's requests
     get their tokens only when it completes, ``depth`` schedules later."""
-    config = SchedulerConfig(w.max_num_seqs, w.max_num_batched_tokens, w.max_prefill_chunk)
+    config = SchedulerConfig(w.max_num_seqs, w.max_num_batched_tokens, w.max_prefill_chunk, w.queue_order_s_per_token)
     kv = KVCacheManager(w.num_blocks, w.block_size, w.enable_prefix_caching)
     s = Scheduler(config, kv, fork_child_id=lambda parent, i: RequestId(f"{parent.request_id}#{i}"))
     pool = kv.pool
@@ -145,6 +147,8 @@ def simulate(w: Workload, depth: int = 1) -> None:
         for r in s.running:
             assert len(r.block_ids) == kv.num_blocks_needed(r.num_computed_tokens)
         assert all(not r.block_ids for r in s.waiting)
+        keys = [r.queue_key for r in s.waiting]
+        assert keys == sorted(keys), "the waiting queue is ordered by key, preempted first"
         held = sum(len(r.block_ids) for r in s.running)
         assert sum(pool.ref_count(b) for b in range(w.num_blocks)) == held
 
