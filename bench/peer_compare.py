@@ -217,7 +217,8 @@ def compare(args: argparse.Namespace, s: Settings) -> None:
     for i, pair in enumerate(pairs):
         job = Job(str(model_dir), args.threads, pair.prefix_caching, s.max_num_seqs, s.max_num_batched_tokens,
                   s.kv_cache_gib, list(pair.workloads), single_prompt if pair.single else [],
-                  single_new if pair.single else 0, (2 if args.quick else 3) if pair.single else 0)
+                  single_new if pair.single else 0, (2 if args.quick else 3) if pair.single else 0,
+                  args.kvtide_queue_order, args.vllm_shortest_first)
         for system in SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]:
             try:
                 results[pair.label, system] = run_system(system, job, pair.label, s)

@@ -71,6 +71,7 @@ def main() -> None:
     from kvtide.workers import huge_pages
     from kvtide.workers.engine import Engine
 
+    order = {} if job.queue_order_s_per_token is None else {"queue_order_s_per_token": job.queue_order_s_per_token}
     engine = Engine.load(
         job.model_dir,
         dtype="float32",
@@ -78,6 +79,7 @@ def main() -> None:
         max_num_seqs=job.max_num_seqs,
         max_num_batched_tokens=job.max_num_batched_tokens,
         kv_cache_memory_gib=float(job.kv_cache_gib),
+        **order,
     )
     warm = Workload("warm-up", [list(range(100, 116)), list(range(200, 240))], [4, 4])
     run_workload(engine, warm, "warm-up")
@@ -111,7 +113,8 @@ def main() -> None:
     notes = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"attention backend {engine.config.attention_backend}, block size {engine.config.block_size}, "
-        f"{engine.config.num_blocks} KV blocks"
+        f"{engine.config.num_blocks} KV blocks, queue order {engine.scheduler.config.queue_order_s_per_token} s per "
+        "prompt token (0: first come, first served)"
     ]
     Result("kvtide", _version(), runs, single, floor, notes).dump(args.out)
 

@@ -46,6 +46,11 @@ class Job:
     """Empty: no single-stream run."""
     single_new_tokens: int = 0
     single_reps: int = 0
+    queue_order_s_per_token: float | None = None
+    """kvtide's waiting-queue order (``SchedulerConfig``); None keeps the engine's default."""
+    vllm_shortest_first: bool = False
+    """vLLM's ``priority`` scheduling policy with each request's priority its prompt length:
+    for requests that arrive together, the order kvtide's default queue gives them."""
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))

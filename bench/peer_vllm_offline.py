@@ -25,7 +25,7 @@ def threads_env(threads: int) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}" if threads > 1 else "0")
 
 
-def run_workload(engine, w: Workload, tag: str) -> Run:
+def run_workload(engine, w: Workload, tag: str, shortest_first: bool = False) -> Run:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -39,7 +39,8 @@ def run_workload(engine, w: Workload, tag: str) -> Run:
             max_tokens=w.osls[i], min_tokens=w.osls[i], ignore_eos=True, temperature=0.0,
             output_kind=RequestOutputKind.DELTA,
         )
-        engine.add_request(rid, TokensPrompt(prompt_token_ids=w.prompts[i]), sp)
+        priority = len(w.prompts[i]) if shortest_first else 0
+        engine.add_request(rid, TokensPrompt(prompt_token_ids=w.prompts[i]), sp, priority=priority)
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter() - t0
@@ -68,6 +69,7 @@ def main() -> None:
         enable_prefix_caching=job.enable_prefix_caching,
         max_num_seqs=job.max_num_seqs,
         max_num_batched_tokens=job.max_num_batched_tokens,
+        scheduling_policy="priority" if job.vllm_shortest_first else "fcfs",
         seed=0,
     )
     engine = llm.llm_engine
@@ -76,7 +78,7 @@ def main() -> None:
     runs = []
     for k, w in enumerate(job.workloads):
         llm.reset_prefix_cache()
-        runs.append(run_workload(engine, w, f"{w.name}-{k}"))
+        runs.append(run_workload(engine, w, f"{w.name}-{k}", job.vllm_shortest_first))
     single = []
     for rep in range(job.single_reps):
         one = Workload("single", [job.single_prompt], [job.single_new_tokens])
@@ -86,7 +88,9 @@ def main() -> None:
     notes = [
         f"torch {torch.__version__}, VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']}, "
         f"block size {cache.block_size}, VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB, "
-        f"V1 multiprocessing {os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING', '1 (default)')}"
+        f"V1 multiprocessing {os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING', '1 (default)')}, "
+        f"scheduling policy {engine.vllm_config.scheduler_config.policy}"
+        + (" (priority = prompt length)" if job.vllm_shortest_first else "")
     ]
     Result("vllm", vllm.__version__, runs, single, {}, notes).dump(args.out)
     del llm  # shuts the engine core down before the interpreter exits

@@ -234,6 +234,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of: mixed, prefill-heavy, decode-heavy, shared-prefix")
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads of each system (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kvtide-queue-order", type=float, default=None, metavar="S",
+                   help="kvtide's --queue-order-s-per-token (default: the engine's; 0 = first come, first served)")
+    p.add_argument("--vllm-shortest-first", action="store_true",
+                   help="vLLM's priority policy with priority = prompt length: kvtide's default order for "
+                        "requests that arrive together (vLLM's default is first come, first served)")
     p.add_argument("--setup-only", action="store_true", help="create the peer venvs (--peer) and exit")
     p.add_argument("--peer", choices=["vllm", "llamacpp", "all"], default="vllm",
                    help="which venv --setup-only makes (default vllm); the offline comparison is with vLLM")
