@@ -1,8 +1,9 @@
 """The routing workload of ``bench/routing.py`` replayed over 64 simulated replicas.
 
 Each simulated replica is this engine's scheduling in miniature: a real ``BlockPool`` (prefix
-cache with LRU eviction, emitting the real KV events), FCFS admission that reserves a
-request's ISL + OSL blocks up front, chunked prefill under a token budget, continuous
+cache with LRU eviction, emitting the real KV events), admission in the engine's queue order
+(arrival + ``queue_order_s_per_token`` per uncached prompt token) that reserves a request's
+ISL + OSL blocks up front, chunked prefill under a token budget, continuous
 batching of decode rows. Its step time comes from a cost model measured on this engine:
 
     step_s = base_s + per_decode_row_s * num_decode_rows + per_prefill_token_s * num_prefill_tokens
@@ -28,6 +29,7 @@ prints issue 17's routing table per size:
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import json
 import statistics
@@ -38,6 +40,7 @@ from kvtide.proto.block_hash import hash_full_blocks
 from kvtide.router import CostWeights, ReplicaLoad, ReplicaRegistration, Router
 from kvtide.router.policies import policy_names
 from kvtide.workers.block_pool import BlockPool
+from kvtide.workers.config import SchedulerConfig
 from routing_workload import (
     RunStats,
     Workload,
@@ -124,6 +127,11 @@ class SimRequest:
     prefill_left: int = 0
     num_output: int = 0
     first_token_s: float | None = None
+    queue_key: float = 0.0
+
+
+def _queue_key(r: SimRequest) -> float:
+    return r.queue_key
 
 
 class SimReplica:
@@ -134,6 +142,14 @@ class SimReplica:
         self.cost = cost
         self.waiting: list[SimRequest] = []
         self.running: list[SimRequest] = []
+        self.queue_order_s_per_token = SchedulerConfig().queue_order_s_per_token
+
+    def enqueue(self, r: SimRequest) -> None:
+        """Queue ``r`` as the engine's scheduler does: by arrival + seconds per prompt token not
+        already cached (``SchedulerConfig.queue_order_s_per_token``, the engine's default)."""
+        pending = len(r.prompt) - BLOCK_SIZE * len(self._cached_blocks(r.prompt)[1])
+        r.queue_key = r.arrival_s + pending * self.queue_order_s_per_token
+        bisect.insort_right(self.waiting, r, key=_queue_key)
 
     def load(self) -> ReplicaLoad:
         # As the engine counts it: a waiting request's prompt less its cached prefix.
@@ -163,7 +179,7 @@ class SimReplica:
                 raise ValueError(f"a request needs {total} KV blocks; replica {self.rid} has {self.pool.num_blocks}")
             revived = sum(1 for b in cached if self.pool.ref_count(b) == 0)
             if total - len(cached) > self.pool.num_free_blocks - revived:
-                return  # FCFS: the head waits for room
+                return  # the head waits for room
             self.waiting.pop(0)
             self.pool.touch(cached)
             new = self.pool.allocate(total - len(cached))
@@ -255,7 +271,7 @@ def simulate(policy: str, workload: Workload, num_replicas: int, num_blocks: int
         d = router.choose(prompt, cfg.output_tokens)
         routed[id(req)] = d.replica_id
         rep = replicas[d.replica_id]
-        rep.waiting.append(req)
+        rep.enqueue(req)
         if rep.rid not in busy:
             push(now, "step", rep.rid)
 

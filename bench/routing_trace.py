@@ -148,7 +148,7 @@ def simulate_trace(policy: str, prompts: Sequence[SimPrompt], num_replicas: int,
                 publish()
             d = router.choose(p.prompt, p.num_output_tokens)
             rep = replicas[d.replica_id]
-            rep.waiting.append(SimRequest(list(p.prompt), _reply(payload, p.num_output_tokens), now, payload))
+            rep.enqueue(SimRequest(list(p.prompt), _reply(payload, p.num_output_tokens), now, payload))
             if rep.rid not in plans:
                 push(now, "step", rep.rid)
         elif kind == "publish":
@@ -253,7 +253,7 @@ def replay_pooled(requests: Sequence[tuple[Sequence[int], Sequence[int]]], num_b
     num_prompt = num_cached = 0
     for i, (prompt, reply) in enumerate(requests):
         r = SimRequest(list(prompt), list(reply), 0.0, i)
-        rep.waiting.append(r)
+        rep.enqueue(r)
         done: list[SimRequest] = []
         while not done:
             plan = rep.start_step(0.0)

@@ -148,3 +148,24 @@ def test_bad_arguments_are_refused(rt, unit_cost):
         _run(rt, unit_cost, "round_robin", P_THEN_Q, 2, 4, speedup=0.0)
     with pytest.raises(ValueError, match="unknown routing policy 'nope'"):
         _run(rt, unit_cost, "nope", P_THEN_Q, 2, 4)
+
+
+def test_sim_replica_queues_in_the_engine_order(unit_cost):
+    """Like the engine's scheduler: arrival + seconds per uncached prompt token, so of requests
+    arriving together the shortest uncached prefill is admitted first."""
+    sim = importlib.import_module("routing_sim")
+    rep = sim.SimReplica("r", 64, 1 << 10, unit_cost)
+    assert rep.queue_order_s_per_token == pytest.approx(0.001)  # the engine's default
+    cached = list(range(100, 100 + 4 * BS))
+    rep.enqueue(sim.SimRequest(cached, [1], 0.0, 0))
+    plan = rep.start_step(0.0)
+    rep.finish_step(plan[0], plan[1], plan[2])  # one output token: done, its blocks cached
+    long = sim.SimRequest(list(range(1000, 1000 + 3 * BS)), [1], 1.0, 1)  # 48 uncached tokens
+    hit = sim.SimRequest(cached + [7], [1], 1.0, 2)  # 65 tokens, 64 of them cached
+    short = sim.SimRequest(list(range(2000, 2000 + BS)), [1], 1.0, 3)  # 16 uncached
+    for r in (long, hit, short):
+        rep.enqueue(r)
+    assert [r.client for r in rep.waiting] == [2, 3, 1]
+    late = sim.SimRequest([5, 6], [1], 1.1, 4)  # key 1.102 > long's 1.048: it does not pass it
+    rep.enqueue(late)
+    assert [r.client for r in rep.waiting] == [2, 3, 1, 4]
