@@ -147,16 +147,19 @@ class SimReplica:
     def enqueue(self, r: SimRequest) -> None:
         """Queue ``r`` as the engine's scheduler does: by arrival + seconds per prompt token not
         already cached (``SchedulerConfig.queue_order_s_per_token``, the engine's default)."""
-        pending = len(r.prompt) - BLOCK_SIZE * len(self._cached_blocks(r.prompt)[1])
-        r.queue_key = r.arrival_s + pending * self.queue_order_s_per_token
+        r.queue_key = r.arrival_s + self._uncached_tokens(r.prompt) * self.queue_order_s_per_token
         bisect.insort_right(self.waiting, r, key=_queue_key)
 
     def load(self) -> ReplicaLoad:
         # As the engine counts it: a waiting request's prompt less its cached prefix.
-        pending = sum(len(r.prompt) - BLOCK_SIZE * len(self._cached_blocks(r.prompt)[1]) for r in self.waiting)
+        pending = sum(self._uncached_tokens(r.prompt) for r in self.waiting)
         pending += sum(r.prefill_left for r in self.running)
         return ReplicaLoad(len(self.running), len(self.waiting), self.pool.num_free_blocks, self.pool.num_blocks,
                            self.pool.usage, num_pending_prefill_tokens=pending)  # fmt: skip
+
+    def _uncached_tokens(self, prompt: list[int]) -> int:
+        """The prompt tokens a waiting request must still prefill: all but its cached prefix."""
+        return len(prompt) - BLOCK_SIZE * len(self._cached_blocks(prompt)[1])
 
     def _cached_blocks(self, prompt: list[int]) -> tuple[list, list[int]]:
         """(the prompt's full-block hashes, the cached blocks of its leading run), never the
